@@ -1,0 +1,220 @@
+"""The per-checkpoint manifest: an Arrow table stored as ``manifest.parquet``.
+
+One row per tensor: where its bytes are (``shard``, ``offset``, ``length``) and
+what they must be (``dtype``, ``shape``, ``crc32c``), copied from TensorFlow's
+own ``.index`` entries so a reader can verify or stream a checkpoint with no
+TensorFlow. ``crc32c`` is the plain (unmasked) CRC-32C of the tensor's bytes;
+TensorFlow's index stores the same value masked.
+
+Schema metadata: ``schema_version``, ``run``, ``step``, ``tier``, ``selection``
+(JSON), ``tf_version``, ``created_at``. Manifests come from shared storage, so
+:func:`read_manifest` treats them as untrusted: unknown versions, paths that would
+leave the checkpoint directory, and impossible offsets/lengths are rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import re
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distributed.errors import ManifestError, SchemaVersionError
+
+SCHEMA_VERSION = "1"
+_FORMAT = "distributed-tf-ray/manifest"
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("name", pa.string(), nullable=False),
+    pa.field("dtype", pa.string(), nullable=False),
+    pa.field("shape", pa.list_(pa.int64()), nullable=False),
+    pa.field("trainable", pa.bool_(), nullable=False),
+    pa.field("shard", pa.string(), nullable=False),
+    pa.field("offset", pa.int64(), nullable=False),
+    pa.field("length", pa.int64(), nullable=False),
+    pa.field("crc32c", pa.uint32(), nullable=False),
+])
+
+_METADATA_KEYS = ("schema_version", "run", "step", "tier", "selection",
+                  "tf_version", "created_at")
+
+# Bytes per element of fixed-size dtypes; others (string) are variable-length.
+DTYPE_SIZES = {
+    "bool": 1, "int8": 1, "uint8": 1, "qint8": 1, "quint8": 1,
+    "int16": 2, "uint16": 2, "float16": 2, "bfloat16": 2,
+    "int32": 4, "uint32": 4, "float32": 4, "qint32": 4,
+    "int64": 8, "uint64": 8, "float64": 8, "complex64": 8, "complex128": 16,
+}
+
+# The only file names a manifest may point at: TF data shards, no directories.
+_SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\.data-\d{5}-of-\d{5}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRecord:
+    """One manifest row."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    trainable: bool
+    shard: str
+    offset: int
+    length: int
+    crc32c: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A validated manifest.
+
+    Attributes:
+        tensors: Rows, in name order.
+        metadata: The schema metadata (``step`` stays a string as stored).
+    """
+
+    tensors: tuple[TensorRecord, ...]
+    metadata: Mapping[str, str]
+
+    @property
+    def step(self) -> int:
+        return int(self.metadata["step"])
+
+    @property
+    def tier(self) -> str:
+        return self.metadata["tier"]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.length for t in self.tensors)
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        return tuple(sorted({t.shard for t in self.tensors}))
+
+
+def build_manifest_table(records: list[TensorRecord],
+                         metadata: Mapping[str, Any]) -> pa.Table:
+    """Builds the Arrow table; ``metadata`` must hold every key but ``schema_version``."""
+    missing = [k for k in _METADATA_KEYS if k != "schema_version" and k not in metadata]
+    if missing:
+        raise ValueError(f"manifest metadata lacks {missing}")
+    records = sorted(records, key=lambda r: r.name)
+    columns = {f.name: [getattr(r, f.name) for r in records] for f in MANIFEST_SCHEMA}
+    columns["shape"] = [list(s) for s in columns["shape"]]
+    meta = {k: str(v) for k, v in metadata.items()}
+    meta.update(schema_version=SCHEMA_VERSION, format=_FORMAT)
+    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA.with_metadata(meta))
+
+
+def manifest_bytes(table: pa.Table) -> bytes:
+    """Serializes a manifest table to Parquet bytes."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+    return sink.getvalue()
+
+
+def check_schema_version(metadata: Mapping[bytes, bytes] | None, what: str,
+                         supported: str) -> dict[str, str]:
+    """Decodes Arrow schema metadata and rejects an unknown ``schema_version``."""
+    meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+    version = meta.get("schema_version")
+    if version is None:
+        raise ManifestError(f"{what}: no schema_version in its metadata; it was "
+                            "not written by this project or is damaged")
+    if version != supported:
+        raise SchemaVersionError(
+            f"{what}: schema_version {version!r} is not supported (this code reads "
+            f"version {supported}); upgrade distributed-tf-ray to read it")
+    return meta
+
+
+def read_manifest(checkpoint_dir: str) -> Manifest:
+    """Reads and validates ``<checkpoint_dir>/manifest.parquet``.
+
+    Raises:
+        ManifestError: The file is missing, unreadable, of another schema, or
+            describes bytes outside the checkpoint directory or its files.
+    """
+    path = os.path.join(checkpoint_dir, "manifest.parquet")
+    try:
+        table = pq.read_table(path, page_checksum_verification=True)
+    except FileNotFoundError as e:
+        raise ManifestError(f"{path}: manifest is missing") from e
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"{path}: manifest is unreadable ({e})") from e
+    meta = check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
+    for field in MANIFEST_SCHEMA:
+        if field.name not in table.column_names:
+            raise ManifestError(f"{path}: column {field.name!r} is missing")
+        if not table.schema.field(field.name).type.equals(field.type):
+            raise ManifestError(
+                f"{path}: column {field.name!r} has type "
+                f"{table.schema.field(field.name).type}, expected {field.type}")
+    records = []
+    for row in table.select(MANIFEST_SCHEMA.names).to_pylist():
+        if any(v is None for v in row.values()):
+            raise ManifestError(f"{path}: tensor {row.get('name')!r} has null fields")
+        row["shape"] = tuple(row["shape"])
+        records.append(TensorRecord(**row))
+    _validate_records(records, checkpoint_dir, path)
+    return Manifest(tensors=tuple(sorted(records, key=lambda r: r.name)),
+                    metadata=meta)
+
+
+def expected_length(dtype: str, shape: tuple[int, ...]) -> int | None:
+    """Bytes a tensor of fixed-size ``dtype`` must occupy; ``None`` if variable."""
+    size = DTYPE_SIZES.get(dtype)
+    return None if size is None else size * math.prod(shape)
+
+
+def safe_shard_path(checkpoint_dir: str, shard: str, what: str) -> str:
+    """Resolves a manifest's shard name to a path that stays inside the directory.
+
+    Raises:
+        ManifestError: Absolute paths, separators, ``..``, names that are not TF
+            data shards, or symlinks resolving outside ``checkpoint_dir``.
+    """
+    if (not _SHARD_NAME_RE.match(shard) or os.path.isabs(shard)
+            or "/" in shard or "\\" in shard or shard in (".", "..")):
+        raise ManifestError(
+            f"{what}: shard path {shard!r} is not a plain data-shard file name "
+            "inside the checkpoint directory; refusing to read it")
+    base = os.path.realpath(checkpoint_dir)
+    full = os.path.realpath(os.path.join(base, shard))
+    if os.path.dirname(full) != base:
+        raise ManifestError(
+            f"{what}: shard {shard!r} resolves to {full}, outside {base} "
+            "(a symlink out of the checkpoint); refusing to read it")
+    return full
+
+
+def _validate_records(records: list[TensorRecord], checkpoint_dir: str,
+                      path: str) -> None:
+    names = set()
+    by_shard: dict[str, list[TensorRecord]] = {}
+    for r in records:
+        if r.name in names:
+            raise ManifestError(f"{path}: tensor {r.name!r} appears twice")
+        names.add(r.name)
+        safe_shard_path(checkpoint_dir, r.shard, path)
+        if r.offset < 0 or r.length < 0 or any(d < 0 for d in r.shape):
+            raise ManifestError(
+                f"{path}: tensor {r.name!r} has a negative offset, length or dim")
+        want = expected_length(r.dtype, r.shape)
+        if want is not None and want != r.length:
+            raise ManifestError(
+                f"{path}: tensor {r.name!r} is {r.dtype}{list(r.shape)} = {want} "
+                f"bytes but the manifest says {r.length}")
+        by_shard.setdefault(r.shard, []).append(r)
+    for shard, rows in by_shard.items():
+        rows.sort(key=lambda r: r.offset)
+        for a, b in zip(rows, rows[1:]):
+            if a.offset + a.length > b.offset:
+                raise ManifestError(
+                    f"{path}: tensors {a.name!r} and {b.name!r} overlap in {shard}")

@@ -1,0 +1,240 @@
+"""Which variables a checkpoint holds: a pure function of a graph and a spec.
+
+A selection is a *policy* plus ``include``/``exclude`` regexes on variable names:
+
+* ``trainable``: trainable variables only (the classic
+  ``Saver(var_list=tf.compat.v1.trainable_variables())`` recipe).
+* ``inference``: the trainable ones plus every non-trainable variable that the
+  predict-mode outputs read (batch-norm moving statistics, EMA shadows), found by
+  walking the graph back from the outputs. Optimizer slots and step counters are
+  never read by the outputs, so they are never picked.
+* ``all``: every global variable (the full tier, for resuming training).
+
+Then names matching any ``include`` regex are kept (no ``include`` keeps all) and
+names matching any ``exclude`` regex are dropped. Regexes use ``re.search``;
+anchor with ``^`` for scope prefixes (``^tower/``).
+
+The trainable-only recipe silently drops batch-norm statistics, and inference
+then runs with their initial values; :func:`select` warns, naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+from typing import Any, Collection, Iterable, Mapping, Sequence
+
+from distributed.errors import SelectionError
+
+POLICIES = ("trainable", "inference", "all")
+
+# Op types that own a variable's storage; reading a variable reaches one of these.
+_VARIABLE_OP_TYPES = frozenset(
+    {"VarHandleOp", "VariableV2", "Variable", "_VarHandlesOp"})
+
+
+class MissingInferenceVariablesWarning(UserWarning):
+    """A selection leaves out variables that the inference outputs read."""
+
+
+def _compile_all(patterns: Sequence[str], field: str) -> tuple[re.Pattern, ...]:
+    if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+        raise SelectionError(
+            f"selection.{field}: expected a list of regexes, got {patterns!r}")
+    compiled = []
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise SelectionError(
+                f"selection.{field}[{i}]: expected a regex string, got {pattern!r}")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise SelectionError(
+                f"selection.{field}[{i}]: regex {pattern!r} does not compile: {e}. "
+                "Escape special characters (e.g. '\\.' for a literal dot).") from e
+    return tuple(compiled)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionSpec:
+    """What to save.
+
+    Attributes:
+        policy: ``trainable`` (default), ``inference`` or ``all``.
+        include: Keep only names matching any of these regexes (empty: keep all).
+        exclude: Drop names matching any of these regexes.
+    """
+
+    policy: str = "trainable"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise SelectionError(
+                f"selection.policy: {self.policy!r} is not a policy; use one of "
+                f"{', '.join(POLICIES)}")
+        object.__setattr__(self, "include", tuple(self.include)
+                           if isinstance(self.include, list) else self.include)
+        object.__setattr__(self, "exclude", tuple(self.exclude)
+                           if isinstance(self.exclude, list) else self.exclude)
+        _compile_all(self.include, "include")
+        _compile_all(self.exclude, "exclude")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "SelectionSpec":
+        """Builds a spec from config data, rejecting unknown keys by name."""
+        d = dict(d or {})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SelectionError(
+                f"selection: unknown key(s) {sorted(unknown)}; valid keys are "
+                "policy, include, exclude")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps({"policy": self.policy, "include": list(self.include),
+                           "exclude": list(self.exclude)}, sort_keys=True)
+
+    def matches_name(self, name: str) -> bool:
+        """Applies only the include/exclude filters to one name."""
+        inc = _compile_all(self.include, "include")
+        exc = _compile_all(self.exclude, "exclude")
+        if inc and not any(p.search(name) for p in inc):
+            return False
+        return not any(p.search(name) for p in exc)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableInfo:
+    """What selection needs to know about one variable (no TF objects)."""
+
+    name: str
+    trainable: bool
+    dtype: str = "float32"
+    shape: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The result of :func:`select`.
+
+    Attributes:
+        names: Selected variable names, in the order the variables were given.
+        missing_reads: Variables the inference outputs read that the selection
+            leaves out; inference from this checkpoint would use their initial
+            values. Empty when no outputs were given.
+    """
+
+    names: tuple[str, ...]
+    missing_reads: tuple[str, ...] = ()
+
+
+def select(variables: Sequence[VariableInfo], spec: SelectionSpec,
+           output_reads: Collection[str] | None = None) -> Selection:
+    """Chooses variables by policy, then by include/exclude regexes. No I/O.
+
+    Args:
+        variables: All global variables of the model.
+        spec: The selection spec.
+        output_reads: Names of the variables the predict-mode outputs read
+            (see :func:`variables_read_by`). Required by ``inference``; for the
+            other policies it enables the missing-variables warning.
+
+    Raises:
+        SelectionError: ``inference`` without ``output_reads``, or nothing selected.
+    """
+    if spec.policy == "inference" and output_reads is None:
+        raise SelectionError(
+            "selection.policy 'inference' needs the predict-mode outputs to find "
+            "the non-trainable variables they read")
+    reads = set(output_reads or ())
+    if spec.policy == "all":
+        by_policy = [v for v in variables]
+    elif spec.policy == "inference":
+        by_policy = [v for v in variables if v.trainable or v.name in reads]
+    else:
+        by_policy = [v for v in variables if v.trainable]
+    names = tuple(v.name for v in by_policy if spec.matches_name(v.name))
+    if not names:
+        sample = ", ".join(v.name for v in list(variables)[:8]) or "(none)"
+        raise SelectionError(
+            f"selection {spec.to_json()} matches no variable. The graph has "
+            f"{len(variables)} variable(s), e.g. {sample}. Check the include/"
+            "exclude regexes (they use re.search) and the policy.")
+    chosen = set(names)
+    missing = tuple(sorted(n for n in reads if n not in chosen
+                           and any(v.name == n for v in variables)))
+    if missing and spec.policy != "all":
+        hint = ("; use policy: inference to keep them"
+                if spec.policy == "trainable" else
+                "; your include/exclude regexes drop them")
+        warnings.warn(
+            f"selection {spec.to_json()} leaves out {len(missing)} variable(s) "
+            f"that the inference outputs read: {', '.join(missing)}. A model "
+            "restored from these checkpoints would run with their initial "
+            f"values{hint}.", MissingInferenceVariablesWarning, stacklevel=2)
+    return Selection(names=names, missing_reads=missing)
+
+
+def variables_read_by(outputs: Iterable[Any]) -> set[str]:
+    """Names of the variables that ``outputs`` (tensors or ops) depend on.
+
+    Walks data and control inputs back from the outputs to the ops that own
+    variable storage (``VarHandleOp`` for resource variables, ``VariableV2`` for
+    ref variables). Reads inside ``tf.function`` bodies are found through the
+    captured handle, which is an input of the call op.
+    """
+    seen: set[int] = set()
+    stack = [getattr(o, "op", o) for o in outputs]
+    found: set[str] = set()
+    while stack:
+        op = stack.pop()
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        if op.type in _VARIABLE_OP_TYPES:
+            found.add(op.name)
+            continue
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return found
+
+
+def describe_variables(variables: Iterable[Any]) -> list[VariableInfo]:
+    """Turns ``tf.Variable`` objects into :class:`VariableInfo` values."""
+    trainable_names = None
+    infos = []
+    for v in variables:
+        if trainable_names is None:
+            trainable_names = {t.op.name for t in v.graph.get_collection(
+                "trainable_variables")}
+        infos.append(VariableInfo(
+            name=v.op.name,
+            trainable=v.op.name in trainable_names,
+            dtype=v.dtype.base_dtype.name,
+            shape=tuple(int(d) for d in v.shape.as_list()),
+        ))
+    return infos
+
+
+def select_variables(graph, spec: SelectionSpec, outputs: Iterable[Any] | None = None):
+    """Selects ``tf.Variable`` objects of ``graph``; see :func:`select`.
+
+    Args:
+        graph: A ``tf.Graph`` holding the model's variables.
+        spec: The selection spec.
+        outputs: Predict-mode output tensors built in ``graph`` (needed for
+            ``inference``; enables the missing-variables warning otherwise).
+
+    Returns:
+        ``(variables, selection)``: the chosen variables in graph order and the
+        :class:`Selection` describing them.
+    """
+    all_vars = list(graph.get_collection("variables"))
+    reads = variables_read_by(outputs) if outputs is not None else None
+    selection = select(describe_variables(all_vars), spec, reads)
+    chosen = set(selection.names)
+    return [v for v in all_vars if v.op.name in chosen], selection

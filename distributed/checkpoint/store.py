@@ -1,0 +1,229 @@
+"""One run's checkpoints on storage: the commit protocol, cleanup, retention.
+
+The commit protocol (a checkpoint without its catalog row does not exist):
+
+1. ``tmp_created``: make ``checkpoints/<tier>/step-N.tmp-<random>/``.
+2. ``tensors_written``: the Saver writes shards and index into it.
+3. ``manifest_written``: write ``manifest.parquet`` into it.
+4. ``synced``: fsync every file and the directory.
+5. ``renamed``: rename it to ``step-N/`` and fsync the tier directory.
+6. ``committed``: write the catalog row (tmp name, fsync, rename, fsync).
+
+A crash before 6 leaves a ``*.tmp-*`` directory or an orphan ``step-N/`` with
+no row; readers never see either, and :meth:`CheckpointStore.open` removes them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from typing import Callable, Mapping
+
+from distributed.checkpoint import layout
+from distributed.checkpoint.catalog import Catalog, CatalogEntry, utc_now
+from distributed.checkpoint.manifest import build_manifest_table, manifest_bytes
+from distributed.checkpoint.retention import Retention
+from distributed.checkpoint.verify import VerifyReport, verify_checkpoint
+from distributed.errors import CheckpointExistsError, StorageError
+
+log = logging.getLogger(__name__)
+
+PHASES = ("tmp_created", "tensors_written", "manifest_written", "synced",
+          "renamed", "committed")
+
+
+class CheckpointStore:
+    """Reads and writes the checkpoints of one run under a storage root.
+
+    Args:
+        storage: Local or NFS directory shared by the cluster.
+        run: Run name (a directory under ``storage``).
+        clock: Seconds since the epoch, injectable for tests.
+        on_phase: Called with each name in :data:`PHASES` as the protocol
+            passes it; tests use it to crash the writer at every step.
+
+    NOTE: only one process (the run's coordinator) writes a run at a time.
+    """
+
+    def __init__(self, storage: str, run: str,
+                 clock: Callable[[], float] | None = None,
+                 on_phase: Callable[[str], None] | None = None):
+        try:
+            self.layout = layout.RunLayout(os.path.abspath(storage), run)
+        except ValueError as e:
+            raise StorageError(str(e)) from e
+        self.catalog = Catalog(self.layout, clock=clock)
+        self._clock = clock or time.time
+        self._on_phase = on_phase or (lambda phase: None)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> list[str]:
+        """Creates the run's directories and removes a crashed writer's leftovers.
+
+        Returns:
+            The paths that were removed.
+
+        Raises:
+            StorageError: The storage path cannot be created or written.
+        """
+        try:
+            for tier in layout.TIERS:
+                os.makedirs(self.layout.tier_dir(tier), exist_ok=True)
+            os.makedirs(self.layout.catalog_dir, exist_ok=True)
+            probe = os.path.join(self.layout.root, f".probe{layout.TMP_MARKER}x")
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.unlink(probe)
+        except OSError as e:
+            raise StorageError(
+                f"storage {self.layout.storage!r} is not writable for run "
+                f"{self.layout.run!r} ({e.strerror or e}); pass a writable "
+                "directory as storage (on a cluster, a mount every node shares)"
+            ) from e
+        return self.remove_leftovers()
+
+    def remove_leftovers(self) -> list[str]:
+        """Deletes tmp directories and orphan step directories (no catalog row)."""
+        removed = self.catalog.remove_stale_tmp_files()
+        committed = set(self.catalog.committed_keys())
+        for tier in layout.TIERS:
+            tier_dir = self.layout.tier_dir(tier)
+            try:
+                names = os.listdir(tier_dir)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                step = layout.parse_step_dirname(name)
+                orphan = step is not None and (step, tier) not in committed
+                if layout.is_tmp_name(name) or orphan:
+                    path = os.path.join(tier_dir, name)
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+        for path in removed:
+            log.info("removed leftover of an interrupted write: %s", path)
+        return removed
+
+    # -- writing -----------------------------------------------------------
+
+    def save(self, writer, sess, step: int, tier: str, selection_json: str,
+             metrics: Mapping[str, float] | None = None) -> CatalogEntry:
+        """Writes and commits one checkpoint; see the module docstring.
+
+        Args:
+            writer: A :class:`~distributed.checkpoint.writer.CheckpointWriter`.
+            sess: The Session holding the values to save.
+            step: Training step.
+            tier: ``serving`` or ``full``.
+            selection_json: The selection spec as JSON, recorded in the manifest
+                and the catalog.
+            metrics: Metrics recorded in the catalog row (e.g. ``loss``).
+
+        Raises:
+            CheckpointExistsError: This step/tier is already committed.
+            StorageError: Writing failed (disk full, permissions); nothing is
+                left visible and the next save may retry.
+        """
+        layout.check_tier(tier)
+        if (step, tier) in self.catalog.committed_keys():
+            raise CheckpointExistsError(
+                f"run {self.layout.run!r} already has a committed {tier} "
+                f"checkpoint at step {step}")
+        start = self._clock()
+        tier_dir = self.layout.tier_dir(tier)
+        tmp = os.path.join(tier_dir, layout.tmp_dirname(step))
+        final = self.layout.checkpoint_dir(tier, step)
+        try:
+            os.makedirs(tmp)
+            self._on_phase("tmp_created")
+            written = writer.write(sess, tmp)
+            self._on_phase("tensors_written")
+            import tensorflow as tf  # already loaded by the writer
+            table = build_manifest_table(list(written.records), {
+                "run": self.layout.run, "step": step, "tier": tier,
+                "selection": selection_json, "tf_version": tf.__version__,
+                "created_at": utc_now(self._clock).isoformat()})
+            with open(os.path.join(tmp, layout.MANIFEST_FILE), "wb") as f:
+                f.write(manifest_bytes(table))
+            self._on_phase("manifest_written")
+            layout.fsync_tree(tmp)
+            self._on_phase("synced")
+            if os.path.exists(final):  # an orphan of a crashed earlier attempt
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            layout.fsync_dir(tier_dir)
+            self._on_phase("renamed")
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) or _is_tf_io_error(e):
+                raise StorageError(self._write_failure(step, tier, e)) from e
+            raise
+        num_shards = len({r.shard for r in written.records})
+        entry = CatalogEntry(
+            run=self.layout.run, step=step, tier=tier,
+            path=self.layout.relative_checkpoint_path(tier, step),
+            num_tensors=len(written.records),
+            num_bytes=sum(r.length for r in written.records),
+            num_shards=num_shards,
+            save_seconds=self._clock() - start,
+            committed_at=utc_now(self._clock),
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            selection=selection_json)
+        try:
+            self.catalog.commit(entry)
+        except OSError as e:
+            # Not committed: the directory is an orphan; remove it now.
+            shutil.rmtree(final, ignore_errors=True)
+            raise StorageError(self._write_failure(step, tier, e)) from e
+        self._on_phase("committed")
+        return entry
+
+    def _write_failure(self, step: int, tier: str, e: BaseException) -> str:
+        reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e):
+            reason = "the disk is full"
+        return (f"saving {tier} checkpoint of run {self.layout.run!r} at step "
+                f"{step} failed: {reason}. Nothing was committed; free space or "
+                f"fix permissions under {self.layout.root} and the next save "
+                "will retry")
+
+    # -- reading and maintenance ------------------------------------------
+
+    def checkpoint_dir(self, entry: CatalogEntry) -> str:
+        """The directory of a committed checkpoint (from the layout, not the row)."""
+        return self.layout.checkpoint_dir(entry.tier, entry.step)
+
+    def verify(self, step: int, tier: str = "serving",
+               raise_on_error: bool = True) -> VerifyReport:
+        """Verifies a committed checkpoint against its manifest."""
+        entry = self.catalog.get(step, tier)
+        return verify_checkpoint(self.checkpoint_dir(entry), raise_on_error)
+
+    def apply_retention(self, retention: Retention) -> list[CatalogEntry]:
+        """Deletes what ``retention`` decides; returns the deleted entries.
+
+        Each deletion removes the catalog row first (the checkpoint stops
+        existing), then the directory; a crash in between leaves an orphan
+        directory that :meth:`open` removes.
+        """
+        doomed = retention.plan(self.catalog.entries())
+        for entry in doomed:
+            self.catalog.remove(entry.step, entry.tier)
+            shutil.rmtree(self.checkpoint_dir(entry), ignore_errors=True)
+            log.info("retention deleted %s checkpoint at step %d",
+                     entry.tier, entry.step)
+        return doomed
+
+
+def _is_tf_io_error(e: BaseException) -> bool:
+    try:
+        import tensorflow as tf
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, (tf.errors.ResourceExhaustedError,
+                          tf.errors.PermissionDeniedError,
+                          tf.errors.UnknownError, tf.errors.DataLossError,
+                          tf.errors.NotFoundError, tf.errors.FailedPreconditionError))
