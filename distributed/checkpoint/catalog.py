@@ -109,6 +109,18 @@ def _from_row(row: dict[str, Any]) -> CatalogEntry:
     return CatalogEntry(**row)
 
 
+def _check_schema(schema: pa.Schema, path: str) -> None:
+    for want in CATALOG_SCHEMA:
+        idx = schema.get_field_index(want.name)
+        got = schema.field(want.name) if idx >= 0 else None
+        if got is None or not got.type.equals(want.type):
+            raise ManifestError(
+                f"{path}: catalog column {want.name!r} is "
+                f"{'missing' if got is None else got.type}, expected {want.type}")
+    if len(schema) != len(CATALOG_SCHEMA):
+        raise ManifestError(f"{path}: catalog row has unexpected extra columns")
+
+
 def _table_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
@@ -190,9 +202,7 @@ class Catalog:
         except (pa.ArrowException, OSError) as e:
             raise ManifestError(f"{path}: catalog row is unreadable ({e})") from e
         check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
-        if table.schema.remove_metadata() != CATALOG_SCHEMA.remove_metadata():
-            raise ManifestError(f"{path}: catalog row has an unexpected schema "
-                                f"{table.schema.remove_metadata()}")
+        _check_schema(table.schema, path)
         step, tier = layout.parse_catalog_row_name(name)
         rows = table.to_pylist()
         want = self._layout.relative_checkpoint_path(tier, step)
@@ -206,13 +216,12 @@ class Catalog:
     def _read_compacted(self) -> pa.Table | None:
         path = os.path.join(self._dir, COMPACTED_DIR, COMPACTED_FILE)
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(path, page_checksum_verification=True)
             check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
+            _check_schema(table.schema, path)
         except (FileNotFoundError, pa.ArrowException, OSError, ManifestError):
             return None  # only an accelerator: fall back to the row files
-        if table.schema.remove_metadata() != CATALOG_SCHEMA.remove_metadata():
-            return None
-        return table
+        return table.cast(CATALOG_SCHEMA)
 
     def table(self, tier: str | None = None) -> pa.Table:
         """Every committed checkpoint as one Arrow table, sorted by tier, step."""

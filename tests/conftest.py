@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny real TF graphs and temp storage. No mocks of TF."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@dataclasses.dataclass
+class TinyModel:
+    """A graph with two scopes, hand-written batch norm, EMA shadows and Adam."""
+
+    graph: object
+    sess: object
+    x: object
+    outputs: object  # predict-mode output (reads BN moving stats)
+    train_op: object
+    variables: list
+
+
+def build_tiny_model(seed: int = 0, scale: int = 1) -> TinyModel:
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.set_random_seed(seed)
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="x")
+        with tf.compat.v1.variable_scope("tower"):
+            w = tf.compat.v1.get_variable("dense/kernel", [8, 16 * scale])
+            b = tf.compat.v1.get_variable("dense/bias", [16 * scale],
+                                          initializer=tf.compat.v1.zeros_initializer())
+            gamma = tf.compat.v1.get_variable("bn/gamma", [16 * scale],
+                                              initializer=tf.compat.v1.ones_initializer())
+            mean = tf.compat.v1.get_variable(
+                "bn/moving_mean", [16 * scale], trainable=False,
+                initializer=tf.compat.v1.zeros_initializer())
+            var = tf.compat.v1.get_variable(
+                "bn/moving_variance", [16 * scale], trainable=False,
+                initializer=tf.compat.v1.ones_initializer())
+        with tf.compat.v1.variable_scope("head"):
+            k = tf.compat.v1.get_variable("kernel", [16 * scale, 3])
+        h = tf.matmul(x, w) + b
+        # train mode: batch statistics, moving averages updated.
+        bm, bv = tf.nn.moments(h, [0])
+        train_h = gamma * (h - bm) / tf.sqrt(bv + 1e-3)
+        loss = tf.reduce_mean(tf.square(tf.matmul(tf.nn.relu(train_h), k)))
+        updates = [mean.assign(0.9 * mean + 0.1 * bm), var.assign(0.9 * var + 0.1 * bv)]
+        step = tf.compat.v1.train.get_or_create_global_step()
+        with tf.control_dependencies(updates):
+            train_op = tf.compat.v1.train.AdamOptimizer(0.01).minimize(loss, global_step=step)
+        ema = tf.train.ExponentialMovingAverage(0.99)
+        with tf.control_dependencies([train_op]):
+            train_op = ema.apply([k])
+        # predict mode: moving statistics and the EMA shadow of the head.
+        pred_h = gamma * (h - mean) / tf.sqrt(var + 1e-3)
+        outputs = tf.matmul(tf.nn.relu(pred_h), ema.average(k), name="logits")
+        init = tf.compat.v1.global_variables_initializer()
+    sess = tf.compat.v1.Session(graph=graph)
+    sess.run(init)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        sess.run(train_op, {x: rng.normal(size=(32, 8)).astype(np.float32)})
+    return TinyModel(graph, sess, x, outputs, train_op,
+                     list(graph.get_collection("variables")))
+
+
+@pytest.fixture
+def tiny_model():
+    model = build_tiny_model()
+    yield model
+    model.sess.close()
+
+
+@pytest.fixture
+def storage(tmp_path):
+    path = tmp_path / "storage"
+    path.mkdir()
+    return str(path)
