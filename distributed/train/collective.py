@@ -1,0 +1,308 @@
+"""Gradient all-reduce on TensorFlow's own collective runtime.
+
+Each worker runs an in-process ``tf.distribute.Server`` (job ``worker``,
+task = rank) and a graph-mode Session that targets it. Gradients never pass
+through Python or the Ray object store: ``CollectiveReduceV2`` ops inside the
+worker graph exchange them over gRPC (``ring``) or NCCL, overlapped with the
+rest of backprop, packed into a few buckets because each launch has a fixed
+cost.
+
+Caller's steps, per worker (``rank`` 0..N-1)::
+
+    port = pick_free_port()                        # report host:port to driver
+    spec = GroupSpec(addresses=all_addresses, rank=rank)
+    server = start_server(spec)                    # before any Session
+    with graph.as_default():
+        grads_and_vars = allreduce_gradients(grads_and_vars, spec)
+    sess = tf.compat.v1.Session(server.target, graph=graph,
+                                config=session_config(spec))
+    sess.run(train_op, feeds, options=run_options(spec))   # every step
+
+A stalled peer ends the step with ``DeadlineExceededError`` (via
+``run_options``), a dead one with ``UnavailableError``. Treat either as fatal
+for the whole group: restart every worker and reload variables. A retried
+step would pair with a peer's other step, bucket by bucket, and replicas
+could silently diverge.
+
+Every worker must build the same graph (same variables, same order, same
+``bucket_bytes`` and ``instance_key_start``): the bucket plan and the instance
+keys are derived from it and must match across ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from typing import Any, Sequence
+
+import tensorflow as tf
+
+from distributed.errors import ConfigError
+
+JOB_NAME = "worker"
+GROUP_LEADER = f"/job:{JOB_NAME}/replica:0/task:0"
+DEFAULT_BUCKET_BYTES = 8 * 2**20
+DEFAULT_INSTANCE_KEY_START = 1000
+_HINTS = ("auto", "ring", "nccl")
+
+
+def pick_free_port() -> int:
+    """Returns a TCP port that was free a moment ago.
+
+    The OS picks it (bind to port 0) but the socket closes before TF's server
+    binds it, so another process can take it in between: start the server
+    soon after, and on failure restart the group with new ports.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """One worker's place in a collective group.
+
+    Attributes:
+        addresses: ``host:port`` of every worker's TF server, indexed by rank;
+            identical on every worker.
+        rank: This worker's index in ``addresses`` (its TF task index).
+        group_key: Identifies the group to TF's collective runtime; every op
+            with this key must run on the same set of devices.
+        timeout_seconds: Longest a step may take (compute included) before it
+            fails with ``DeadlineExceededError``, so a dead or stalled worker
+            cannot hang the job. Applied per ``Session.run`` by
+            :func:`run_options`, not on the collective op (see
+            :func:`allreduce_gradients`).
+        communication_hint: ``"ring"`` (gRPC, any device), ``"nccl"`` (GPUs)
+            or ``"auto"``: ``"nccl"`` where this process sees a GPU, else
+            ``"ring"``.
+    """
+
+    addresses: tuple[str, ...]
+    rank: int
+    group_key: int = 1
+    timeout_seconds: float = 60.0
+    communication_hint: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "addresses", tuple(self.addresses))
+        if not self.addresses or not all(
+                isinstance(a, str) and a.rpartition(":")[2].isdigit()
+                for a in self.addresses):
+            raise ConfigError(f"addresses: expected a non-empty list of 'host:port', "
+                              f"got {self.addresses!r}")
+        if not 0 <= self.rank < len(self.addresses):
+            raise ConfigError(f"rank: expected 0..{len(self.addresses) - 1}, "
+                              f"got {self.rank!r}")
+        if self.timeout_seconds <= 0:
+            raise ConfigError(f"timeout_seconds: expected > 0 (0 would wait forever "
+                              f"on a dead peer), got {self.timeout_seconds!r}")
+        if self.communication_hint not in _HINTS:
+            raise ConfigError(f"communication_hint: expected one of {_HINTS}, "
+                              f"got {self.communication_hint!r}")
+
+    @property
+    def group_size(self) -> int:
+        """Number of workers in the group."""
+        return len(self.addresses)
+
+    @property
+    def task_device(self) -> str:
+        """This worker's device prefix, ``/job:worker/replica:0/task:<rank>``."""
+        return f"/job:{JOB_NAME}/replica:0/task:{self.rank}"
+
+    def resolved_hint(self) -> str:
+        """The communication hint after resolving ``"auto"`` for this process."""
+        if self.communication_hint != "auto":
+            return self.communication_hint
+        return "nccl" if tf.config.list_physical_devices("GPU") else "ring"
+
+
+def session_config(spec: GroupSpec,
+                   base: tf.compat.v1.ConfigProto | None = None
+                   ) -> tf.compat.v1.ConfigProto:
+    """A ConfigProto for the server and for every Session that targets it.
+
+    ``collective_group_leader`` tells the collective runtime which task
+    resolves group membership and hands out step-id sequences (without it a
+    cross-process collective never completes). ``device_filters`` keeps the
+    Session's view to this worker's own devices: unplaced ops land here, not
+    on task 0, and the master never contacts peers for graph partitioning.
+
+    Args:
+        spec: This worker's group.
+        base: Options to start from (thread pools, GPU options); copied.
+    """
+    config = tf.compat.v1.ConfigProto()
+    if base is not None:
+        config.CopyFrom(base)
+    config.experimental.collective_group_leader = GROUP_LEADER
+    if spec.resolved_hint() == "nccl":
+        config.experimental.collective_nccl = True
+    del config.device_filters[:]
+    config.device_filters.append(f"/job:{JOB_NAME}/task:{spec.rank}")
+    return config
+
+
+def run_options(spec: GroupSpec) -> tf.compat.v1.RunOptions:
+    """RunOptions that fail a step after ``spec.timeout_seconds``.
+
+    Pass them to every ``Session.run`` that executes collectives, so a
+    stalled peer ends the step instead of hanging it. Unlike the op's own
+    ``timeout_seconds`` this costs nothing per step.
+    """
+    return tf.compat.v1.RunOptions(timeout_in_ms=max(1, int(spec.timeout_seconds * 1000)))
+
+
+def start_server(spec: GroupSpec,
+                 base: tf.compat.v1.ConfigProto | None = None
+                 ) -> tf.distribute.Server:
+    """Starts this worker's in-process TF server (job ``worker``, task = rank).
+
+    The server's default session config must carry the group leader: its
+    collective executor is built from it when the server starts, not from a
+    later Session's config. Keep a reference to the server for the life of
+    the process; it cannot be stopped, only abandoned with the process.
+    """
+    cluster = tf.train.ClusterSpec({JOB_NAME: list(spec.addresses)})
+    return tf.distribute.Server(cluster, job_name=JOB_NAME, task_index=spec.rank,
+                                protocol="grpc", config=session_config(spec, base),
+                                start=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+    """Gradients reduced by one collective.
+
+    Attributes:
+        dtype: Dtype name shared by every member.
+        indices: Positions in the input list, in concat order.
+        num_bytes: Total bytes of the members.
+    """
+
+    dtype: str
+    indices: tuple[int, ...]
+    num_bytes: int
+
+
+def plan_buckets(items: Sequence[tuple[str, int]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Bucket]:
+    """Groups gradients into buckets; pure, so every rank gets the same plan.
+
+    Gradients are taken in reverse order (the last layers' gradients are
+    produced first by backprop, so their bucket can start reducing earlier),
+    grouped by dtype, and a bucket is closed when the next member would push
+    it past ``bucket_bytes``. A gradient bigger than that gets a bucket alone.
+    Buckets come in the order they were closed, then the ones still open at
+    the end in the order they were opened.
+
+    Args:
+        items: ``(dtype name, bytes)`` per gradient, in variable order.
+        bucket_bytes: Upper bound on a bucket's bytes.
+    """
+    if bucket_bytes <= 0:
+        raise ConfigError(f"bucket_bytes: expected > 0, got {bucket_bytes!r}")
+    done: list[Bucket] = []
+    open_: dict[str, tuple[list[int], int]] = {}
+    for index in reversed(range(len(items))):
+        dtype, size = items[index]
+        members, total = open_.get(dtype, ([], 0))
+        if members and total + size > bucket_bytes:
+            done.append(Bucket(dtype, tuple(members), total))
+            members, total = [], 0
+        open_[dtype] = (members + [index], total + size)
+    rest = sorted(open_.items(), key=lambda kv: -kv[1][0][0])
+    done.extend(Bucket(d, tuple(m), t) for d, (m, t) in rest)
+    return done
+
+
+def _dense(grad: Any) -> tf.Tensor:
+    """IndexedSlices become dense (a full-size reduction; see allreduce_gradients)."""
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.convert_to_tensor(grad)
+    return grad
+
+
+def _static_shape(grad: tf.Tensor, var: Any) -> tf.TensorShape:
+    """The gradient's static shape, completed from its variable's."""
+    shape = grad.shape
+    if not shape.is_fully_defined() and hasattr(var, "shape"):
+        shape = shape.merge_with(var.shape)
+    return shape
+
+
+def allreduce_gradients(grads_and_vars: Sequence[tuple[Any, Any]],
+                        spec: GroupSpec,
+                        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                        instance_key_start: int = DEFAULT_INSTANCE_KEY_START
+                        ) -> list[tuple[Any, Any]]:
+    """Averages gradients across the group, bucketed, in the default graph.
+
+    Builds one ``CollectiveReduceV2`` (``Add`` then ``Div`` by group size) per
+    bucket of :func:`plan_buckets`, with instance keys ``instance_key_start,
+    instance_key_start + 1, ...`` in plan order. Instance keys are reused on
+    every ``Session.run`` (TF's step id tells steps apart), but two collectives
+    in one graph, or in two graphs of one process with different shapes, must
+    not share a key: give another call a disjoint ``instance_key_start``.
+
+    ``tf.IndexedSlices`` gradients (embedding lookups) are made dense before
+    reducing: exact, but a full-size tensor goes over the wire each step.
+    ``None`` gradients pass through untouched. With one worker no collective is
+    built and the pairs come back as they are (IndexedSlices included).
+
+    The ops carry no ``timeout_seconds`` on purpose: on TF 2.21 a nonzero
+    value makes every launch park two threads that sleep for the whole
+    timeout (``SchedClosureAfter``), so at hundreds of collectives a second
+    a process holds tens of thousands of threads and aborts when thread
+    creation fails. Bound steps with :func:`run_options` instead.
+
+    With NCCL each bucket's collective waits on the previous one's output, so
+    every GPU launches them in the same order (NCCL deadlocks otherwise); the
+    ring transport matches peers by instance key and needs no ordering.
+
+    Args:
+        grads_and_vars: ``(gradient or None, variable)`` pairs; the variable is
+            passed through and used for its static shape.
+        spec: This worker's group.
+        bucket_bytes: Upper bound on a bucket's bytes.
+        instance_key_start: First instance key this call uses.
+
+    Returns:
+        ``(averaged gradient or None, variable)`` pairs in the input order.
+    """
+    pairs = list(grads_and_vars)
+    if spec.group_size == 1:
+        return pairs
+    out: list[Any] = [g for g, _ in pairs]
+    dense: dict[int, tf.Tensor] = {}
+    items: list[tuple[str, int]] = []
+    positions: list[int] = []
+    for pos, (grad, var) in enumerate(pairs):
+        if grad is None:
+            continue
+        tensor = _dense(grad)
+        shape = _static_shape(tensor, var)
+        if not shape.is_fully_defined():
+            raise ConfigError(f"model: the gradient of {var!r} has no static shape "
+                              f"({shape}); all-reduce buckets need known sizes")
+        dense[pos] = tensor
+        positions.append(pos)
+        items.append((tensor.dtype.name, shape.num_elements() * tensor.dtype.size))
+    hint = spec.resolved_hint()
+    previous: tf.Tensor | None = None
+    with tf.name_scope("allreduce"), tf.device(spec.task_device):
+        for key, bucket in enumerate(plan_buckets(items, bucket_bytes), instance_key_start):
+            members = [positions[i] for i in bucket.indices]
+            shapes = [_static_shape(dense[p], pairs[p][1]) for p in members]
+            flat = tf.concat([tf.reshape(dense[p], [-1]) for p in members], axis=0)
+            deps = [previous] if hint == "nccl" and previous is not None else []
+            with tf.control_dependencies(deps):
+                reduced = tf.raw_ops.CollectiveReduceV2(
+                    input=flat, group_size=spec.group_size, group_key=spec.group_key,
+                    instance_key=key, ordering_token=[], merge_op="Add",
+                    final_op="Div", communication_hint=hint, timeout_seconds=0.0)
+            previous = reduced
+            parts = tf.split(reduced, [s.num_elements() for s in shapes], axis=0)
+            for p, part, shape in zip(members, parts, shapes):
+                out[p] = tf.reshape(part, shape)
+    return [(g, v) for g, (_, v) in zip(out, pairs)]
