@@ -202,14 +202,16 @@ class CheckpointStore:
         entry = self.catalog.get(step, tier)
         return verify_checkpoint(self.checkpoint_dir(entry), raise_on_error)
 
-    def apply_retention(self, retention: Retention) -> list[CatalogEntry]:
-        """Deletes what ``retention`` decides; returns the deleted entries.
+    def apply_retention(self, retention: Retention,
+                        tier: str | None = None) -> list[CatalogEntry]:
+        """Deletes what ``retention`` decides (for one tier, or all); returns
+        the deleted entries.
 
         Each deletion removes the catalog row first (the checkpoint stops
         existing), then the directory; a crash in between leaves an orphan
         directory that :meth:`open` removes.
         """
-        doomed = retention.plan(self.catalog.entries())
+        doomed = retention.plan(self.catalog.entries(tier))
         for entry in doomed:
             self.catalog.remove(entry.step, entry.tier)
             shutil.rmtree(self.checkpoint_dir(entry), ignore_errors=True)

@@ -1,0 +1,282 @@
+"""The training config: YAML in, typed dataclasses inside, every field validated.
+
+Errors name the field (``checkpoint.serving_every``), the bad value and what
+would be valid. Unknown keys are errors, not silently ignored, so a typo
+cannot quietly fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from distributed.checkpoint.retention import Retention
+from distributed.checkpoint.selection import SelectionSpec
+from distributed.errors import ConfigError, SelectionError
+
+OPTIMIZERS = ("adam", "sgd", "momentum")
+ON_BUSY = ("wait", "skip")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """The optimizer (built identically on every worker and the coordinator).
+
+    Attributes:
+        name: ``adam``, ``sgd`` or ``momentum`` (SGD with momentum).
+        learning_rate: Step size.
+        momentum: Momentum coefficient (``momentum`` only).
+    """
+
+    name: str = "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.9
+
+    def validate(self, path: str) -> None:
+        _choice(self.name, OPTIMIZERS, f"{path}.name")
+        _positive(self.learning_rate, f"{path}.learning_rate")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"{path}.momentum: expected a value in [0, 1), "
+                              f"got {self.momentum!r}")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written.
+
+    Attributes:
+        serving_every: Write a serving checkpoint (the selection) every N steps;
+            0 turns them off. The last step always gets one.
+        full_every: Write a full checkpoint (every variable, for resuming) every
+            M steps; 0 turns them off. The last step always gets one.
+        shards: ``.data`` files per checkpoint; ``null`` picks from the size.
+        on_busy: What a checkpoint step does when the previous save is still
+            being written: ``wait`` for it, or ``skip`` this checkpoint.
+    """
+
+    serving_every: int = 100
+    full_every: int = 500
+    shards: int | None = None
+    on_busy: str = "wait"
+
+    def validate(self, path: str) -> None:
+        _non_negative_int(self.serving_every, f"{path}.serving_every")
+        _non_negative_int(self.full_every, f"{path}.full_every")
+        if self.shards is not None:
+            _positive_int(self.shards, f"{path}.shards")
+        _choice(self.on_busy, ON_BUSY, f"{path}.on_busy")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+        model: ``package.module:function`` of the ``model_fn``.
+        model_params: Passed to the ``model_fn`` as ``params``.
+        input: ``package.module:function`` of the ``input_fn``.
+        input_params: Passed to the ``input_fn`` as ``params``.
+        optimizer: See :class:`OptimizerConfig`.
+        batch_size: Examples per worker per step.
+        steps: Total training steps (including steps done before a resume).
+        workers: Data-parallel workers (Ray actors).
+        gpus_per_worker: GPUs each worker asks Ray for: 1 on a GPU cluster,
+            0 for CPU workers (local dev mode).
+        cpus_per_worker: CPUs each worker asks Ray for (fractions allowed).
+        storage: Directory shared by every node (local path in dev mode).
+        run: Run name; checkpoints go to ``<storage>/<run>/``. Re-using a run
+            name with a full checkpoint resumes it.
+        selection: What serving checkpoints hold: ``{policy, include, exclude}``.
+        checkpoint: See :class:`CheckpointConfig`.
+        retention: Per tier (``serving``, ``full``): ``{keep_last, keep_every,
+            keep_best: {n, metric, mode}}``.
+        log_every: Print progress every N steps.
+        collective_timeout: Seconds an all-reduce waits for a peer before the
+            step fails (so a dead worker cannot hang the job).
+        bucket_mib: Gradient bytes per all-reduce bucket.
+        seed: Graph-level random seed.
+    """
+
+    model: str = "distributed.examples.digits:cnn_bn_model_fn"
+    model_params: dict = dataclasses.field(default_factory=dict)
+    input: str = "distributed.examples.digits:digits_input_fn"
+    input_params: dict = dataclasses.field(default_factory=dict)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    batch_size: int = 64
+    steps: int = 500
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5
+    storage: str = "runs"
+    run: str = "digits-cnn"
+    selection: dict = dataclasses.field(
+        default_factory=lambda: {"policy": "inference"})
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    retention: dict = dataclasses.field(default_factory=lambda: {
+        "serving": {"keep_last": 5}, "full": {"keep_last": 2}})
+    log_every: int = 50
+    collective_timeout: float = 120.0
+    bucket_mib: float = 8.0
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        """Checks every field; returns self. Raises :class:`ConfigError`."""
+        for field in ("model", "input"):
+            ref = getattr(self, field)
+            if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+                raise ConfigError(f"{field}: expected 'package.module:function', "
+                                  f"got {ref!r}")
+        self.optimizer.validate("optimizer")
+        self.checkpoint.validate("checkpoint")
+        for field in ("batch_size", "steps", "workers", "log_every"):
+            _positive_int(getattr(self, field), field)
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker: expected >= 0, got {self.gpus_per_worker!r}")
+        _positive(self.cpus_per_worker, "cpus_per_worker")
+        _positive(self.collective_timeout, "collective_timeout")
+        _positive(self.bucket_mib, "bucket_mib")
+        if not isinstance(self.storage, str) or not self.storage:
+            raise ConfigError(f"storage: expected a directory path, got {self.storage!r}")
+        if "://" in self.storage and not self.storage.startswith("file://"):
+            raise ConfigError(
+                f"storage: {self.storage!r} is not supported yet; use a local or "
+                "NFS directory that every node mounts at the same path")
+        from distributed.checkpoint.layout import check_run_name
+        try:
+            check_run_name(self.run)
+        except ValueError as e:
+            raise ConfigError(f"run: {e}") from None
+        self.selection_spec()
+        self.retention_for("serving")
+        self.retention_for("full")
+        unknown = set(self.retention) - {"serving", "full"}
+        if unknown:
+            raise ConfigError(f"retention: unknown tier(s) {sorted(unknown)}; use "
+                              "serving and/or full")
+        return self
+
+    @property
+    def storage_path(self) -> str:
+        path = self.storage[len("file://"):] if self.storage.startswith("file://") \
+            else self.storage
+        return os.path.abspath(os.path.expanduser(path))
+
+    def selection_spec(self) -> SelectionSpec:
+        try:
+            return SelectionSpec.from_dict(self.selection)
+        except SelectionError:
+            raise
+        except TypeError as e:
+            raise ConfigError(f"selection: {e}") from None
+
+    def retention_for(self, tier: str) -> Retention:
+        return Retention.from_dict((self.retention or {}).get(tier),
+                                   field=f"retention.{tier}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
+    """Builds and validates a :class:`TrainConfig` from parsed YAML."""
+    return _build(TrainConfig, data or {}, "").validate()
+
+
+def load(path: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Reads a YAML config file and applies command-line overrides.
+
+    Raises:
+        ConfigError: The file is missing, not YAML, or has bad fields.
+    """
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of fields, "
+                          f"got {type(data).__name__}")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(data)
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, "
+                          f"got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key"
+            f"{'s ' + str(unknown) if len(unknown) > 1 else ''}; valid keys are "
+            f"{', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{path}.")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(value, hint, path)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...], path: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not valid; use one of "
+                          f"{', '.join(choices)}")
+
+
+def _positive(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{path}: expected a positive number, got {value!r}")
+
+
+def _positive_int(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{path}: expected a positive integer, got {value!r}")
+
+
+def _non_negative_int(value: Any, path: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: expected an integer >= 0, got {value!r}")

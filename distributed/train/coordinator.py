@@ -1,0 +1,133 @@
+"""The coordinator: owns the chief Session, the Savers, the commit protocol and
+the catalog. One Ray actor per run (CPU only, no data).
+
+It builds the same training graph as the workers (so names match), initializes
+or resumes the variables, hands their values to every worker, and writes the
+checkpoints rank 0 hands it: the values are loaded into the chief Session and
+saved by the tier's sharded Saver, then committed and retention applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+from distributed.checkpoint import layout
+from distributed.config import TrainConfig, from_dict
+from distributed.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+class Coordinator:
+    """Chief of one run. Wrapped with ``ray.remote`` by the trainer.
+
+    NOTE: methods run one at a time (a Ray actor), so at most one save runs.
+    """
+
+    def __init__(self, config_dict: Mapping[str, Any]):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.config: TrainConfig = from_dict(config_dict)
+        from distributed.checkpoint.store import CheckpointStore
+        self.store = CheckpointStore(self.config.storage_path, self.config.run)
+        self.removed = self.store.open()
+
+    def prepare(self) -> dict[str, Any]:
+        """Builds the chief graph, initializes or resumes; returns the plan."""
+        import tensorflow as tf
+
+        from distributed.checkpoint.selection import describe_variables, select
+        from distributed.checkpoint.writer import CheckpointWriter, session_config
+        from distributed.model import load_function
+        from distributed.train.graph import (InputSpec, VariableLoader,
+                                             build_train_graph, predict_reads)
+
+        cfg = self.config
+        input_fn = load_function(cfg.input, "input", 4)
+        features, labels = next(iter(input_fn(0, cfg.workers, cfg.batch_size,
+                                              dict(cfg.input_params))))
+        self.input_spec = InputSpec.from_batch(features, labels, f"input {cfg.input}")
+        self.tg = build_train_graph(cfg, self.input_spec)
+        reads = predict_reads(cfg, self.input_spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            selection = select(describe_variables(self.tg.variables),
+                               cfg.selection_spec(), reads)
+        self.warnings = [str(w.message) for w in caught]
+        chosen = set(selection.names)
+        serving_vars = [v for v in self.tg.variables if v.op.name in chosen]
+        self.serving_names = [v.op.name for v in serving_vars]
+        self.writers = {
+            "serving": CheckpointWriter(serving_vars, num_shards=cfg.checkpoint.shards),
+            "full": CheckpointWriter(self.tg.variables, num_shards=cfg.checkpoint.shards),
+        }
+        shards = max(w.num_shards for w in self.writers.values())
+        self.sess = tf.compat.v1.Session(graph=self.tg.graph,
+                                         config=session_config(shards))
+        self.loader = VariableLoader(self.tg.variables)
+        start_step, resumed = self._init_or_resume()
+        self._write_run_config()
+        return {"start_step": start_step, "resumed_from": resumed,
+                "input_spec": self.input_spec, "serving_names": self.serving_names,
+                "num_variables": len(self.tg.variables), "warnings": self.warnings,
+                "removed": self.removed,
+                "serving_bytes": self.writers["serving"].total_bytes,
+                "full_bytes": self.writers["full"].total_bytes}
+
+    def _init_or_resume(self) -> tuple[int, int | None]:
+        import tensorflow as tf
+        self.sess.run(self.tg.init_op)
+        latest_full = self.store.catalog.latest("full")
+        if latest_full is None:
+            if self.store.catalog.committed_keys():
+                raise ConfigError(
+                    f"run: {self.config.run!r} already has checkpoints under "
+                    f"{self.store.layout.root} but no full checkpoint to resume "
+                    "from; pick a new --run name or delete that directory")
+            return 0, None
+        from distributed.checkpoint.verify import verify_checkpoint
+        ckpt_dir = self.store.checkpoint_dir(latest_full)
+        verify_checkpoint(ckpt_dir)
+        with self.tg.graph.as_default():
+            saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in
+                                                       self.tg.variables})
+            saver.restore(self.sess, os.path.join(ckpt_dir, layout.CKPT_PREFIX))
+        step = int(self.sess.run(self.tg.global_step))
+        return step, latest_full.step
+
+    def _write_run_config(self) -> None:
+        record = {"config": self.config.to_dict(),
+                  "input_spec": {"features": {k: [d, list(s)] for k, (d, s) in
+                                              self.input_spec.features.items()},
+                                 "labels": [self.input_spec.labels[0],
+                                            list(self.input_spec.labels[1])]}}
+        layout.atomic_write_bytes(os.path.join(self.store.layout.root, RUN_CONFIG_FILE),
+                                  json.dumps(record, indent=2).encode())
+
+    def initial_values(self) -> dict[str, np.ndarray]:
+        """Every variable's value, for the workers to start from."""
+        return self.sess.run({v.op.name: v for v in self.tg.variables})
+
+    def save(self, step: int, tier: str, values: Mapping[str, np.ndarray],
+             metrics: Mapping[str, float]) -> dict[str, Any]:
+        """Loads rank 0's values into the chief Session, writes and commits."""
+        self.loader.load(self.sess, values)
+        entry = self.store.save(self.writers[tier], self.sess, step, tier,
+                                self.config.selection_spec().to_json()
+                                if tier == "serving" else '{"policy": "all"}',
+                                metrics)
+        deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
+            if tier in self.config.retention else []
+        result = entry.to_json_dict()
+        result["retention_deleted"] = [e.step for e in deleted]
+        return result
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [e.to_json_dict() for e in self.store.catalog.entries()]

@@ -1,0 +1,188 @@
+"""Builds the training graph identically on every worker and the coordinator.
+
+Variable names must match across processes (the coordinator's chief Session
+hands initial values to the workers by name, and rank 0 hands checkpoint values
+back), so one function builds the model, the optimizer and its slots everywhere.
+Only workers pass a ``reduce_fn``: the all-reduce that averages gradients.
+
+Batch-norm statistics and other non-trainable *state* the model updates through
+``UPDATE_OPS`` would drift apart on workers that see different data, so each
+step averages their freshly updated values in the same all-reduce as the
+gradients. Replicas therefore stay identical, and the moving averages equal
+those of the global batch statistics' mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from distributed.config import OptimizerConfig, TrainConfig
+from distributed.errors import ConfigError
+from distributed.model import PREDICT, TRAIN, ModelSpec, load_function
+
+ReduceFn = Callable[[list], list]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """Dtypes and per-example shapes of the input, learned from its first batch.
+
+    Attributes:
+        features: Feature name -> (dtype name, shape without the batch dim).
+        labels: (dtype name, shape without the batch dim).
+    """
+
+    features: Mapping[str, tuple[str, tuple[int, ...]]]
+    labels: tuple[str, tuple[int, ...]]
+
+    @classmethod
+    def from_batch(cls, features: Any, labels: Any, where: str) -> "InputSpec":
+        if not isinstance(features, Mapping) or not features:
+            raise ConfigError(
+                f"{where}: features must be a non-empty dict of name -> numpy array, "
+                f"got {type(features).__name__}")
+        spec = {}
+        for name, value in features.items():
+            arr = np.asarray(value)
+            if arr.ndim < 1:
+                raise ConfigError(f"{where}: feature {name!r} has no batch dimension")
+            spec[str(name)] = (arr.dtype.name, tuple(int(d) for d in arr.shape[1:]))
+        lab = np.asarray(labels)
+        if lab.ndim < 1:
+            raise ConfigError(f"{where}: labels have no batch dimension")
+        return cls(spec, (lab.dtype.name, tuple(int(d) for d in lab.shape[1:])))
+
+    def placeholders(self) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        features = {
+            name: tf.compat.v1.placeholder(tf.as_dtype(dtype), (None,) + tuple(shape),
+                                           name=f"input/{name}")
+            for name, (dtype, shape) in sorted(self.features.items())}
+        ldtype, lshape = self.labels
+        labels = tf.compat.v1.placeholder(tf.as_dtype(ldtype), (None,) + tuple(lshape),
+                                          name="input/labels")
+        return features, labels
+
+
+def make_optimizer(cfg: OptimizerConfig):
+    """The ``tf.compat.v1.train`` optimizer the config names."""
+    if cfg.name == "adam":
+        return tf.compat.v1.train.AdamOptimizer(cfg.learning_rate)
+    if cfg.name == "momentum":
+        return tf.compat.v1.train.MomentumOptimizer(cfg.learning_rate, cfg.momentum)
+    return tf.compat.v1.train.GradientDescentOptimizer(cfg.learning_rate)
+
+
+def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec:
+    """Calls the user's ``model_fn`` and checks what it returns."""
+    model_fn = load_function(config.model, "model", 4)
+    spec = model_fn(features, labels, mode, dict(config.model_params))
+    if not isinstance(spec, ModelSpec):
+        raise ConfigError(
+            f"model: {config.model} returned {type(spec).__name__}; it must return "
+            "distributed.model.ModelSpec(loss=..., predictions={...})")
+    if mode == TRAIN and spec.loss is None:
+        raise ConfigError(f"model: {config.model} returned no loss in train mode")
+    if mode == PREDICT and not spec.predictions:
+        raise ConfigError(f"model: {config.model} returned no predictions in "
+                          "predict mode")
+    return spec
+
+
+@dataclasses.dataclass
+class TrainGraph:
+    """Handles into one process's training graph."""
+
+    graph: tf.Graph
+    features: dict[str, tf.Tensor]
+    labels: tf.Tensor
+    loss: tf.Tensor
+    train_op: Any
+    global_step: tf.Variable
+    variables: list  # every global variable, graph order
+    model_state: list  # non-trainable model variables averaged each step
+    init_op: Any
+
+
+def build_train_graph(config: TrainConfig, input_spec: InputSpec,
+                      reduce_fn: ReduceFn | None = None,
+                      device: str | None = None) -> TrainGraph:
+    """Builds model, loss, (reduced) gradients and optimizer in a new graph.
+
+    Args:
+        config: The run's config.
+        input_spec: Input dtypes and shapes.
+        reduce_fn: Averages a list of ``(tensor, variable)`` pairs across
+            workers; ``None`` on the coordinator (which never steps).
+        device: Device for the model's ops (e.g. ``/device:GPU:0``).
+    """
+    graph = tf.Graph()
+    with graph.as_default(), tf.device(device):
+        tf.compat.v1.set_random_seed(config.seed)
+        features, labels = input_spec.placeholders()
+        before = set(v.op.name for v in tf.compat.v1.global_variables())
+        spec = call_model_fn(config, features, labels, TRAIN)
+        created = [v for v in tf.compat.v1.global_variables()
+                   if v.op.name not in before]
+        trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
+        model_state = [v for v in created if v.op.name not in trainable
+                       and v.dtype.base_dtype.is_floating]
+        global_step = tf.compat.v1.train.get_or_create_global_step()
+        optimizer = make_optimizer(config.optimizer)
+        loss = tf.convert_to_tensor(spec.loss)
+        grads_and_vars = [(g, v) for g, v in optimizer.compute_gradients(loss)
+                          if g is not None]
+        if not grads_and_vars:
+            raise ConfigError(f"model: {config.model} has no trainable variable "
+                              "that the loss depends on")
+        update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+        with tf.control_dependencies(update_ops):
+            state_values = [tf.identity(v.read_value()) for v in model_state]
+        pairs = list(grads_and_vars) + list(zip(state_values, model_state))
+        if reduce_fn is not None:
+            pairs = reduce_fn(pairs)
+        grads_and_vars, state_pairs = pairs[:len(grads_and_vars)], pairs[len(grads_and_vars):]
+        with tf.control_dependencies(update_ops):
+            apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+        assigns = [v.assign(value, read_value=False) for value, v in state_pairs]
+        train_op = tf.group(apply, *assigns, name="train_op")
+        init_op = tf.compat.v1.global_variables_initializer()
+        variables = list(tf.compat.v1.global_variables())
+    return TrainGraph(graph, features, labels, loss, train_op, global_step,
+                      variables, model_state, init_op)
+
+
+def predict_reads(config: TrainConfig, input_spec: InputSpec) -> set[str]:
+    """Names of the variables the predict-mode outputs read (own throwaway graph)."""
+    from distributed.checkpoint.selection import variables_read_by
+    graph = tf.Graph()
+    with graph.as_default():
+        features, _ = input_spec.placeholders()
+        spec = call_model_fn(config, features, None, PREDICT)
+        return variables_read_by(list(spec.predictions.values()))
+
+
+class VariableLoader:
+    """Loads numpy values into a graph's variables by name, without growing it."""
+
+    def __init__(self, variables: Sequence[tf.Variable]):
+        self._by_name = {v.op.name: v for v in variables}
+        graph = next(iter(self._by_name.values())).graph
+        with graph.as_default(), tf.name_scope("loader"):
+            self._feeds = {}
+            ops = []
+            for name, v in self._by_name.items():
+                ph = tf.compat.v1.placeholder(v.dtype.base_dtype, v.shape)
+                self._feeds[name] = ph
+                ops.append(v.assign(ph, read_value=False))
+            self._ops = dict(zip(self._by_name, ops))
+
+    def load(self, sess, values: Mapping[str, np.ndarray]) -> None:
+        unknown = set(values) - set(self._by_name)
+        if unknown:
+            raise KeyError(f"no variable named {sorted(unknown)[:5]}")
+        sess.run([self._ops[n] for n in values],
+                 {self._feeds[n]: v for n, v in values.items()})

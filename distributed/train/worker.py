@@ -1,0 +1,212 @@
+"""A data-parallel training worker: one Ray actor, one TF graph and Session.
+
+Each worker starts a TF server for the collective runtime, builds the training
+graph with gradients all-reduced by ``CollectiveReduceV2`` (see
+:mod:`distributed.train.collective`), loads the coordinator's initial values
+and runs steps on its own shard of the input.
+
+Rank 0 also checkpoints, off the training path: at a checkpoint step it fetches
+the variables to save in one ``sess.run``. The fetched arrays alias the
+variables' buffers, and the next optimizer update copies a variable before
+writing it (TensorFlow's copy-on-write for shared buffers), so the snapshot is
+consistent without an explicit copy. A background thread then hands the arrays
+to the coordinator through the Ray object store while training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+from distributed.config import TrainConfig, from_dict
+from distributed.model import load_function
+from distributed.train.schedule import BusyPolicy, CheckpointSchedule
+
+log = logging.getLogger(__name__)
+
+
+class _AsyncCheckpointer:
+    """Rank 0's side of async saving: snapshot, hand off, one save in flight.
+
+    NOTE: only rank 0 creates one.
+    """
+
+    def __init__(self, coordinator, sess, variables, serving_names, config: TrainConfig):
+        self._coordinator = coordinator
+        self._sess = sess
+        by_name = {v.op.name: v for v in variables}
+        self._fetches = {
+            "serving": {n: by_name[n] for n in serving_names},
+            "full": by_name,
+        }
+        self._schedule = CheckpointSchedule(config.checkpoint.serving_every,
+                                            config.checkpoint.full_every, config.steps)
+        self._policy = BusyPolicy(config.checkpoint.on_busy)
+        self._thread: threading.Thread | None = None
+        self._refs: list = []
+        self.events: list[dict] = []
+        self.stall_seconds = 0.0
+
+    def _in_flight(self) -> bool:
+        import ray
+        if self._thread is not None and self._thread.is_alive():
+            return True
+        if self._refs:
+            ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=0)
+            if len(ready) == len(self._refs):
+                self._collect()
+                return False
+            return True
+        return False
+
+    def _collect(self) -> None:
+        import ray
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        refs, self._refs = self._refs, []
+        for ref in refs:
+            try:
+                self.events.append({"event": "committed", **ray.get(ref)})
+            except Exception as e:  # a failed save must not stop training
+                self.events.append({"event": "failed", "error": _short(e)})
+
+    def maybe_save(self, step: int, metrics: Mapping[str, float]) -> None:
+        tiers = self._schedule.due(step)
+        if not tiers:
+            return
+        start = time.perf_counter()
+        final = step == self._schedule.last_step
+        decision = self._policy.decide(self._in_flight(), final)
+        if decision == "skip":
+            self.events.append({"event": "skipped", "step": step, "tiers": list(tiers)})
+            return
+        if decision == "wait":
+            self._collect()
+        fetches = {t: self._fetches[t] for t in tiers}
+        values = self._sess.run(fetches)
+        refs = self._refs
+        coordinator = self._coordinator
+        metrics = dict(metrics)
+
+        def hand_off():
+            for tier in tiers:
+                refs.append(coordinator.save.remote(step, tier, values[tier], metrics))
+
+        self._thread = threading.Thread(target=hand_off, daemon=True)
+        self._thread.start()
+        self.stall_seconds += time.perf_counter() - start
+
+    def flush(self) -> None:
+        self._collect()
+
+    def drain_events(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+
+class Worker:
+    """One data-parallel replica. Wrapped with ``ray.remote`` by the trainer.
+
+    Args:
+        config_dict: The run config as a dict.
+        rank: This worker's index in ``[0, num_workers)``.
+    """
+
+    def __init__(self, config_dict: Mapping[str, Any], rank: int):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self.config = from_dict(config_dict)
+        self.rank = rank
+        from distributed.train.collective import pick_free_port
+        import ray
+        self._address = f"{ray.util.get_node_ip_address()}:{pick_free_port()}"
+        self._checkpointer: _AsyncCheckpointer | None = None
+        import tensorflow  # noqa: F401  (import while the coordinator builds)
+
+    def address(self) -> str:
+        return self._address
+
+    def setup(self, addresses: list[str], input_spec, serving_names: list[str],
+              coordinator) -> int:
+        """Starts the TF server, builds the graph and Session. Returns the pid."""
+        import functools
+
+        import tensorflow as tf
+
+        from distributed.train import collective
+        from distributed.train.graph import VariableLoader, build_train_graph
+
+        cfg = self.config
+        self.spec = collective.GroupSpec(
+            addresses=tuple(addresses), rank=self.rank,
+            timeout_seconds=cfg.collective_timeout)
+        base = tf.compat.v1.ConfigProto(
+            intra_op_parallelism_threads=max(1, int(cfg.cpus_per_worker + 0.999)),
+            inter_op_parallelism_threads=2)
+        self.server = collective.start_server(self.spec, base)
+        reduce_fn = functools.partial(collective.allreduce_gradients, spec=self.spec,
+                                      bucket_bytes=int(cfg.bucket_mib * 2**20))
+        device = "/device:GPU:0" if cfg.gpus_per_worker > 0 else None
+        self.tg = build_train_graph(cfg, input_spec, reduce_fn=reduce_fn, device=device)
+        self.sess = tf.compat.v1.Session(
+            self.server.target, graph=self.tg.graph, config=collective.session_config(self.spec, base))
+        self.run_options = collective.run_options(self.spec)
+        self.sess.run(self.tg.init_op)
+        self.loader = VariableLoader(self.tg.variables)
+        input_fn = load_function(cfg.input, "input", 4)
+        self._batches = input_fn(self.rank, cfg.workers, cfg.batch_size,
+                                 dict(cfg.input_params))
+        if self.rank == 0:
+            self._checkpointer = _AsyncCheckpointer(
+                coordinator, self.sess, self.tg.variables, serving_names, cfg)
+        return os.getpid()
+
+    def load(self, values: Mapping[str, np.ndarray], step: int) -> None:
+        """Loads every variable's value (identical on all replicas)."""
+        self.loader.load(self.sess, values)
+        self.step = step
+
+    def train(self, until_step: int) -> dict[str, Any]:
+        """Runs steps up to ``until_step``; returns rank 0's progress report."""
+        tg = self.tg
+        losses = []
+        start = time.perf_counter()
+        first = self.step
+        while self.step < until_step:
+            features, labels = next(self._batches)
+            feed = {tg.features[k]: v for k, v in features.items()}
+            feed[tg.labels] = labels
+            _, loss = self.sess.run([tg.train_op, tg.loss], feed,
+                                    options=self.run_options)
+            self.step += 1
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss} at step {self.step} on worker {self.rank}; "
+                    "lower optimizer.learning_rate or check the input. The last "
+                    "committed checkpoints are kept.")
+            losses.append(float(loss))
+            if self._checkpointer is not None:
+                self._checkpointer.maybe_save(self.step, {"loss": float(loss)})
+        seconds = time.perf_counter() - start
+        report = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
+                  "steps_per_sec": (self.step - first) / seconds if seconds > 0 else 0.0}
+        if self._checkpointer is not None:
+            if self.step >= self.config.steps:
+                self._checkpointer.flush()
+            report["events"] = self._checkpointer.drain_events()
+            report["stall_seconds"] = self._checkpointer.stall_seconds
+        return report
+
+    def variables(self) -> dict[str, np.ndarray]:
+        """Every variable's value (for tests of replica identity)."""
+        return self.sess.run({v.op.name: v for v in self.tg.variables})
+
+
+def _short(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)
+    return str(cause if cause is not None else e).strip().splitlines()[-1]
