@@ -120,3 +120,15 @@ def test_unrelated_files_are_ignored(catalog):
     open(os.path.join(catalog.directory, "notes.txt"), "w").close()
     open(os.path.join(catalog.directory, "step-1.serving.parquet"), "w").close()
     assert [e.step for e in catalog.entries()] == [1]
+
+
+def test_open_compacts_rows_left_by_short_lived_writers(storage, monkeypatch):
+    from distributed.checkpoint import CheckpointStore
+    monkeypatch.setattr(catalog_mod, "COMPACT_EVERY", 4)
+    for step in range(1, 4):  # three writers, one commit each: no compaction
+        Catalog(RunLayout(storage, "run")).commit(entry(step))
+    compacted = os.path.join(storage, "run", "catalog", "_compacted", "catalog.parquet")
+    assert not os.path.exists(compacted)
+    Catalog(RunLayout(storage, "run")).commit(entry(4))
+    CheckpointStore(storage, "run").open()
+    assert pq.read_table(compacted).num_rows == 4

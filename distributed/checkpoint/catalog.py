@@ -303,6 +303,18 @@ class Catalog:
 
     # -- maintenance -------------------------------------------------------
 
+    def compact_if_stale(self) -> bool:
+        """Compacts when :data:`COMPACT_EVERY` or more rows are missing from the
+        compacted copy (e.g. after many short-lived writers). Returns whether it did."""
+        keys = self.committed_keys()
+        cached = self._read_compacted()
+        have = set() if cached is None else set(
+            zip(cached["step"].to_pylist(), cached["tier"].to_pylist()))
+        if len(set(keys) - have) >= COMPACT_EVERY:
+            self.compact()
+            return True
+        return False
+
     def compact(self) -> None:
         """Rewrites the compacted copy from the current rows (atomic replace)."""
         table = self.table()

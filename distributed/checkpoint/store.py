@@ -84,7 +84,9 @@ class CheckpointStore:
                 f"{self.layout.run!r} ({e.strerror or e}); pass a writable "
                 "directory as storage (on a cluster, a mount every node shares)"
             ) from e
-        return self.remove_leftovers()
+        removed = self.remove_leftovers()
+        self.catalog.compact_if_stale()
+        return removed
 
     def remove_leftovers(self) -> list[str]:
         """Deletes tmp directories and orphan step directories (no catalog row)."""
