@@ -1,0 +1,310 @@
+"""Restore for inference: verified checkpoint -> SavedModel in ``<export>/<version>/``.
+
+Steps: read the catalog and pick a checkpoint (latest, a step, or best by a
+metric); verify it against its manifest (falling back to the newest one that
+verifies unless a step was asked for); build the predict-mode graph from the
+run's recorded config; check every variable the outputs read is in the
+checkpoint; restore with optional scope maps; export a SavedModel with a
+``serving_default`` signature, written under a tmp name and renamed into place so
+a server watching the directory never loads half a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from distributed.checkpoint import layout
+from distributed.checkpoint.catalog import Catalog, CatalogEntry
+from distributed.checkpoint.manifest import read_manifest
+from distributed.checkpoint.verify import verify_checkpoint
+from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
+                                ConfigError, ManifestError, StorageError)
+
+log = logging.getLogger(__name__)
+
+EXPORTS_DIR = "exports"
+EXPORT_SCHEMA_VERSION = "1"
+EXPORT_SCHEMA = pa.schema([
+    pa.field("run", pa.string(), nullable=False),
+    pa.field("version", pa.int64(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("tier", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("export_dir", pa.string(), nullable=False),
+    pa.field("exported_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("seconds", pa.float64(), nullable=False),
+], metadata={"schema_version": EXPORT_SCHEMA_VERSION,
+             "format": "distributed-tf-ray/exports"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ScopeMap:
+    """Checkpoint names starting with ``ckpt_prefix`` restore into graph
+    variables starting with ``graph_prefix``."""
+
+    ckpt_prefix: str
+    graph_prefix: str
+
+    def to_ckpt(self, graph_name: str) -> str | None:
+        if graph_name.startswith(self.graph_prefix):
+            return self.ckpt_prefix + graph_name[len(self.graph_prefix):]
+        return None
+
+
+def parse_scope_maps(specs: Sequence[str]) -> list[ScopeMap]:
+    """Parses ``CKPT_PREFIX=GRAPH_PREFIX`` strings (either side may be empty,
+    not both)."""
+    maps = []
+    for spec in specs or ():
+        if spec.count("=") != 1 or spec == "=":
+            raise ConfigError(f"--map: {spec!r} is not CKPT_PREFIX=GRAPH_PREFIX "
+                              "(e.g. --map tower/=serving/tower/)")
+        ckpt, graph = spec.split("=")
+        maps.append(ScopeMap(ckpt, graph))
+    return maps
+
+
+def _ckpt_name(graph_name: str, maps: Sequence[ScopeMap]) -> str:
+    for m in sorted(maps, key=lambda m: -len(m.graph_prefix)):  # longest first
+        mapped = m.to_ckpt(graph_name)
+        if mapped is not None:
+            return mapped
+    return graph_name
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What a training run recorded about itself (``run_config.json``)."""
+
+    config: Any  # TrainConfig
+    input_spec: Any  # InputSpec
+
+
+def load_run_record(storage: str, run: str):
+    """Reads the config and input spec the run recorded at its start."""
+    from distributed import config as config_lib
+    from distributed.train.coordinator import RUN_CONFIG_FILE
+    from distributed.train.graph import InputSpec
+    try:
+        root = layout.RunLayout(os.path.abspath(storage), run).root
+    except ValueError as e:
+        raise ConfigError(f"--run: {e}") from None
+    path = os.path.join(root, RUN_CONFIG_FILE)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"run {run!r} not found under {os.path.abspath(storage)} (no {RUN_CONFIG_FILE}); "
+            "check --storage and --run") from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{path}: unreadable run record ({e})") from None
+    spec = record["input_spec"]
+    input_spec = InputSpec({k: (d, tuple(s)) for k, (d, s) in spec["features"].items()},
+                           (spec["labels"][0], tuple(spec["labels"][1])))
+    return RunRecord(config_lib.from_dict(record["config"]), input_spec)
+
+
+def choose_checkpoint(catalog: Catalog, checkpoint_dir: Callable[[CatalogEntry], str],
+                      step: int | None = None, best: str | None = None,
+                      tier: str = "serving", echo: Callable[[str], None] = print
+                      ) -> CatalogEntry:
+    """Picks a committed checkpoint that verifies.
+
+    With ``step`` the choice is fixed: corruption is an error naming the bad
+    tensor. Otherwise (latest, or ``best="metric[:min|max]"``) a corrupt
+    checkpoint is skipped with a warning in favour of the next candidate.
+    """
+    if step is not None:
+        entry = catalog.get(step, tier)
+        verify_checkpoint(checkpoint_dir(entry))
+        return entry
+    entries = catalog.entries(tier)
+    if not entries:
+        raise CheckpointNotFoundError(
+            f"run {catalog._layout.run!r} has no committed {tier} checkpoint yet")
+    if best:
+        metric, _, mode = best.partition(":")
+        mode = mode or "min"
+        if mode not in ("min", "max") or not metric:
+            raise ConfigError(f"--best: {best!r} is not METRIC[:min|max]")
+        scored = [e for e in entries if metric in e.metrics]
+        if not scored:
+            raise CheckpointNotFoundError(
+                f"no {tier} checkpoint records metric {metric!r}")
+        sign = 1 if mode == "min" else -1
+        candidates = sorted(scored, key=lambda e: (sign * e.metrics[metric], -e.step))
+    else:
+        candidates = sorted(entries, key=lambda e: -e.step)
+    for i, entry in enumerate(candidates):
+        try:
+            verify_checkpoint(checkpoint_dir(entry))
+        except (CheckpointCorruptError, ManifestError) as e:
+            echo(f"WARNING: {tier} checkpoint at step {entry.step} fails verification "
+                 f"({e}); trying the next one")
+            continue
+        if i:
+            echo(f"using {tier} checkpoint at step {entry.step} instead")
+        return entry
+    raise CheckpointCorruptError(
+        f"no {tier} checkpoint of run {catalog._layout.run!r} verifies "
+        f"({len(candidates)} tried)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """One exported version."""
+
+    version: int
+    step: int
+    export_dir: str
+    seconds: dict
+
+
+def _check_export_root(export_root: str) -> None:
+    try:
+        os.makedirs(export_root, exist_ok=True)
+        probe = os.path.join(export_root, f".probe{layout.TMP_MARKER}x")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(f"--export: {export_root!r} is not writable "
+                           f"({e.strerror or e}); pass a writable directory") from None
+
+
+def export_checkpoint(storage: str, run: str, export_root: str,
+                      entry: CatalogEntry, record: RunRecord,
+                      maps: Sequence[ScopeMap] = (), model: str | None = None,
+                      clock: Callable[[], float] = time.time) -> ExportResult:
+    """Builds the predict graph, restores ``entry`` into it and exports it.
+
+    Raises:
+        CheckpointNotFoundError: Variables the outputs read are missing from the
+            checkpoint (named, with the likely cause).
+        StorageError: The export directory cannot be written.
+    """
+    import tensorflow as tf
+
+    from distributed.model import PREDICT
+    from distributed.train.graph import call_model_fn
+
+    tf.get_logger().setLevel("ERROR")  # TF1 SavedModel builder deprecation chatter
+    timings = {}
+    t = time.perf_counter()
+    _check_export_root(export_root)
+    run_layout = layout.RunLayout(os.path.abspath(storage), run)
+    ckpt_dir = run_layout.checkpoint_dir(entry.tier, entry.step)
+    manifest = read_manifest(ckpt_dir)
+    in_ckpt = {r.name for r in manifest.tensors}
+    config = record.config
+    if model:
+        config = dataclasses.replace(config, model=model)
+    graph = tf.Graph()
+    with graph.as_default():
+        features, _ = record.input_spec.placeholders()
+        spec = call_model_fn(config, features, None, PREDICT)
+        from distributed.checkpoint.selection import variables_read_by
+        reads = variables_read_by(list(spec.predictions.values()))
+        by_name = {v.op.name: v for v in tf.compat.v1.global_variables()}
+        needed = {name: _ckpt_name(name, maps) for name in sorted(reads)}
+        missing = [f"{g}" + (f" (as {c})" if c != g else "")
+                   for g, c in needed.items() if c not in in_ckpt]
+        if missing:
+            non_trainable = [g for g in needed if needed[g] not in in_ckpt
+                             and g not in {v.op.name for v in tf.compat.v1.trainable_variables()}]
+            hint = (" These are non-trainable (e.g. batch-norm moving statistics): the "
+                    "run's selection probably used policy: trainable; train with "
+                    "selection policy: inference." if non_trainable else
+                    " Check the selection's include/exclude regexes and --map.")
+            raise CheckpointNotFoundError(
+                f"{entry.tier} checkpoint at step {entry.step} lacks {len(missing)} "
+                f"variable(s) the inference outputs read: {', '.join(missing)}.{hint}")
+        saver = tf.compat.v1.train.Saver(
+            var_list={c: by_name[g] for g, c in needed.items()})
+        timings["build"] = time.perf_counter() - t
+        t = time.perf_counter()
+        sess = tf.compat.v1.Session(graph=graph)
+        try:
+            saver.restore(sess, os.path.join(ckpt_dir, layout.CKPT_PREFIX))
+            timings["restore"] = time.perf_counter() - t
+            t = time.perf_counter()
+            version = entry.step
+            final = os.path.join(export_root, str(version))
+            if os.path.exists(final):
+                raise StorageError(f"--export: version {version} already exists at {final}")
+            tmp = os.path.join(export_root, f".{version}{layout.TMP_MARKER}{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                builder = tf.compat.v1.saved_model.Builder(tmp)
+                signature = tf.compat.v1.saved_model.predict_signature_def(
+                    inputs=dict(features), outputs=dict(spec.predictions))
+                builder.add_meta_graph_and_variables(
+                    sess, [tf.compat.v1.saved_model.tag_constants.SERVING],
+                    signature_def_map={"serving_default": signature},
+                    strip_default_attrs=True)
+                builder.save()
+                layout.fsync_tree(tmp)
+                os.rename(tmp, final)
+                layout.fsync_dir(export_root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            sess.close()
+    timings["export"] = time.perf_counter() - t
+    result = ExportResult(version, entry.step, final, timings)
+    _record_export(run_layout, entry, result, clock)
+    return result
+
+
+def _record_export(run_layout, entry: CatalogEntry, result: ExportResult,
+                   clock: Callable[[], float]) -> None:
+    """Adds a row to the run's exports sidecar table (``<run>/exports/*.parquet``)."""
+    import io
+    row = {"run": run_layout.run, "version": result.version, "step": entry.step,
+           "tier": entry.tier, "source": entry.path,
+           "export_dir": os.path.abspath(result.export_dir),
+           "exported_at": _dt.datetime.fromtimestamp(clock(), _dt.timezone.utc),
+           "seconds": float(sum(result.seconds.values()))}
+    table = pa.Table.from_pylist([row], schema=EXPORT_SCHEMA)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    directory = os.path.join(run_layout.root, EXPORTS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    stamp = int(clock() * 1e6)
+    layout.atomic_write_bytes(
+        os.path.join(directory, f"{layout.step_dirname(entry.step)}.{stamp}.parquet"),
+        sink.getvalue())
+
+
+def list_versions(export_root: str) -> list[int]:
+    """Committed version directories under ``export_root`` (numeric names)."""
+    try:
+        return sorted(int(n) for n in os.listdir(export_root) if n.isdigit())
+    except FileNotFoundError:
+        return []
+
+
+def prune_versions(export_root: str, keep: int) -> list[int]:
+    """Deletes all but the newest ``keep`` versions; returns the deleted ones."""
+    versions = list_versions(export_root)
+    doomed = versions[:-keep] if keep > 0 else []
+    for v in doomed:
+        # Rename out of the numeric namespace first so a server never sees half.
+        path = os.path.join(export_root, str(v))
+        trash = os.path.join(export_root, f".{v}{layout.TMP_MARKER}deleting")
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
+

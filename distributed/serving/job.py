@@ -1,0 +1,80 @@
+"""The restore job's logic: export once, or watch the catalog and keep exporting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Callable, Sequence
+
+from distributed.checkpoint import CheckpointStore, Catalog
+from distributed.checkpoint.layout import RunLayout
+from distributed.errors import ConfigError
+from distributed.serving.export import (choose_checkpoint, export_checkpoint,
+                                        list_versions, load_run_record,
+                                        parse_scope_maps, prune_versions)
+
+
+def restore_once(storage: str, run: str, export: str, step: int | None = None,
+                 best: str | None = None, maps: Sequence[str] = (),
+                 model: str | None = None, echo: Callable[[str], None] = print):
+    """Picks, verifies, restores and exports one checkpoint; returns the result."""
+    if step is not None and best:
+        raise ConfigError("--step and --best are exclusive: pick one")
+    scope_maps = parse_scope_maps(maps)
+    t0 = time.perf_counter()
+    record = load_run_record(storage, run)
+    store = CheckpointStore(storage, run)
+    t_catalog = time.perf_counter()
+    entry = choose_checkpoint(store.catalog, store.checkpoint_dir, step=step, best=best,
+                              echo=echo)
+    t_verify = time.perf_counter()
+    result = export_checkpoint(storage, run, export, entry, record, scope_maps, model)
+    split = {"load config": t_catalog - t0, "catalog+verify": t_verify - t_catalog,
+             **result.seconds}
+    echo(f"exported {entry.tier} checkpoint at step {entry.step} of run {run!r} to "
+         f"{result.export_dir} in {time.perf_counter() - t0:.2f}s ("
+         + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()) + ")")
+    return result
+
+
+def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
+          model: str | None = None, keep: int = 3, poll_seconds: float = 10.0,
+          echo: Callable[[str], None] = print,
+          stop: threading.Event | None = None) -> int:
+    """Exports each new committed serving checkpoint until SIGTERM/SIGINT.
+
+    Returns the number of versions exported.
+    """
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    record = load_run_record(storage, run)
+    scope_maps = parse_scope_maps(maps)
+    catalog = Catalog(RunLayout(os.path.abspath(storage), run))
+    store = CheckpointStore(storage, run)
+    exported = 0
+    echo(f"watching run {run!r} for new serving checkpoints (every {poll_seconds:g}s); "
+         "Ctrl-C or SIGTERM to stop")
+    while not stop.is_set():
+        latest = catalog.latest("serving")
+        done = set(list_versions(export))
+        if latest is not None and latest.step not in done and \
+                (not done or latest.step > max(done)):
+            try:
+                entry = choose_checkpoint(catalog, store.checkpoint_dir, echo=echo)
+                if entry.step not in done:
+                    result = export_checkpoint(storage, run, export, entry, record,
+                                               scope_maps, model)
+                    exported += 1
+                    echo(f"exported step {entry.step} as version {result.version}")
+                    pruned = prune_versions(export, keep)
+                    if pruned:
+                        echo(f"removed old versions {pruned} (keeping {keep})")
+            except Exception as e:  # keep watching; report and retry next poll
+                echo(f"WARNING: export failed: {e}")
+        stop.wait(poll_seconds)
+    echo(f"stopped watching; exported {exported} version(s)")
+    return exported

@@ -1,0 +1,53 @@
+"""Turn a committed checkpoint into a SavedModel that TF Serving loads.
+
+    python -m jobs.restore --storage runs --run digits-cnn --export exports/digits
+    python -m jobs.restore ... --step 300 | --best loss[:min|max]
+    python -m jobs.restore ... --map tower/=serving/tower/ --watch --keep 3
+
+Writes <export>/<step>/ (saved_model.pb + variables/) atomically and records the
+export under <storage>/<run>/exports/.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from distributed.serving.job import restore_once, watch  # noqa: E402
+from distributed.train.trainer import main_guard  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m jobs.restore", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--storage", required=True, help="storage directory of the run")
+    p.add_argument("--run", required=True, help="run name")
+    p.add_argument("--export", required=True, help="export base directory (TF Serving's model dir)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="export this step (fails if it is corrupt)")
+    which.add_argument("--best", metavar="METRIC[:min|max]", help="export the best by a metric")
+    p.add_argument("--map", action="append", default=[], metavar="CKPT_PREFIX=GRAPH_PREFIX",
+                   help="restore checkpoint scope CKPT_PREFIX into graph scope GRAPH_PREFIX")
+    p.add_argument("--model", help="serving model_fn (module:function) if not the run's")
+    p.add_argument("--watch", action="store_true", help="keep exporting new checkpoints")
+    p.add_argument("--keep", type=int, default=3, help="versions kept in --watch mode")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between polls in --watch")
+    args = p.parse_args(argv)
+    if args.watch and (args.step is not None or args.best):
+        p.error("--watch exports each new checkpoint; it does not take --step or --best")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.watch:
+        watch(args.storage, args.run, args.export, args.map, args.model, args.keep, args.poll)
+    else:
+        restore_once(args.storage, args.run, args.export, args.step, args.best,
+                     args.map, args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))
