@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from distributed.checkpoint import layout
 from distributed.checkpoint.catalog import Catalog, CatalogEntry
 from distributed.checkpoint.manifest import read_manifest
-from distributed.checkpoint.verify import verify_checkpoint
+from distributed.checkpoint.verify import read_verified
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ConfigError, ManifestError, StorageError)
 
@@ -115,50 +115,62 @@ def load_run_record(storage: str, run: str):
     return RunRecord(config_lib.from_dict(record["config"]), input_spec)
 
 
-def choose_checkpoint(catalog: Catalog, checkpoint_dir: Callable[[CatalogEntry], str],
-                      step: int | None = None, best: str | None = None,
-                      tier: str = "serving", echo: Callable[[str], None] = print
-                      ) -> CatalogEntry:
-    """Picks a committed checkpoint that verifies.
+def candidate_checkpoints(catalog: Catalog, step: int | None = None,
+                          best: str | None = None, tier: str = "serving"
+                          ) -> list[CatalogEntry]:
+    """Committed checkpoints to try, best first: the given step only, or all by
+    a metric (``"metric[:min|max]"``), or all newest first.
 
-    With ``step`` the choice is fixed: corruption is an error naming the bad
-    tensor. Otherwise (latest, or ``best="metric[:min|max]"``) a corrupt
-    checkpoint is skipped with a warning in favour of the next candidate.
+    Raises:
+        CheckpointNotFoundError: No such step, an empty catalog, or no
+            checkpoint that records the metric.
+        ConfigError: A malformed ``best``.
     """
     if step is not None:
-        entry = catalog.get(step, tier)
-        verify_checkpoint(checkpoint_dir(entry))
-        return entry
-    entries = catalog.entries(tier)
-    if not entries:
-        raise CheckpointNotFoundError(
-            f"run {catalog._layout.run!r} has no committed {tier} checkpoint yet")
+        return [catalog.get(step, tier)]
     if best:
         metric, _, mode = best.partition(":")
         mode = mode or "min"
         if mode not in ("min", "max") or not metric:
             raise ConfigError(f"--best: {best!r} is not METRIC[:min|max]")
-        scored = [e for e in entries if metric in e.metrics]
-        if not scored:
-            raise CheckpointNotFoundError(
-                f"no {tier} checkpoint records metric {metric!r}")
-        sign = 1 if mode == "min" else -1
-        candidates = sorted(scored, key=lambda e: (sign * e.metrics[metric], -e.step))
-    else:
-        candidates = sorted(entries, key=lambda e: -e.step)
+    entries = catalog.entries(tier)
+    if not entries:
+        raise CheckpointNotFoundError(
+            f"run {catalog._layout.run!r} has no committed {tier} checkpoint yet")
+    if not best:
+        return sorted(entries, key=lambda e: -e.step)
+    scored = [e for e in entries if metric in e.metrics]
+    if not scored:
+        raise CheckpointNotFoundError(f"no {tier} checkpoint records metric {metric!r}")
+    sign = 1 if mode == "min" else -1
+    return sorted(scored, key=lambda e: (sign * e.metrics[metric], -e.step))
+
+
+def export_first_good(storage: str, run: str, export_root: str,
+                      candidates: Sequence[CatalogEntry], record: RunRecord,
+                      maps: Sequence[ScopeMap] = (), model: str | None = None,
+                      fallback: bool = True, echo: Callable[[str], None] = print
+                      ) -> ExportResult:
+    """Exports the first candidate that verifies.
+
+    A corrupt candidate is an error when ``fallback`` is off (an explicit
+    step); otherwise it is reported and the next candidate is tried.
+    """
     for i, entry in enumerate(candidates):
         try:
-            verify_checkpoint(checkpoint_dir(entry))
+            result = export_checkpoint(storage, run, export_root, entry, record,
+                                       maps, model)
         except (CheckpointCorruptError, ManifestError) as e:
-            echo(f"WARNING: {tier} checkpoint at step {entry.step} fails verification "
-                 f"({e}); trying the next one")
+            if not fallback:
+                raise
+            echo(f"WARNING: {entry.tier} checkpoint at step {entry.step} fails "
+                 f"verification ({e}); trying the next one")
             continue
         if i:
-            echo(f"using {tier} checkpoint at step {entry.step} instead")
-        return entry
+            echo(f"using {entry.tier} checkpoint at step {entry.step} instead")
+        return result
     raise CheckpointCorruptError(
-        f"no {tier} checkpoint of run {catalog._layout.run!r} verifies "
-        f"({len(candidates)} tried)")
+        f"no checkpoint of run {run!r} verifies ({len(candidates)} tried)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +242,23 @@ def export_checkpoint(storage: str, run: str, export_root: str,
             raise CheckpointNotFoundError(
                 f"{entry.tier} checkpoint at step {entry.step} lacks {len(missing)} "
                 f"variable(s) the inference outputs read: {', '.join(missing)}.{hint}")
-        saver = tf.compat.v1.train.Saver(
-            var_list={c: by_name[g] for g, c in needed.items()})
+        loader = {g: (by_name[g], tf.compat.v1.placeholder(
+            by_name[g].dtype.base_dtype, by_name[g].shape)) for g in needed}
+        assigns = [v.assign(ph, read_value=False) for v, ph in loader.values()]
+        init_rest = tf.compat.v1.variables_initializer(
+            [v for n, v in by_name.items() if n not in needed])
         timings["build"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # One read pass: every tensor is CRC-checked, the needed ones loaded.
+        tensors = read_verified(ckpt_dir, manifest, set(needed.values()),
+                                lambda name: tf.as_dtype(name).as_numpy_dtype)
+        timings["verify+read"] = time.perf_counter() - t
         t = time.perf_counter()
         sess = tf.compat.v1.Session(graph=graph)
         try:
-            saver.restore(sess, os.path.join(ckpt_dir, layout.CKPT_PREFIX))
+            sess.run(init_rest)
+            sess.run(assigns, {ph: tensors[needed[g]] for g, (_, ph) in loader.items()})
+            del tensors
             timings["restore"] = time.perf_counter() - t
             t = time.perf_counter()
             version = entry.step

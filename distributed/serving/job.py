@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from distributed.checkpoint import CheckpointStore, Catalog
 from distributed.checkpoint.layout import RunLayout
 from distributed.errors import ConfigError
-from distributed.serving.export import (choose_checkpoint, export_checkpoint,
+from distributed.serving.export import (candidate_checkpoints, export_first_good,
                                         list_versions, load_run_record,
                                         parse_scope_maps, prune_versions)
 
@@ -27,11 +27,12 @@ def restore_once(storage: str, run: str, export: str, step: int | None = None,
     record = load_run_record(storage, run)
     store = CheckpointStore(storage, run)
     t_catalog = time.perf_counter()
-    entry = choose_checkpoint(store.catalog, store.checkpoint_dir, step=step, best=best,
-                              echo=echo)
-    t_verify = time.perf_counter()
-    result = export_checkpoint(storage, run, export, entry, record, scope_maps, model)
-    split = {"load config": t_catalog - t0, "catalog+verify": t_verify - t_catalog,
+    candidates = candidate_checkpoints(store.catalog, step=step, best=best)
+    t_chosen = time.perf_counter()
+    result = export_first_good(storage, run, export, candidates, record, scope_maps,
+                               model, fallback=step is None, echo=echo)
+    entry = store.catalog.get(result.step)
+    split = {"load config": t_catalog - t0, "catalog": t_chosen - t_catalog,
              **result.seconds}
     echo(f"exported {entry.tier} checkpoint at step {entry.step} of run {run!r} to "
          f"{result.export_dir} in {time.perf_counter() - t0:.2f}s ("
@@ -54,7 +55,6 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
     record = load_run_record(storage, run)
     scope_maps = parse_scope_maps(maps)
     catalog = Catalog(RunLayout(os.path.abspath(storage), run))
-    store = CheckpointStore(storage, run)
     exported = 0
     echo(f"watching run {run!r} for new serving checkpoints (every {poll_seconds:g}s); "
          "Ctrl-C or SIGTERM to stop")
@@ -64,15 +64,15 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
         if latest is not None and latest.step not in done and \
                 (not done or latest.step > max(done)):
             try:
-                entry = choose_checkpoint(catalog, store.checkpoint_dir, echo=echo)
-                if entry.step not in done:
-                    result = export_checkpoint(storage, run, export, entry, record,
-                                               scope_maps, model)
-                    exported += 1
-                    echo(f"exported step {entry.step} as version {result.version}")
-                    pruned = prune_versions(export, keep)
-                    if pruned:
-                        echo(f"removed old versions {pruned} (keeping {keep})")
+                fresh = [e for e in candidate_checkpoints(catalog)
+                         if not done or e.step > max(done)]
+                result = export_first_good(storage, run, export, fresh, record,
+                                           scope_maps, model, echo=echo)
+                exported += 1
+                echo(f"exported step {result.step} as version {result.version}")
+                pruned = prune_versions(export, keep)
+                if pruned:
+                    echo(f"removed old versions {pruned} (keeping {keep})")
             except Exception as e:  # keep watching; report and retry next poll
                 echo(f"WARNING: export failed: {e}")
         stop.wait(poll_seconds)

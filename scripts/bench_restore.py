@@ -1,0 +1,108 @@
+"""Benchmark the restore job: command-to-SavedModel time and its split, and
+restore read throughput vs reading the same bytes raw, in one run.
+
+    .venv/bin/python scripts/bench_restore.py            # digits CNN + ~1 GiB MLP
+    .venv/bin/python scripts/bench_restore.py --gib 0.25
+
+Checkpoints are made in-process by the real Coordinator save path (no Ray).
+Page caches are dropped before each cold measurement when running as root.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_run(storage, run, model, params):
+    from distributed import config as config_lib
+    from distributed.train.coordinator import Coordinator
+    cfg = config_lib.from_dict({"model": model, "model_params": params, "storage": storage,
+                                "run": run, "workers": 1, "steps": 1,
+                                "selection": {"policy": "inference"}})
+    coord = Coordinator(cfg.to_dict())
+    coord.prepare()
+    names = {v.op.name: v for v in coord.tg.variables}
+    values = coord.sess.run({n: names[n] for n in coord.serving_names})
+    entry = coord.save(1, "serving", values, {"loss": 1.0})
+    coord.sess.close()
+    return entry
+
+
+def raw_read_seconds(ckpt_dir):
+    total = 0
+    start = time.perf_counter()
+    for name in sorted(os.listdir(ckpt_dir)):
+        if ".data-" in name:
+            with open(os.path.join(ckpt_dir, name), "rb", buffering=0) as f:
+                while True:
+                    chunk = f.read(64 << 20)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+    return time.perf_counter() - start, total
+
+
+def bench(label, storage, run, model, params, export_root):
+    from distributed.serving import job
+    entry = make_run(storage, run, model, params)
+    ckpt_dir = os.path.join(storage, run, entry["path"])
+    cold = drop_caches()
+    raw_s, nbytes = raw_read_seconds(ckpt_dir)
+    drop_caches()
+    cmd = [sys.executable, "-m", "jobs.restore", "--storage", storage, "--run", run,
+           "--export", export_root]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    line = [l for l in out.stdout.splitlines() if l.startswith("exported")][-1]
+    split = line[line.index("(") + 1:line.rindex(")")]
+    read_s = float(split.split("verify+read ")[1].split("s")[0])
+    print(f"\n{label}: {nbytes / 2**20:,.1f} MiB selected, caches "
+          f"{'dropped' if cold else 'NOT dropped (not root)'}")
+    print(f"  command -> SavedModel        {wall:8.2f} s   ({split})")
+    raw = nbytes / raw_s / 1e9
+    rate = nbytes / read_s / 1e9
+    ratio = rate / raw
+    print(f"  raw read of the shards (cold) {raw:7.2f} GB/s")
+    print(f"  restore read: verify+load    {rate:8.2f} GB/s   ratio vs raw {ratio:.2f}x "
+          f"(target >= 0.8x) {'PASS' if ratio >= 0.8 else 'FAIL'}")
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gib", type=float, default=1.0, help="size of the big model")
+    args = p.parse_args()
+    root = tempfile.mkdtemp(prefix="bench_restore_")
+    try:
+        bench("digits CNN", os.path.join(root, "s"), "cnn",
+              "distributed.examples.digits:cnn_bn_model_fn", {}, os.path.join(root, "e1"))
+        hidden = int((args.gib * 2**30 / 4) ** 0.5)
+        bench(f"MLP 64-{hidden}-{hidden}-10 (~{args.gib} GiB)", os.path.join(root, "s"),
+              "big", "distributed.examples.digits:mlp_model_fn",
+              {"hidden": [hidden, hidden]}, os.path.join(root, "e2"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
