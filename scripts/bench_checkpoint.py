@@ -116,19 +116,12 @@ def dir_bytes(path: str) -> int:
 
 
 def fsync_files_and_dir(directory: str) -> None:
+    from distributed.checkpoint.layout import fsync_dir, fsync_file
     for n in os.listdir(directory):
         p = os.path.join(directory, n)
         if os.path.isfile(p):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(p)
+    fsync_dir(directory)
 
 
 def rm(path: str) -> None:

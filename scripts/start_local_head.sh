@@ -19,12 +19,7 @@ USAGE
 }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$REPO_ROOT/.venv/bin/ray" ]]; then
-  RAY="$REPO_ROOT/.venv/bin/ray"
-else
-  RAY="$(command -v ray)" || { echo "error: no 'ray' on PATH and no $REPO_ROOT/.venv" >&2; exit 1; }
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_find_ray.sh"
 # A job's entrypoint runs with the raylet's PATH: put this ray's interpreter first,
 # so `python` in `ray job submit -- python ...` is the one with ray and the project.
 export PATH="$(dirname "$RAY"):$PATH"

@@ -8,11 +8,6 @@ set -euo pipefail
 usage() { echo "usage: $0 [--force] [--grace-period SECONDS]   (flags go to 'ray stop')" >&2; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$REPO_ROOT/.venv/bin/ray" ]]; then
-  RAY="$REPO_ROOT/.venv/bin/ray"
-else
-  RAY="$(command -v ray)" || { echo "error: no 'ray' on PATH and no $REPO_ROOT/.venv" >&2; exit 1; }
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_find_ray.sh"
 
 "$RAY" stop "$@"

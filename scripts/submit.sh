@@ -19,12 +19,7 @@ USAGE
 }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 
-REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$REPO_ROOT/.venv/bin/ray" ]]; then
-  RAY="$REPO_ROOT/.venv/bin/ray"
-else
-  RAY="$(command -v ray)" || { echo "error: no 'ray' on PATH and no $REPO_ROOT/.venv" >&2; exit 1; }
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_find_ray.sh"
 
 ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 if [[ "$ADDRESS" != *://* ]]; then
