@@ -1,0 +1,609 @@
+#!/usr/bin/env python
+"""Benchmarks training end to end against its baselines, side by side in one run.
+
+Parts (``--parts``, default all; each can run alone):
+
+1. ``throughput``: steady-state steps/s of ours (``python -m jobs.train``, i.e.
+   ``trainer.train(config)``, digits MLP 64-256-256-10, batch 64 per worker,
+   2 CPU workers, checkpoints off but the last step) vs Ray Train's
+   ``TensorflowTrainer`` + ``MultiWorkerMirroredStrategy`` on the same MLP built
+   with tf_keras (``scripts/_bench_raytrain.py``), same batch, workers, CPUs per
+   worker and TF thread pools. Ours: per-chunk reports, first chunk excluded.
+   Ray Train: a tf_keras callback timing batches after a warm-up, reported with
+   ``ray.train.report``.
+2. ``startup``: wall clock from starting the command to the first training step
+   (ours: the trainer's "first step after" line; Ray Train: the first
+   ``on_train_batch_begin``), from the same two runs as part 1.
+3. ``allreduce``: ``scripts/bench_allreduce.py`` (bucketed gradient all-reduce
+   vs one raw ``CollectiveReduceV2`` of the same bytes), run and parsed.
+4. ``stall``: a ~100 MB MLP (synthetic input, 8192 features, hidden
+   [2048, 2048, 2048]) trained with a serving checkpoint every 10 steps:
+   training time rank 0 loses per checkpoint (its ``maybe_save`` time, which
+   is what the worker's ``stall_seconds`` accumulates, and the excess of the
+   per-step times in the 10 steps from each checkpoint over the median step
+   of a run without checkpoints) vs one numpy copy of the selected bytes and
+   one blocking ``tf.compat.v1.train.Saver.save`` of the same variables, both
+   measured in this process.
+5. ``overhead``: the same two runs: steady steps/s with a serving checkpoint
+   every 10 steps vs checkpoints off, and how much a blocking save every
+   10 steps would cost at that step time (the premise of the target).
+
+Per-step times and per-checkpoint stalls come from a thin subclass of
+``Worker`` (installed only for parts 4-5) that timestamps each training
+``Session.run`` and times each due ``maybe_save``; the library is unchanged.
+
+    python scripts/bench_train.py                     # everything, ~6 minutes
+    python scripts/bench_train.py --parts 1,2         # ours vs Ray Train only
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PY = sys.executable
+
+# Targets: never change these to make a run pass.
+T_THROUGHPUT_VS_RAYTRAIN = 2.0     # ours / Ray Train steps/s, at least
+T_STARTUP_VS_RAYTRAIN = 0.5        # ours / Ray Train seconds to first step, at most
+T_BUCKETED_VS_RAW = 1.2            # bucketed / raw all-reduce, at most
+T_STALL_VS_COPY = 2.0              # time lost per checkpoint / numpy copy, at most
+T_STALL_VS_SAVER = 0.25            # time lost per checkpoint / blocking Saver.save, at most
+T_CKPT_THROUGHPUT = 0.95           # steps/s with serving ckpt every 10 / off, at least
+T_PREMISE_BLOCKING_COST = 0.25     # a blocking save every 10 steps must cost >= this
+
+MLP_CONFIG = {
+    "model": "distributed.examples.digits:mlp_model_fn",
+    "model_params": {"hidden": [256, 256]},
+    "input": "distributed.examples.digits:digits_input_fn",
+    "input_params": {"seed": 0},
+    "optimizer": {"name": "momentum", "learning_rate": 0.05, "momentum": 0.9},
+    "batch_size": 64,
+    "workers": 2,
+    "cpus_per_worker": 0.5,
+    "selection": {"policy": "trainable"},
+    "checkpoint": {"serving_every": 0, "full_every": 0},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--parts", default="1,2,3,4,5",
+                   help="comma-separated parts to run (default 1,2,3,4,5)")
+    p.add_argument("--mlp-steps", type=int, default=3000,
+                   help="ours, part 1-2: total steps (default 3000)")
+    p.add_argument("--mlp-log-every", type=int, default=500,
+                   help="ours, part 1-2: steps per chunk report (default 500)")
+    p.add_argument("--rt-steps", type=int, default=1500,
+                   help="Ray Train, part 1-2: steps (default 1500)")
+    p.add_argument("--rt-warmup", type=int, default=300,
+                   help="Ray Train: untimed warm-up steps (default 300)")
+    p.add_argument("--rt-intra", type=int, default=1,
+                   help="Ray Train TF intra-op threads; ours uses ceil(cpus_per_worker)"
+                        " = 1 (0: TF default)")
+    p.add_argument("--rt-inter", type=int, default=2,
+                   help="Ray Train TF inter-op threads; ours uses 2 (0: TF default)")
+    p.add_argument("--allreduce-iters", type=int, default=300)
+    p.add_argument("--no-big-allreduce", action="store_true",
+                   help="part 3: skip bench_allreduce.py's ~8 MiB set")
+    p.add_argument("--big-features", type=int, default=8192,
+                   help="parts 4-5: synthetic input features (default 8192)")
+    p.add_argument("--big-hidden", default="2048,2048,2048",
+                   help="parts 4-5: hidden widths (default 2048,2048,2048: ~101 MB)")
+    p.add_argument("--big-batch", type=int, default=64)
+    p.add_argument("--big-steps", type=int, default=120,
+                   help="parts 4-5: steps per run (default 120)")
+    p.add_argument("--big-log-every", type=int, default=37,
+                   help="parts 4-5: chunk length; not a multiple of 10 so that "
+                        "checkpoint steps fall inside chunks (default 37)")
+    p.add_argument("--on-busy", choices=("wait", "skip"), default="wait",
+                   help="parts 4-5: checkpoint.on_busy (default wait)")
+    p.add_argument("--ckpt-every", type=int, default=10)
+    p.add_argument("--pairs", type=int, default=2,
+                   help="parts 4-5: alternating (off, on) run pairs (default 2)")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="parts 4: repeats of the copy/Saver baselines (median)")
+    p.add_argument("--dir", default="/tmp", help="parent of the scratch directory")
+    args = p.parse_args(argv)
+    try:
+        args.parts = sorted({int(x) for x in args.parts.split(",") if x.strip()})
+    except ValueError:
+        p.error("--parts: expected comma-separated numbers 1-5")
+    if not args.parts or not set(args.parts) <= {1, 2, 3, 4, 5}:
+        p.error("--parts: expected numbers 1-5")
+    return args
+
+
+# -- table -------------------------------------------------------------------
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, name, ours, base, ratio, target, ok):
+        self.rows.append((name, ours, base, ratio, target,
+                          "" if ok is None else ("PASS" if ok else "FAIL")))
+
+    def print(self):
+        heads = ("measure", "ours", "baseline", "ratio", "target", "result")
+        widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(heads)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        print(fmt.format(*heads))
+        print(fmt.format(*("-" * w for w in widths)))
+        for r in self.rows:
+            print(fmt.format(*r).rstrip())
+
+    @property
+    def fails(self):
+        return sum(r[5] == "FAIL" for r in self.rows)
+
+
+# -- subprocesses ------------------------------------------------------------
+
+def run_stamped(cmd, env=None, timeout=300):
+    """Runs ``cmd``; returns (wall time at start, [(wall time, line)], rc)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    lines = []
+    t_start = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+    def reader():
+        for line in proc.stdout:
+            lines.append((time.time(), line.rstrip("\n")))
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    th.join(5)
+    return t_start, lines, rc
+
+
+def fail_tail(name, lines, rc):
+    tail = "\n".join(l for _, l in lines[-25:])
+    raise RuntimeError(f"{name} exited {rc}; last output:\n{tail}")
+
+
+def part_ours_mlp(args, scratch):
+    import yaml
+    cfg = dict(MLP_CONFIG, steps=args.mlp_steps, log_every=args.mlp_log_every,
+               storage=os.path.join(scratch, "mlp"), run="bench-mlp")
+    path = os.path.join(scratch, "mlp.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    log(f"ours: python -m jobs.train, digits MLP, {args.mlp_steps} steps ...")
+    t0, lines, rc = run_stamped([PY, "-m", "jobs.train", "--config", path])
+    if rc != 0:
+        fail_tail("jobs.train", lines, rc)
+    first = next(((t, l) for t, l in lines if "first step after" in l), None)
+    if first is None:
+        fail_tail("jobs.train (no 'first step after' line)", lines, rc)
+    own = float(re.search(r"first step after ([\d.]+)s", first[1]).group(1))
+    chunks = []
+    for _, l in lines:
+        m = re.match(r"step (\d+)/\d+\s+loss \S+\s+([\d.]+) steps/s", l)
+        if m:
+            chunks.append((int(m.group(1)), float(m.group(2))))
+    prev, per = 0, []
+    for step, sps in chunks:
+        per.append((step - prev, sps))
+        prev = step
+    steady = per[1:]
+    steps = sum(n for n, _ in steady)
+    secs = sum(n / s for n, s in steady)
+    shutil.rmtree(cfg["storage"], ignore_errors=True)
+    return {"first_step_cmd": first[0] - t0, "first_step_own": own,
+            "chunks": [round(s, 1) for _, s in per], "steady_sps": steps / secs,
+            "steady_steps": steps, "total": lines[-1][0] - t0}
+
+
+def part_raytrain(args, scratch):
+    out = os.path.join(scratch, "raytrain.json")
+    log(f"Ray Train: TensorflowTrainer + MultiWorkerMirroredStrategy, {args.rt_steps} "
+        "steps ...")
+    t0, lines, rc = run_stamped(
+        [PY, os.path.join(ROOT, "scripts", "_bench_raytrain.py"), "--steps",
+         str(args.rt_steps), "--warmup", str(args.rt_warmup), "--workers", "2",
+         "--batch-size", "64", "--cpus-per-worker", "0.5", "--intra", str(args.rt_intra),
+         "--inter", str(args.rt_inter), "--json", out])
+    if rc != 0 or not os.path.exists(out):
+        fail_tail("_bench_raytrain.py", lines, rc)
+    with open(out) as f:
+        res = json.load(f)
+    return {"first_step_cmd": res["first_batch_wall"] - t0,
+            "first_step_own": res["first_batch_wall"] - res["process_start"],
+            "steady_sps": res["steps_per_sec"], "replicas": res["replicas"],
+            "total": lines[-1][0] - t0}
+
+
+def part_allreduce(args):
+    cmd = [PY, os.path.join(ROOT, "scripts", "bench_allreduce.py"), "--iters",
+           str(args.allreduce_iters)] + ([] if args.no_big_allreduce else ["--big"])
+    log("all-reduce: scripts/bench_allreduce.py ...")
+    _, lines, rc = run_stamped(cmd)
+    text = [l for _, l in lines]
+    sets, cur = {}, None
+    for l in text:
+        m = re.match(r"(\w+): ([\d.]+) MiB in (\d+) gradients, (\d+) bucket", l)
+        if m:
+            cur = m.group(1)
+            sets[cur] = {"mib": float(m.group(2)), "buckets": int(m.group(4))}
+            continue
+        m = re.match(r"\s+(bucketed|raw|per-var)\s+([\d.]+) ms/step", l)
+        if m and cur:
+            sets[cur][m.group(1)] = float(m.group(2))
+    if not sets or any("raw" not in s or "bucketed" not in s for s in sets.values()):
+        fail_tail("bench_allreduce.py", lines, rc)
+    return sets
+
+
+# -- parts 4-5: in-process trainer runs with an instrumented Worker -----------
+
+def _timed_worker_class():
+    """A Worker that timestamps every training step and times due saves."""
+    from distributed.train.worker import Worker
+
+    class TimedWorker(Worker):
+        def setup(self, *a, **k):
+            pid = super().setup(*a, **k)
+            self._bench_starts, self._bench_saves = [], []
+            real, outer = self.sess, self
+
+            class _TimedSession:
+                def run(self, *ra, **rk):
+                    outer._bench_starts.append((outer.step + 1, time.perf_counter()))
+                    return real.run(*ra, **rk)
+
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+            self._bench_real_sess, self._bench_timed_sess = real, _TimedSession()
+            ck = self._checkpointer
+            if ck is not None:
+                inner = ck.maybe_save
+
+                def maybe_save(step, metrics):
+                    t = time.perf_counter()
+                    inner(step, metrics)
+                    if ck._schedule.due(step):
+                        outer._bench_saves.append((step, time.perf_counter() - t))
+
+                ck.maybe_save = maybe_save
+            return pid
+
+        def train(self, until_step):
+            self.sess = self._bench_timed_sess
+            try:
+                report = super().train(until_step)
+            finally:
+                self.sess = self._bench_real_sess
+            report["bench_starts"], self._bench_starts = self._bench_starts, []
+            report["bench_saves"], self._bench_saves = self._bench_saves, []
+            return report
+
+    return TimedWorker
+
+
+def big_config(args, scratch, every, run):
+    from distributed import config as config_lib
+    return config_lib.from_dict(dict(
+        MLP_CONFIG,
+        model_params={"hidden": [int(h) for h in args.big_hidden.split(",")]},
+        input="distributed.examples.digits:synthetic_input_fn",
+        input_params={"features": args.big_features, "seed": 0},
+        optimizer={"name": "momentum", "learning_rate": 0.01, "momentum": 0.9},
+        batch_size=args.big_batch, steps=args.big_steps, log_every=args.big_log_every,
+        storage=os.path.join(scratch, "big"), run=run,
+        checkpoint={"serving_every": every, "full_every": 0, "on_busy": args.on_busy},
+        retention={"serving": {"keep_last": 2}, "full": {"keep_last": 1}}))
+
+
+def train_instrumented(config):
+    """Runs ``trainer.train(config)``; returns (summary, rank 0's chunk reports)."""
+    import distributed.train.worker as worker_mod
+    from distributed.train import trainer
+    reports = []
+    orig_get, orig_worker = trainer._get, worker_mod.Worker
+
+    def _get(refs):
+        out = orig_get(refs)
+        if isinstance(out, list) and out and isinstance(out[0], dict) \
+                and "steps_per_sec" in out[0]:
+            reports.append(out[0])
+        return out
+
+    trainer._get = _get
+    worker_mod.Worker = _timed_worker_class()
+    try:
+        summary = trainer.train(config, echo=lambda m: None)
+    finally:
+        trainer._get, worker_mod.Worker = orig_get, orig_worker
+    return summary, reports
+
+
+def analyse_run(reports, last_step):
+    """Steady chunks = all but the first and the one holding the last step."""
+    steady = [r for r in reports[1:] if r["step"] < last_step]
+    prev_step = {id(r): (reports[i - 1]["step"] if i else 0) for i, r in enumerate(reports)}
+    steps = sum(r["step"] - prev_step[id(r)] for r in steady)
+    secs = sum((r["step"] - prev_step[id(r)]) / r["steps_per_sec"] for r in steady)
+    dts = {}
+    for r in steady:
+        starts = r["bench_starts"]
+        for (s, t), (_, t2) in zip(starts, starts[1:]):
+            dts[s] = t2 - t
+    saves = [(s, d) for r in steady for s, d in r["bench_saves"]]
+    stall_lib = None
+    if len(reports) > 1 and "stall_seconds" in reports[0]:
+        i_last = reports.index(steady[-1]) if steady else 0
+        stall_lib = reports[i_last]["stall_seconds"] - reports[0]["stall_seconds"]
+    return {"sps": steps / secs if secs else float("nan"), "steps": steps, "dts": dts,
+            "saves": saves, "stall_lib": stall_lib,
+            "chunks": [round(r["steps_per_sec"], 2) for r in reports]}
+
+
+def part_checkpoint(args, scratch):
+    import numpy as np
+    import tensorflow as tf
+
+    from distributed.train.graph import InputSpec, build_train_graph
+    from distributed.model import load_function
+
+    every = args.ckpt_every
+    cfg_off = big_config(args, scratch, 0, "big-off")
+    cfg_on = big_config(args, scratch, every, "big-on")
+
+    # Baselines in this process: the same graph the coordinator builds.
+    input_fn = load_function(cfg_on.input, "input", 4)
+    feats, labels = next(iter(input_fn(0, 2, cfg_on.batch_size, dict(cfg_on.input_params))))
+    tg = build_train_graph(cfg_on, InputSpec.from_batch(feats, labels, "input"))
+    with tg.graph.as_default():
+        selected = list(tf.compat.v1.trainable_variables())  # policy: trainable
+        saver = tf.compat.v1.train.Saver(var_list=selected, max_to_keep=None,
+                                         save_relative_paths=True)
+    sess = tf.compat.v1.Session(graph=tg.graph)
+    sess.run(tg.init_op)
+    values = sess.run(selected)
+    sel_bytes = sum(v.nbytes for v in values)
+    log(f"checkpoint model: MLP {args.big_features}->{args.big_hidden}->10, "
+        f"{len(selected)} selected tensors, {sel_bytes / 1e6:.1f} MB")
+    copy_t, saver_t, saver_fsync_t = [], [], []
+    save_dir = os.path.join(scratch, "saver")
+    for i in range(args.repeats + 1):
+        t = time.perf_counter()
+        copies = [np.copy(v) for v in values]
+        dt = time.perf_counter() - t
+        del copies
+        shutil.rmtree(save_dir, ignore_errors=True)
+        os.makedirs(save_dir)
+        t = time.perf_counter()
+        with tg.graph.as_default():
+            saver.save(sess, os.path.join(save_dir, "model.ckpt"),
+                       write_meta_graph=False, write_state=False)
+        ds = time.perf_counter() - t
+        for n in os.listdir(save_dir):
+            fd = os.open(os.path.join(save_dir, n), os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        dsf = time.perf_counter() - t
+        if i:  # the first round warms up
+            copy_t.append(dt)
+            saver_t.append(ds)
+            saver_fsync_t.append(dsf)
+    shutil.rmtree(save_dir, ignore_errors=True)
+    sess.close()
+    del values, tg, sess
+
+    # Off and on runs alternate (``--pairs``) so drift on this shared 2-core
+    # machine hits both alike; one local Ray serves them all.
+    import ray
+    from distributed.train.trainer import _ACTOR_ENV
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": dict(_ACTOR_ENV, PYTHONPATH=ROOT)})
+    runs = {"off": [], "on": []}
+    events = []
+    try:
+        for pair in range(args.pairs):
+            for name, cfg in (("off", cfg_off), ("on", cfg_on)):
+                log(f"ours ({pair + 1}/{args.pairs}): {cfg.steps} steps of the "
+                    f"~{sel_bytes / 1e6:.0f} MB MLP, serving checkpoint every "
+                    f"{cfg.checkpoint.serving_every or 'never (but the last step)'} ...")
+                cfg.run = f"big-{name}-{pair}"
+                summary, reports = train_instrumented(cfg)
+                runs[name].append(analyse_run(reports, cfg.steps))
+                if name == "on":
+                    events += summary["events"]
+                shutil.rmtree(cfg.storage_path, ignore_errors=True)
+    finally:
+        ray.shutdown()
+
+    def merged(rs):
+        steps = sum(r["steps"] for r in rs)
+        secs = sum(r["steps"] / r["sps"] for r in rs)
+        return {"sps": steps / secs, "dts": [r["dts"] for r in rs],
+                "saves": [x for r in rs for x in r["saves"]],
+                "stall_lib": sum(r["stall_lib"] or 0.0 for r in rs),
+                "chunks": [r["chunks"] for r in rs]}
+
+    off, on = merged(runs["off"]), merged(runs["on"])
+    off_dts = [d for dts in off["dts"] for d in dts.values()]
+    on_dts = [d for dts in on["dts"] for d in dts.values()]
+    base_dt = statistics.median(off_dts)
+    excess, at_ckpt, after_ckpt = [], [], []
+    for r in runs["on"]:
+        dts = r["dts"]
+        for c, _ in r["saves"]:
+            window = [dts.get(s) for s in range(c, c + every)]
+            if all(d is not None for d in window):
+                excess.append(sum(window) - every * base_dt)
+            if c in dts:
+                at_ckpt.append(dts[c])
+            if c + 1 in dts:
+                after_ckpt.append(dts[c + 1])
+    stalls = [d for _, d in on["saves"]]
+    return {
+        "sel_bytes": sel_bytes, "copy": statistics.median(copy_t),
+        "saver": statistics.median(saver_t), "saver_fsync": statistics.median(saver_fsync_t),
+        "copy_all": copy_t, "saver_all": saver_t,
+        "off": off, "on": on, "base_dt": base_dt,
+        "on_median_dt": statistics.median(on_dts),
+        "stall_med": statistics.median(stalls) if stalls else float("nan"),
+        "stall_mean": statistics.mean(stalls) if stalls else float("nan"),
+        "stalls": stalls, "n_ckpt": len(stalls),
+        "stall_lib_per": (on["stall_lib"] / len(stalls)) if stalls and on["stall_lib"]
+        is not None else float("nan"),
+        "excess_med": statistics.median(excess) if excess else float("nan"),
+        "excess_mean": statistics.mean(excess) if excess else float("nan"),
+        "n_excess": len(excess),
+        "dt_at_ckpt": statistics.median(at_ckpt) if at_ckpt else float("nan"),
+        "dt_after_ckpt": statistics.median(after_ckpt) if after_ckpt else float("nan"),
+        "committed": sum(e["event"] == "committed" and e["tier"] == "serving"
+                         for e in events),
+        "skipped": sum(e["event"] == "skipped" for e in events),
+        "failed": sum(e["event"] == "failed" for e in events),
+        "save_seconds": statistics.median([e["save_seconds"] for e in events
+                                           if e["event"] == "committed"
+                                           and e["tier"] == "serving"] or [float("nan")]),
+    }
+
+
+# -- main --------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    # A throwaway token: a new local cluster otherwise writes ~/.ray/auth_token.
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    scratch = tempfile.mkdtemp(prefix="bench_train-", dir=args.dir)
+    table = Table()
+    notes = []
+    try:
+        parts = set(args.parts)
+        if parts & {1, 2}:
+            ours = part_ours_mlp(args, scratch)
+            rt = part_raytrain(args, scratch)
+            if 1 in parts:
+                r = ours["steady_sps"] / rt["steady_sps"]
+                table.add("1 throughput, digits MLP (steps/s)", f"{ours['steady_sps']:.1f}",
+                          f"{rt['steady_sps']:.1f}", f"{r:.2f}x",
+                          f">= {T_THROUGHPUT_VS_RAYTRAIN}x", r >= T_THROUGHPUT_VS_RAYTRAIN)
+                notes.append(f"1: ours per-chunk steps/s {ours['chunks']} (first excluded, "
+                             f"{ours['steady_steps']} steps); Ray Train {args.rt_steps} "
+                             f"steps, {args.rt_steps - args.rt_warmup} timed after "
+                             f"{args.rt_warmup} warm-up, TF threads intra="
+                             f"{args.rt_intra or 'default'} inter={args.rt_inter or 'default'}")
+            if 2 in parts:
+                r = ours["first_step_cmd"] / rt["first_step_cmd"]
+                table.add("2 command -> first step (s)", f"{ours['first_step_cmd']:.1f}",
+                          f"{rt['first_step_cmd']:.1f}", f"{r:.2f}x",
+                          f"<= {T_STARTUP_VS_RAYTRAIN}x", r <= T_STARTUP_VS_RAYTRAIN)
+                notes.append(f"2: ours' own 'first step after' {ours['first_step_own']:.1f}s "
+                             f"(from train() start); Ray Train script start -> first batch "
+                             f"{rt['first_step_own']:.1f}s; whole commands {ours['total']:.0f}s"
+                             f" / {rt['total']:.0f}s")
+        if 3 in parts:
+            sets = part_allreduce(args)
+            for name, s in sets.items():
+                r = s["bucketed"] / s["raw"]
+                table.add(f"3 all-reduce {name} {s['mib']:.2f} MiB (ms/step)",
+                          f"{s['bucketed']:.2f}", f"{s['raw']:.2f}", f"{r:.2f}x",
+                          f"<= {T_BUCKETED_VS_RAW}x", r <= T_BUCKETED_VS_RAW)
+                notes.append(f"3: {name}: {s['buckets']} bucket(s); one collective per "
+                             f"variable {s.get('per-var', float('nan')):.2f} ms")
+        if parts & {4, 5}:
+            c = part_checkpoint(args, scratch)
+            ms = lambda x: f"{1e3 * x:.1f} ms"  # noqa: E731
+            if 4 in parts:
+                r = c["stall_med"] / c["copy"]
+                table.add("4a rank-0 stall/ckpt vs numpy copy", ms(c["stall_med"]),
+                          ms(c["copy"]), f"{r:.2f}x", f"<= {T_STALL_VS_COPY}x",
+                          r <= T_STALL_VS_COPY)
+                r = c["stall_med"] / c["saver"]
+                table.add("4b rank-0 stall/ckpt vs Saver.save", ms(c["stall_med"]),
+                          ms(c["saver"]), f"{r:.2f}x", f"<= {T_STALL_VS_SAVER}x",
+                          r <= T_STALL_VS_SAVER)
+                r = c["excess_med"] / c["copy"]
+                table.add("4a' step-time lost/ckpt vs numpy copy", ms(c["excess_med"]),
+                          ms(c["copy"]), f"{r:.2f}x", f"<= {T_STALL_VS_COPY}x",
+                          r <= T_STALL_VS_COPY)
+                r = c["excess_med"] / c["saver"]
+                table.add("4b' step-time lost/ckpt vs Saver.save", ms(c["excess_med"]),
+                          ms(c["saver"]), f"{r:.2f}x", f"<= {T_STALL_VS_SAVER}x",
+                          r <= T_STALL_VS_SAVER)
+                notes.append(
+                    f"4: {c['sel_bytes'] / 1e6:.1f} MB selected; stall = rank 0's due "
+                    f"maybe_save, median of {c['n_ckpt']} steady checkpoints (mean "
+                    f"{ms(c['stall_mean'])}; library stall_seconds/ckpt "
+                    f"{ms(c['stall_lib_per'])}); all stalls "
+                    f"[{', '.join(f'{1e3 * s:.0f}' for s in c['stalls'])}] ms")
+                notes.append(
+                    f"4: step-time lost = sum of the {args.ckpt_every} step times from a "
+                    f"checkpoint step minus {args.ckpt_every} x median step without "
+                    f"checkpoints ({ms(c['base_dt'])}); median of {c['n_excess']} "
+                    f"(mean {ms(c['excess_mean'])}); step time at ckpt step "
+                    f"{ms(c['dt_at_ckpt'])}, next step {ms(c['dt_after_ckpt'])}, "
+                    f"median with ckpts {ms(c['on_median_dt'])}")
+                notes.append(
+                    f"4: baselines (median of {args.repeats}): numpy copy "
+                    f"[{', '.join(f'{1e3 * x:.0f}' for x in c['copy_all'])}] ms, Saver.save "
+                    f"[{', '.join(f'{1e3 * x:.0f}' for x in c['saver_all'])}] ms, "
+                    f"Saver.save+fsync {ms(c['saver_fsync'])}")
+            if 5 in parts:
+                r = c["on"]["sps"] / c["off"]["sps"]
+                table.add(f"5 steps/s, serving ckpt every {args.ckpt_every} vs off",
+                          f"{c['on']['sps']:.3f}", f"{c['off']['sps']:.3f}", f"{r:.3f}x",
+                          f">= {T_CKPT_THROUGHPUT}x", r >= T_CKPT_THROUGHPUT)
+                step_t = 1.0 / c["off"]["sps"]
+                cost = c["saver"] / (args.ckpt_every * step_t + c["saver"])
+                table.add(f"5 premise: blocking Saver.save every {args.ckpt_every} costs",
+                          f"{100 * cost:.1f}%", "", "",
+                          f">= {100 * T_PREMISE_BLOCKING_COST:.0f}%",
+                          cost >= T_PREMISE_BLOCKING_COST)
+                notes.append(
+                    f"5: on_busy={args.on_busy}: serving saves committed "
+                    f"{c['committed']}, skipped {c['skipped']}, failed {c['failed']} "
+                    f"(coordinator save_seconds median {c['save_seconds']:.2f}s); chunk "
+                    f"steps/s off {c['off']['chunks']} on {c['on']['chunks']} (first and "
+                    f"last excluded)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print()
+    table.print()
+    print()
+    for n in notes:
+        print(n)
+    total = time.perf_counter() - t_start
+    print(f"total {total:.0f}s; " + (f"{table.fails} target(s) FAILED" if table.fails
+                                      else "all targets PASS"))
+    return 1 if table.fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
