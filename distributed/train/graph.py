@@ -128,8 +128,10 @@ def build_train_graph(config: TrainConfig, input_spec: InputSpec,
         created = [v for v in tf.compat.v1.global_variables()
                    if v.op.name not in before]
         trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
+        update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+        updated = _variables_written_by(update_ops)
         model_state = [v for v in created if v.op.name not in trainable
-                       and v.dtype.base_dtype.is_floating]
+                       and v.op.name in updated and v.dtype.base_dtype.is_floating]
         global_step = tf.compat.v1.train.get_or_create_global_step()
         optimizer = make_optimizer(config.optimizer)
         loss = tf.convert_to_tensor(spec.loss)
@@ -138,7 +140,6 @@ def build_train_graph(config: TrainConfig, input_spec: InputSpec,
         if not grads_and_vars:
             raise ConfigError(f"model: {config.model} has no trainable variable "
                               "that the loss depends on")
-        update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
         with tf.control_dependencies(update_ops):
             state_values = [tf.identity(v.read_value()) for v in model_state]
         pairs = list(grads_and_vars) + list(zip(state_values, model_state))
@@ -153,6 +154,33 @@ def build_train_graph(config: TrainConfig, input_spec: InputSpec,
         variables = list(tf.compat.v1.global_variables())
     return TrainGraph(graph, features, labels, loss, train_op, global_step,
                       variables, model_state, init_op)
+
+
+_WRITE_OPS = frozenset({"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp",
+                        "Assign", "AssignSub", "AssignAdd"})
+
+
+def _variables_written_by(ops) -> set[str]:
+    """Names of the variables that ``ops`` (and the ops they group) assign to.
+
+    Only these non-trainable variables change during training, so only they
+    need averaging across workers; frozen ones (a pretrained table) do not.
+    """
+    from distributed.checkpoint.selection import variables_read_by
+    written: set[str] = set()
+    seen: set[int] = set()
+    stack = [getattr(o, "op", o) for o in ops]
+    while stack:
+        op = stack.pop()
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        if op.type in _WRITE_OPS:
+            written |= variables_read_by([op.inputs[0]])
+            continue
+        stack.extend(op.control_inputs)
+        stack.extend(t.op for t in op.inputs)
+    return written
 
 
 def predict_reads(config: TrainConfig, input_spec: InputSpec) -> set[str]:

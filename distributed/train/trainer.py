@@ -84,6 +84,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict[str,
         actors += workers
         plan_ref = coordinator.prepare.remote()
         addresses = ray.get([w.address.remote() for w in workers])
+        setups = [w.setup.remote(addresses) for w in workers]  # overlaps prepare
         plan = _get(plan_ref)
         for message in plan["warnings"]:
             echo(f"WARNING: {message}")
@@ -93,10 +94,15 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict[str,
         if plan["resumed_from"] is not None:
             echo(f"resuming run {config.run!r} from its full checkpoint at step "
                  f"{plan['resumed_from']} (optimizer state and step included)")
-        _get([w.setup.remote(addresses, plan["input_spec"], plan["serving_names"],
-                             coordinator) for w in workers])
+        for rank, (_, spec) in enumerate(_get(setups)):
+            if spec != plan["input_spec"]:
+                raise ConfigError(
+                    f"input: {config.input} yields {spec} on worker {rank} but "
+                    f"{plan['input_spec']} on worker 0; every worker's batches must "
+                    "have the same dtypes and shapes")
         values = coordinator.initial_values.remote()
-        _get([w.load.remote(values, step) for w in workers])
+        _get([w.load.remote(values, step, plan["serving_names"], coordinator)
+              for w in workers])
         echo(f"run {config.run!r}: {config.workers} workers, "
              f"{plan['num_variables']} variables, serving checkpoints hold "
              f"{len(plan['serving_names'])} ({plan['serving_bytes'] / 2**20:.2f} MiB), "

@@ -6,11 +6,10 @@ graph with gradients all-reduced by ``CollectiveReduceV2`` (see
 and runs steps on its own shard of the input.
 
 Rank 0 also checkpoints, off the training path: at a checkpoint step it fetches
-the variables to save in one ``sess.run``. The fetched arrays alias the
-variables' buffers, and the next optimizer update copies a variable before
-writing it (TensorFlow's copy-on-write for shared buffers), so the snapshot is
-consistent without an explicit copy. A background thread then hands the arrays
-to the coordinator through the Ray object store while training goes on.
+the variables to save in one ``sess.run`` (TensorFlow returns host copies, so the
+snapshot is consistent; this costs about one memory copy of the selected
+bytes). A background thread then hands the arrays to the coordinator through
+the Ray object store while training goes on.
 """
 
 from __future__ import annotations
@@ -131,17 +130,27 @@ class Worker:
     def address(self) -> str:
         return self._address
 
-    def setup(self, addresses: list[str], input_spec, serving_names: list[str],
-              coordinator) -> int:
-        """Starts the TF server, builds the graph and Session. Returns the pid."""
+    def setup(self, addresses: list[str]):
+        """Starts the TF server and builds the graph and Session.
+
+        The input spec comes from this worker's own first batch, so setup runs
+        while the coordinator prepares. Returns ``(pid, input_spec)``.
+        """
         import functools
+        import itertools
 
         import tensorflow as tf
 
         from distributed.train import collective
-        from distributed.train.graph import VariableLoader, build_train_graph
+        from distributed.train.graph import InputSpec, VariableLoader, build_train_graph
 
         cfg = self.config
+        input_fn = load_function(cfg.input, "input", 4)
+        batches = iter(input_fn(self.rank, cfg.workers, cfg.batch_size,
+                                dict(cfg.input_params)))
+        first = next(batches)
+        self._batches = itertools.chain([first], batches)
+        input_spec = InputSpec.from_batch(*first, f"input {cfg.input}")
         self.spec = collective.GroupSpec(
             addresses=tuple(addresses), rank=self.rank,
             timeout_seconds=cfg.collective_timeout)
@@ -154,22 +163,26 @@ class Worker:
         device = "/device:GPU:0" if cfg.gpus_per_worker > 0 else None
         self.tg = build_train_graph(cfg, input_spec, reduce_fn=reduce_fn, device=device)
         self.sess = tf.compat.v1.Session(
-            self.server.target, graph=self.tg.graph, config=collective.session_config(self.spec, base))
+            self.server.target, graph=self.tg.graph,
+            config=collective.session_config(self.spec, base))
         self.run_options = collective.run_options(self.spec)
         self.sess.run(self.tg.init_op)
         self.loader = VariableLoader(self.tg.variables)
-        input_fn = load_function(cfg.input, "input", 4)
-        self._batches = input_fn(self.rank, cfg.workers, cfg.batch_size,
-                                 dict(cfg.input_params))
-        if self.rank == 0:
-            self._checkpointer = _AsyncCheckpointer(
-                coordinator, self.sess, self.tg.variables, serving_names, cfg)
-        return os.getpid()
+        return os.getpid(), input_spec
 
-    def load(self, values: Mapping[str, np.ndarray], step: int) -> None:
-        """Loads every variable's value (identical on all replicas)."""
+    def load(self, values: Mapping[str, np.ndarray], step: int,
+             serving_names: list[str] | None = None, coordinator=None) -> None:
+        """Loads every variable's value (identical on all replicas).
+
+        NOTE: rank 0 also gets the coordinator and the serving selection, and
+        from then on checkpoints.
+        """
         self.loader.load(self.sess, values)
         self.step = step
+        if self.rank == 0 and coordinator is not None:
+            self._checkpointer = _AsyncCheckpointer(
+                coordinator, self.sess, self.tg.variables, serving_names or [],
+                self.config)
 
     def train(self, until_step: int) -> dict[str, Any]:
         """Runs steps up to ``until_step``; returns rank 0's progress report."""
