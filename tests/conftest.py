@@ -3,6 +3,13 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One throwaway Ray auth token for the whole test session, set before Ray is
+# imported: Ray caches the token on first use, so fixtures that start local Ray
+# instances at different times must all see the same one. It also keeps tests
+# from writing the user's ~/.ray/auth_token.
+import secrets  # noqa: E402
+
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 import dataclasses  # noqa: E402
 

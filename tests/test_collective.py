@@ -166,7 +166,7 @@ def local_ray():
     # that. RAY_AUTH_MODE is left for ray.init to set: setting it here, after
     # `import ray` cached the config, leaves this driver without the token.
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # conftest sets it
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}})

@@ -20,7 +20,6 @@ MLP = "distributed.examples.digits:mlp_model_fn"
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ.setdefault("RAY_AUTH_TOKEN", "test-token-" + "0" * 32)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     yield

@@ -1,0 +1,395 @@
+"""Data-parallel training end to end on one real local Ray, with real TF.
+
+Each test calls :func:`distributed.train.trainer.train` (or drives its actors
+the same way) with a small config in a temp dir, then reads what it wrote
+with stock TensorFlow (``tf.train.list_variables``, ``tf.train.load_checkpoint``,
+``Saver.restore``) and the catalog. One module-scoped Ray serves every test:
+``connect_ray()`` joins an initialized Ray and leaves it running.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+import tensorflow as tf
+
+from distributed import config as config_lib
+from distributed.checkpoint import Catalog, RunLayout
+from distributed.errors import ConfigError, DistributedError, SelectionError
+from distributed.examples import digits
+from distributed.model import PREDICT
+from distributed.train import trainer
+from distributed.train.coordinator import Coordinator
+from distributed.train.worker import Worker
+
+pytestmark = pytest.mark.ray
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CPUS = 4
+MLP = "distributed.examples.digits:mlp_model_fn"
+CNN = "distributed.examples.digits:cnn_bn_model_fn"
+
+CNN_TRAINABLE = {f"cnn/conv_{i}/{name}" for i in (0, 1)
+                 for name in ("kernel", "bn/gamma", "bn/beta")} | {
+    "cnn/logits/kernel", "cnn/logits/bias"}
+CNN_BN_STATS = {f"cnn/conv_{i}/bn/{name}" for i in (0, 1)
+                for name in ("moving_mean", "moving_variance")}
+MLP_TRAINABLE = {f"mlp/{layer}/{name}" for layer in ("dense_0", "dense_1", "logits")
+                 for name in ("kernel", "bias")}
+OPTIMIZER_STATE = re.compile(r"(/Adam(_1)?$|^beta[12]_power$|^global_step$)")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module, never a cluster named by RAY_ADDRESS."""
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    # Ray caches the auth token on first use; conftest sets one for the session.
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False,
+             log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def make_config(storage: str, run: str, **overrides) -> config_lib.TrainConfig:
+    data = {"storage": storage, "run": run, "model": CNN, "steps": 60,
+            "batch_size": 32, "workers": 2, "cpus_per_worker": 0.5, "log_every": 20,
+            "optimizer": {"name": "adam", "learning_rate": 0.01},
+            "checkpoint": {"serving_every": 20, "full_every": 60},
+            "retention": {"serving": {"keep_last": 10}, "full": {"keep_last": 10}},
+            "collective_timeout": 60.0}
+    data.update(overrides)
+    return config_lib.from_dict(data)
+
+
+def run_train(config):
+    """Calls ``train`` directly; returns the summary and the echoed lines."""
+    lines: list[str] = []
+    summary = trainer.train(config, echo=lines.append)
+    return summary, lines
+
+
+def progress_losses(lines: list[str]) -> list[float]:
+    return [float(m.group(1)) for m in
+            (re.match(r"step \d+/\d+\s+loss (\S+)", line) for line in lines) if m]
+
+
+def ckpt_prefix(storage: str, run: str, tier: str, step: int) -> str:
+    return os.path.join(RunLayout(storage, run).checkpoint_dir(tier, step), "model.ckpt")
+
+
+def ckpt_names(storage: str, run: str, tier: str, step: int) -> set[str]:
+    return {name for name, _ in tf.train.list_variables(
+        ckpt_prefix(storage, run, tier, step))}
+
+
+def serving_accuracy(model: str, prefix: str) -> tuple[float, set[str]]:
+    """Test-split accuracy of a predict graph restored from ``prefix`` by a stock
+    Saver; also returns the names of the predict graph's variables."""
+    model_fn = getattr(digits, model.split(":")[1])
+    x, y = digits.digits_eval_arrays("test")
+    graph = tf.Graph()
+    with graph.as_default():
+        image = tf.compat.v1.placeholder(tf.float32, [None, 64])
+        spec = model_fn({"image": image}, None, PREDICT, {})
+        variables = {v.op.name: v for v in tf.compat.v1.global_variables()}
+        saver = tf.compat.v1.train.Saver(var_list=variables)
+    with tf.compat.v1.Session(graph=graph) as sess:
+        saver.restore(sess, prefix)
+        classes = sess.run(spec.predictions["classes"], {image: x["image"]})
+    return float(np.mean(classes == y)), set(variables)
+
+
+def wait_for_free_cpus(timeout: float = 30.0) -> float:
+    """Waits until every actor's CPUs are back (the trainer killed them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= NUM_CPUS or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------ training -----
+
+def test_mlp_loss_drops_catalog_records_loss_and_keep_last_applies(local_ray, storage):
+    gcs = ray.get_runtime_context().gcs_address
+    config = make_config(storage, "mlp", model=MLP, steps=80,
+                         selection={"policy": "trainable"},
+                         checkpoint={"serving_every": 20, "full_every": 40},
+                         retention={"serving": {"keep_last": 2}, "full": {"keep_last": 1}})
+    summary, lines = run_train(config)
+
+    # connect_ray() joined the running Ray and did not shut it down.
+    assert ray.is_initialized() and ray.get_runtime_context().gcs_address == gcs
+    assert summary["steps"] == 80
+    losses = progress_losses(lines)
+    assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], lines
+    assert not [line for line in lines if line.startswith("WARNING")]
+
+    accuracy, predict_vars = serving_accuracy(MLP, ckpt_prefix(storage, "mlp", "serving", 80))
+    assert accuracy > 0.85
+    assert ckpt_names(storage, "mlp", "serving", 80) == MLP_TRAINABLE == predict_vars
+
+    # keep_last ran during training: older checkpoints are gone, rows and dirs.
+    catalog = Catalog(RunLayout(storage, "mlp"))
+    assert [e.step for e in catalog.entries("serving")] == [60, 80]
+    assert [e.step for e in catalog.entries("full")] == [80]
+    for tier, step in [("serving", 20), ("serving", 40), ("full", 40)]:
+        assert not os.path.exists(RunLayout(storage, "mlp").checkpoint_dir(tier, step))
+    deleted = sorted(s for e in summary["events"] if e["event"] == "committed"
+                     for s in e["retention_deleted"])
+    assert deleted == [20, 40, 40]
+    assert [(e["tier"], e["step"]) for e in summary["entries"]] == [
+        ("full", 80), ("serving", 60), ("serving", 80)]
+
+    # Every row carries the loss, so best() works on it.
+    entries = catalog.entries()
+    assert all(set(e.metrics) == {"loss"} and np.isfinite(e.metrics["loss"])
+               for e in entries)
+    best = catalog.best("loss")
+    assert best.tier == "serving"
+    assert best.metrics["loss"] == min(e.metrics["loss"] for e in catalog.entries("serving"))
+    assert catalog.best("loss", tier="full").step == 80
+
+
+def test_cnn_loss_drops_and_inference_checkpoint_holds_bn_stats_only(local_ray, storage):
+    summary, lines = run_train(make_config(storage, "cnn", steps=60,
+                                           selection={"policy": "inference"}))
+    losses = progress_losses(lines)
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], lines
+    assert not [line for line in lines if line.startswith("WARNING")]
+
+    serving = ckpt_names(storage, "cnn", "serving", 60)
+    assert serving == CNN_TRAINABLE | CNN_BN_STATS
+    assert not [n for n in serving if OPTIMIZER_STATE.search(n)]
+    full = ckpt_names(storage, "cnn", "full", 60)
+    assert serving < full
+    assert {"global_step", "beta1_power", "beta2_power",
+            "cnn/conv_0/kernel/Adam", "cnn/conv_0/kernel/Adam_1"} <= full
+    assert full - serving == {n for n in full if OPTIMIZER_STATE.search(n)}
+    assert tf.train.load_checkpoint(ckpt_prefix(storage, "cnn", "full", 60)
+                                    ).get_tensor("global_step") == 60
+
+    # Servable with stock TF: the predict graph reads exactly what was saved,
+    # and the moving statistics are trained values, not their initial 0 / 1.
+    prefix = ckpt_prefix(storage, "cnn", "serving", 60)
+    accuracy, predict_vars = serving_accuracy(CNN, prefix)
+    assert predict_vars == serving
+    assert accuracy > 0.8
+    reader = tf.train.load_checkpoint(prefix)
+    assert np.abs(reader.get_tensor("cnn/conv_0/bn/moving_mean")).max() > 1e-3
+    assert summary["entries"][-1]["selection"] == (
+        '{"exclude": [], "include": [], "policy": "inference"}')
+
+
+def test_trainable_policy_on_cnn_drops_bn_stats_and_warns(local_ray, storage):
+    _, lines = run_train(make_config(storage, "cnn-trainable", steps=10, log_every=10,
+                                     selection={"policy": "trainable"},
+                                     checkpoint={"serving_every": 0, "full_every": 0}))
+    assert ckpt_names(storage, "cnn-trainable", "serving", 10) == CNN_TRAINABLE
+    warnings = [line for line in lines if line.startswith("WARNING: ")]
+    assert len(warnings) == 1, lines
+    for name in CNN_BN_STATS:
+        assert name in warnings[0]
+    assert "policy: inference" in warnings[0]
+
+
+def test_include_exclude_regexes_end_to_end(local_ray, storage):
+    selection = {"policy": "inference", "include": ["^cnn/conv_"],
+                 "exclude": ["moving_variance$", r"conv_1/kernel"]}
+    _, lines = run_train(make_config(storage, "regex", steps=10, log_every=10,
+                                     selection=selection,
+                                     checkpoint={"serving_every": 0, "full_every": 0}))
+    expected = {"cnn/conv_0/kernel", "cnn/conv_0/bn/gamma", "cnn/conv_0/bn/beta",
+                "cnn/conv_0/bn/moving_mean", "cnn/conv_1/bn/gamma", "cnn/conv_1/bn/beta",
+                "cnn/conv_1/bn/moving_mean"}
+    assert ckpt_names(storage, "regex", "serving", 10) == expected
+    # The full tier ignores the selection.
+    full = ckpt_names(storage, "regex", "full", 10)
+    assert CNN_TRAINABLE | CNN_BN_STATS < full
+    # The dropped variables the outputs read are named in a warning.
+    warnings = [line for line in lines if line.startswith("WARNING: ")]
+    assert len(warnings) == 1, lines
+    for name in ("cnn/conv_0/bn/moving_variance", "cnn/conv_1/bn/moving_variance",
+                 "cnn/conv_1/kernel", "cnn/logits/kernel", "cnn/logits/bias"):
+        assert name in warnings[0]
+    assert "regexes drop them" in warnings[0]
+    entry = Catalog(RunLayout(storage, "regex")).get(10, "serving")
+    assert entry.num_tensors == len(expected)
+    assert '"include": ["^cnn/conv_"]' in entry.selection
+
+
+# -------------------------------------------------------------- resume -----
+
+@pytest.mark.slow
+def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
+    first = make_config(storage, "resume", steps=40,
+                        checkpoint={"serving_every": 20, "full_every": 40})
+    run_train(first)
+    full40 = tf.train.load_checkpoint(ckpt_prefix(storage, "resume", "full", 40))
+    assert full40.get_tensor("global_step") == 40
+    # Adam's beta1_power is 0.9 ** (steps + 1): a clock of the optimizer state.
+    np.testing.assert_allclose(full40.get_tensor("beta1_power"), 0.9 ** 41, rtol=1e-5)
+
+    # What a resumed run starts from equals the full checkpoint, slots included
+    # (the coordinator in this process, built exactly as the trainer builds it).
+    second = make_config(storage, "resume", steps=70,
+                         checkpoint={"serving_every": 20, "full_every": 40})
+    coordinator = Coordinator(second.to_dict())
+    try:
+        plan = coordinator.prepare()
+        assert (plan["start_step"], plan["resumed_from"]) == (40, 40)
+        values = coordinator.initial_values()
+    finally:
+        coordinator.sess.close()
+    saved = full40.get_variable_to_shape_map()
+    assert set(values) == set(saved)
+    assert {n for n in values if "/Adam" in n}  # the slots are there
+    for name in saved:
+        np.testing.assert_array_equal(values[name], full40.get_tensor(name), err_msg=name)
+
+    summary, lines = run_train(second)
+    assert any("resuming run 'resume' from its full checkpoint at step 40" in line
+               for line in lines), lines
+    progress = [line for line in lines if re.match(r"step \d+/", line)]
+    assert [p.split()[1] for p in progress] == ["60/70", "70/70"]
+    assert summary["steps"] == 70
+    full70 = tf.train.load_checkpoint(ckpt_prefix(storage, "resume", "full", 70))
+    assert full70.get_tensor("global_step") == 70
+    np.testing.assert_allclose(full70.get_tensor("beta1_power"), 0.9 ** 71, rtol=1e-5)
+    catalog = Catalog(RunLayout(storage, "resume"))
+    assert [e.step for e in catalog.entries("serving")] == [20, 40, 60, 70]
+    assert [e.step for e in catalog.entries("full")] == [40, 70]
+
+
+# ------------------------------------------------------------ replicas -----
+
+def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage):
+    """Drives the actors as ``train()`` does, to read every worker's variables."""
+    config = make_config(storage, "replicas", steps=30,
+                         checkpoint={"serving_every": 0, "full_every": 10})
+    cfg = config.to_dict()
+    env = {"env_vars": dict(trainer._ACTOR_ENV)}
+    coordinator = ray.remote(Coordinator).options(
+        num_cpus=trainer.COORDINATOR_CPUS, runtime_env=env).remote(cfg)
+    workers = [ray.remote(Worker).options(num_cpus=config.cpus_per_worker,
+                                          runtime_env=env).remote(cfg, rank)
+               for rank in range(config.workers)]
+    try:
+        plan = ray.get(coordinator.prepare.remote())
+        addresses = ray.get([w.address.remote() for w in workers])
+        setups = ray.get([w.setup.remote(addresses) for w in workers])
+        assert [spec for _, spec in setups] == [plan["input_spec"]] * 2
+        initial = ray.get(coordinator.initial_values.remote())
+        ray.get([w.load.remote(initial, 0, plan["serving_names"], coordinator)
+                 for w in workers])
+
+        ray.get([w.train.remote(10) for w in workers])
+        at10 = ray.get([w.variables.remote() for w in workers])
+        reports = ray.get([w.train.remote(30) for w in workers])
+        at30 = ray.get([w.variables.remote() for w in workers])
+    finally:
+        for actor in workers + [coordinator]:
+            ray.kill(actor)
+
+    for snapshot, step in ((at10, 10), (at30, 30)):
+        lead, other = snapshot
+        assert set(lead) == set(other) == set(initial)
+        for name in lead:
+            np.testing.assert_allclose(other[name], lead[name], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{name} at step {step}")
+        assert int(lead["global_step"]) == step
+        # The workers saw different data, yet their BN statistics agree (and moved).
+        for name in CNN_BN_STATS:
+            assert not np.allclose(lead[name], initial[name]), name
+    assert reports[0]["step"] == 30 and not [
+        e for e in reports[0]["events"] if e["event"] != "committed"]
+
+    # Rank 0's async snapshots equal the variables at their step, although
+    # training went on while the step-10 checkpoint was handed off and written.
+    for values, step in ((at10[0], 10), (at30[0], 30)):
+        reader = tf.train.load_checkpoint(ckpt_prefix(storage, "replicas", "full", step))
+        assert set(reader.get_variable_to_shape_map()) == set(values)
+        for name, value in values.items():
+            np.testing.assert_array_equal(reader.get_tensor(name), value,
+                                          err_msg=f"{name} at step {step}")
+
+
+# -------------------------------------------------------------- errors -----
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"model": "no_such_module_for_tests:model_fn"}, ConfigError,
+     r"^model: cannot import module 'no_such_module_for_tests'"),
+    ({"model": "distributed.examples.digits:no_such_model_fn"}, ConfigError,
+     r"^model: module 'distributed.examples.digits' has no function 'no_such_model_fn'"),
+    ({"model": MLP, "selection": {"policy": "trainable", "include": ["^nothing/"]}},
+     SelectionError, r"matches no variable.*mlp/dense_0/kernel"),
+    ({"gpus_per_worker": 4.0}, ConfigError, r"^gpus_per_worker: .* need 8 GPUs"),
+], ids=["module-does-not-import", "no-such-function", "selection-matches-nothing",
+        "more-gpus-than-the-cluster"])
+def test_user_errors_come_back_as_distributed_errors(local_ray, storage, overrides,
+                                                     error, match):
+    config = make_config(storage, "bad", steps=5, **overrides)
+    with pytest.raises(error, match=match) as info:
+        run_train(config)
+    assert isinstance(info.value, DistributedError)
+    assert not isinstance(info.value, ray.exceptions.RayError)
+    assert ray.is_initialized()
+    assert wait_for_free_cpus() == NUM_CPUS  # the trainer killed its actors
+    if os.path.isdir(os.path.join(storage, "bad")):  # the coordinator got that far
+        assert Catalog(RunLayout(storage, "bad")).entries() == []
+
+
+# ----------------------------------------------------------------- GPU -----
+
+def _gpu_visible() -> bool:
+    if shutil.which("nvidia-smi") is None:
+        return False
+    probe = ("import tensorflow as tf, sys; "
+             "sys.exit(0 if tf.config.list_physical_devices('GPU') else 1)")
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                          timeout=120).returncode == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_one_gpu_worker_uses_nccl_and_trains(local_ray, storage):
+    if not _gpu_visible():
+        pytest.skip("no GPU visible to TensorFlow")
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the local Ray sees no GPU")
+
+    @ray.remote(num_gpus=1)
+    def hint():
+        from distributed.train.collective import GroupSpec
+        return GroupSpec(("127.0.0.1:1",), 0).resolved_hint()
+
+    assert ray.get(hint.options(runtime_env={
+        "env_vars": dict(trainer._ACTOR_ENV)}).remote()) == "nccl"
+    summary, lines = run_train(make_config(storage, "gpu", model=MLP, workers=1,
+                                           gpus_per_worker=1.0, steps=40,
+                                           selection={"policy": "trainable"}))
+    assert summary["steps"] == 40
+    losses = progress_losses(lines)
+    assert losses[-1] < losses[0]
+    assert ckpt_names(storage, "gpu", "serving", 40) == MLP_TRAINABLE
