@@ -198,7 +198,11 @@ def load(path: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path!r} is not valid YAML{where}: "
+                          f"{problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -151,18 +151,11 @@ def test_bad_config_names_the_field(data, field, detail):
     assert "\n" not in message
 
 
-# A retention tier that is not a mapping escapes as a builtin error (not a
-# ConfigError), so jobs.train prints a traceback instead of one line.
-RETENTION_NOT_MAPPING_BUG = (
-    "library bug: Retention.from_dict calls dict(d) on a non-mapping tier value "
-    "(retention.serving: 5 -> TypeError, 'keep_last' -> ValueError) instead of "
-    "raising ConfigError naming retention.serving")
-
+# A retention tier that is not a mapping must be a ConfigError (one line from
+# jobs.train), not a builtin error with a traceback.
 BAD_RETENTION_TIER = [
-    pytest.param({"retention": {"serving": 5}}, id="retention-tier-int",
-                 marks=pytest.mark.xfail(strict=True, reason=RETENTION_NOT_MAPPING_BUG)),
-    pytest.param({"retention": {"full": "keep_last"}}, id="retention-tier-string",
-                 marks=pytest.mark.xfail(strict=True, reason=RETENTION_NOT_MAPPING_BUG)),
+    pytest.param({"retention": {"serving": 5}}, id="retention-tier-int"),
+    pytest.param({"retention": {"full": "keep_last"}}, id="retention-tier-string"),
 ]
 
 
@@ -245,13 +238,9 @@ CLI_CASES = [
                  id="selection-regex"),
     pytest.param("steps: 10\n", ["--workers", "0"], "workers", id="override"),
     pytest.param("- steps: 10\n", [], "must hold a mapping", id="yaml-list"),
-    pytest.param("steps: [10\n", [], "not valid YAML", id="not-yaml",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "library bug: config.load embeds PyYAML's multi-line error in "
-                     "the ConfigError, so main_guard prints 4 lines, not one"))),
+    pytest.param("steps: [10\n", [], "not valid YAML", id="not-yaml"),
     pytest.param("retention: {serving: 5}\n", [], "retention.serving",
-                 id="retention-tier-int",
-                 marks=pytest.mark.xfail(strict=True, reason=RETENTION_NOT_MAPPING_BUG)),
+                 id="retention-tier-int"),
 ]
 
 

@@ -145,7 +145,8 @@ def test_mlp_loss_drops_catalog_records_loss_and_keep_last_applies(local_ray, st
     assert len(losses) == 4 and losses[-1] < 0.5 * losses[0], lines
     assert not [line for line in lines if line.startswith("WARNING")]
 
-    accuracy, predict_vars = serving_accuracy(MLP, ckpt_prefix(storage, "mlp", "serving", 80))
+    prefix = ckpt_prefix(storage, "mlp", "serving", 80)
+    accuracy, predict_vars = serving_accuracy(MLP, prefix)
     assert accuracy > 0.85
     assert ckpt_names(storage, "mlp", "serving", 80) == MLP_TRAINABLE == predict_vars
 
@@ -167,7 +168,8 @@ def test_mlp_loss_drops_catalog_records_loss_and_keep_last_applies(local_ray, st
                for e in entries)
     best = catalog.best("loss")
     assert best.tier == "serving"
-    assert best.metrics["loss"] == min(e.metrics["loss"] for e in catalog.entries("serving"))
+    serving_losses = [e.metrics["loss"] for e in catalog.entries("serving")]
+    assert best.metrics["loss"] == min(serving_losses)
     assert catalog.best("loss", tier="full").step == 80
 
 

@@ -96,6 +96,9 @@ class Retention:
                   ) -> "Retention":
         """From config: ``{keep_last: 5, keep_every: 1000, keep_best: {n: 3,
         metric: loss, mode: min}}``; any subset."""
+        if d is not None and not isinstance(d, Mapping):
+            raise ConfigError(f"{field}: expected a mapping such as {{keep_last: 5}}, "
+                              f"got {d!r}")
         d = dict(d or {})
         unknown = set(d) - {"keep_last", "keep_every", "keep_best"}
         if unknown:
