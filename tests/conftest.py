@@ -11,6 +11,7 @@ import secrets  # noqa: E402
 
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -87,3 +88,30 @@ def storage(tmp_path):
     path = tmp_path / "storage"
     path.mkdir()
     return str(path)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def start_local_ray(num_cpus: int, **init_kwargs):
+    """A fresh local Ray (never a cluster named by RAY_ADDRESS), shut down and
+    the environment restored on exit. Auth uses the session token set above;
+    RAY_AUTH_MODE is left for ray.init to set: setting it after ``import ray``
+    cached the config leaves the driver without the token."""
+    import ray
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": REPO_ROOT,
+                                       "TF_CPP_MIN_LOG_LEVEL": "2"}},
+             **init_kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

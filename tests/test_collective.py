@@ -1,7 +1,5 @@
 """Gradient all-reduce: the pure bucket plan, then real 2-process collectives on Ray."""
 
-import os
-import secrets
 import time
 
 import numpy as np
@@ -12,8 +10,8 @@ import tensorflow as tf
 from distributed.errors import ConfigError
 from distributed.train import collective
 from distributed.train.collective import Bucket, GroupSpec, plan_buckets
+from tests.conftest import start_local_ray
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO = ("127.0.0.1:1", "127.0.0.1:2")
 SHAPES = [(3, 4), (4,), (5, 2, 2), (7,)]  # plus one float64 var, one sparse, one None
 
@@ -161,24 +159,8 @@ class _Worker:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # A new local cluster turns on token auth and, lacking a token, writes one to
-    # the user's ~/.ray/auth_token; a throwaway token in the environment avoids
-    # that. RAY_AUTH_MODE is left for ray.init to set: setting it here, after
-    # `import ray` cached the config, leaves this driver without the token.
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))  # conftest sets it
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}})
-    try:
+    with start_local_ray(2):
         yield
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _pair(timeout_seconds):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -30,10 +29,10 @@ from distributed.model import PREDICT
 from distributed.train import trainer
 from distributed.train.coordinator import Coordinator
 from distributed.train.worker import Worker
+from tests.conftest import start_local_ray
 
 pytestmark = pytest.mark.ray
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CPUS = 4
 MLP = "distributed.examples.digits:mlp_model_fn"
 CNN = "distributed.examples.digits:cnn_bn_model_fn"
@@ -51,22 +50,8 @@ OPTIMIZER_STATE = re.compile(r"(/Adam(_1)?$|^beta[12]_power$|^global_step$)")
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module, never a cluster named by RAY_ADDRESS."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_TOKEN", "RAY_ADDRESS")}
-    # Ray caches the auth token on first use; conftest sets one for the session.
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(address="local", num_cpus=NUM_CPUS, include_dashboard=False,
-             log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}})
-    try:
+    with start_local_ray(NUM_CPUS, log_to_driver=False):
         yield
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def make_config(storage: str, run: str, **overrides) -> config_lib.TrainConfig:

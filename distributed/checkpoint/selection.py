@@ -80,8 +80,8 @@ class SelectionSpec:
                            if isinstance(self.include, list) else self.include)
         object.__setattr__(self, "exclude", tuple(self.exclude)
                            if isinstance(self.exclude, list) else self.exclude)
-        _compile_all(self.include, "include")
-        _compile_all(self.exclude, "exclude")
+        object.__setattr__(self, "_include_re", _compile_all(self.include, "include"))
+        object.__setattr__(self, "_exclude_re", _compile_all(self.exclude, "exclude"))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "SelectionSpec":
@@ -100,8 +100,7 @@ class SelectionSpec:
 
     def matches_name(self, name: str) -> bool:
         """Applies only the include/exclude filters to one name."""
-        inc = _compile_all(self.include, "include")
-        exc = _compile_all(self.exclude, "exclude")
+        inc, exc = self._include_re, self._exclude_re
         if inc and not any(p.search(name) for p in inc):
             return False
         return not any(p.search(name) for p in exc)
@@ -179,6 +178,28 @@ def select(variables: Sequence[VariableInfo], spec: SelectionSpec,
     return Selection(names=names, missing_reads=missing)
 
 
+def walk_back(roots: Iterable[Any], is_leaf) -> list[Any]:
+    """Ops reached by walking data and control inputs back from ``roots``.
+
+    The walk stops at (and returns) ops for which ``is_leaf(op)`` is true; it
+    does not continue past them. Each op is visited once.
+    """
+    seen: set[int] = set()
+    stack = [getattr(o, "op", o) for o in roots]
+    leaves = []
+    while stack:
+        op = stack.pop()
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        if is_leaf(op):
+            leaves.append(op)
+            continue
+        stack.extend(t.op for t in op.inputs)
+        stack.extend(op.control_inputs)
+    return leaves
+
+
 def variables_read_by(outputs: Iterable[Any]) -> set[str]:
     """Names of the variables that ``outputs`` (tensors or ops) depend on.
 
@@ -187,20 +208,8 @@ def variables_read_by(outputs: Iterable[Any]) -> set[str]:
     ref variables). Reads inside ``tf.function`` bodies are found through the
     captured handle, which is an input of the call op.
     """
-    seen: set[int] = set()
-    stack = [getattr(o, "op", o) for o in outputs]
-    found: set[str] = set()
-    while stack:
-        op = stack.pop()
-        if id(op) in seen:
-            continue
-        seen.add(id(op))
-        if op.type in _VARIABLE_OP_TYPES:
-            found.add(op.name)
-            continue
-        stack.extend(t.op for t in op.inputs)
-        stack.extend(op.control_inputs)
-    return found
+    return {op.name for op in walk_back(
+        outputs, lambda op: op.type in _VARIABLE_OP_TYPES)}
 
 
 def describe_variables(variables: Iterable[Any]) -> list[VariableInfo]:

@@ -166,21 +166,9 @@ def _variables_written_by(ops) -> set[str]:
     Only these non-trainable variables change during training, so only they
     need averaging across workers; frozen ones (a pretrained table) do not.
     """
-    from distributed.checkpoint.selection import variables_read_by
-    written: set[str] = set()
-    seen: set[int] = set()
-    stack = [getattr(o, "op", o) for o in ops]
-    while stack:
-        op = stack.pop()
-        if id(op) in seen:
-            continue
-        seen.add(id(op))
-        if op.type in _WRITE_OPS:
-            written |= variables_read_by([op.inputs[0]])
-            continue
-        stack.extend(op.control_inputs)
-        stack.extend(t.op for t in op.inputs)
-    return written
+    from distributed.checkpoint.selection import variables_read_by, walk_back
+    writes = walk_back(ops, lambda op: op.type in _WRITE_OPS)
+    return variables_read_by([op.inputs[0] for op in writes])
 
 
 def predict_reads(config: TrainConfig, input_spec: InputSpec) -> set[str]:
