@@ -19,15 +19,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
+from bench_checkpoint import drop_caches  # noqa: E402  (scripts/ is on sys.path)
 
 
 def make_run(storage, run, model, params):
@@ -64,8 +56,6 @@ def read_path_ratio(ckpt_dir, repeats=5):
     CRC-checked, the needed ones loaded), alternating, medians of ``repeats``."""
     import statistics
 
-    import numpy as np
-
     import tensorflow as tf
     from distributed.checkpoint.manifest import read_manifest
     from distributed.checkpoint.verify import read_verified
@@ -85,7 +75,6 @@ def read_path_ratio(ckpt_dir, repeats=5):
 
 
 def bench(label, storage, run, model, params, export_root):
-    from distributed.serving import job
     entry = make_run(storage, run, model, params)
     ckpt_dir = os.path.join(storage, run, entry["path"])
     cold = drop_caches()

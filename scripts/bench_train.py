@@ -540,22 +540,18 @@ def main(argv=None) -> int:
             c = part_checkpoint(args, scratch)
             ms = lambda x: f"{1e3 * x:.1f} ms"  # noqa: E731
             if 4 in parts:
-                r = c["stall_med"] / c["copy"]
-                table.add("4a rank-0 stall/ckpt vs numpy copy", ms(c["stall_med"]),
-                          ms(c["copy"]), f"{r:.2f}x", f"<= {T_STALL_VS_COPY}x",
-                          r <= T_STALL_VS_COPY)
-                r = c["stall_med"] / c["saver"]
-                table.add("4b rank-0 stall/ckpt vs Saver.save", ms(c["stall_med"]),
-                          ms(c["saver"]), f"{r:.2f}x", f"<= {T_STALL_VS_SAVER}x",
-                          r <= T_STALL_VS_SAVER)
-                r = c["excess_med"] / c["copy"]
-                table.add("4a' step-time lost/ckpt vs numpy copy", ms(c["excess_med"]),
-                          ms(c["copy"]), f"{r:.2f}x", f"<= {T_STALL_VS_COPY}x",
-                          r <= T_STALL_VS_COPY)
-                r = c["excess_med"] / c["saver"]
-                table.add("4b' step-time lost/ckpt vs Saver.save", ms(c["excess_med"]),
-                          ms(c["saver"]), f"{r:.2f}x", f"<= {T_STALL_VS_SAVER}x",
-                          r <= T_STALL_VS_SAVER)
+                for label, ours, base, target in (
+                        ("4a rank-0 stall/ckpt vs numpy copy", "stall_med", "copy",
+                         T_STALL_VS_COPY),
+                        ("4b rank-0 stall/ckpt vs Saver.save", "stall_med", "saver",
+                         T_STALL_VS_SAVER),
+                        ("4a' step-time lost/ckpt vs numpy copy", "excess_med", "copy",
+                         T_STALL_VS_COPY),
+                        ("4b' step-time lost/ckpt vs Saver.save", "excess_med", "saver",
+                         T_STALL_VS_SAVER)):
+                    r = c[ours] / c[base]
+                    table.add(label, ms(c[ours]), ms(c[base]), f"{r:.2f}x",
+                              f"<= {target}x", r <= target)
                 notes.append(
                     f"4: {c['sel_bytes'] / 1e6:.1f} MB selected; stall = rank 0's due "
                     f"maybe_save, median of {c['n_ckpt']} steady checkpoints (mean "

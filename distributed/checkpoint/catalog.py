@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import io
-import json
 import os
 from typing import Any, Callable, Mapping
 
@@ -134,16 +133,18 @@ class Catalog:
     :meth:`compact`; any number of readers may list concurrently.
     """
 
-    def __init__(self, run_layout: layout.RunLayout,
-                 clock: Callable[[], float] | None = None):
+    def __init__(self, run_layout: layout.RunLayout):
         self._layout = run_layout
         self._dir = run_layout.catalog_dir
-        self._clock = clock
         self._uncompacted_commits = 0
 
     @property
     def directory(self) -> str:
         return self._dir
+
+    @property
+    def run(self) -> str:
+        return self._layout.run
 
     # -- the commit record -------------------------------------------------
 
@@ -198,7 +199,7 @@ class Catalog:
         try:
             table = pq.read_table(path, page_checksum_verification=True)
         except FileNotFoundError:
-            raise
+            raise  # not committed (any more): callers handle it
         except (pa.ArrowException, OSError) as e:
             raise ManifestError(f"{path}: catalog row is unreadable ({e})") from e
         check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
@@ -346,6 +347,3 @@ def utc_now(clock: Callable[[], float] | None = None) -> _dt.datetime:
     seconds = (clock or time.time)()
     return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
 
-
-def entries_to_json(entries: list[CatalogEntry]) -> str:
-    return json.dumps([e.to_json_dict() for e in entries], indent=2)

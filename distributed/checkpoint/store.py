@@ -55,7 +55,7 @@ class CheckpointStore:
             self.layout = layout.RunLayout(os.path.abspath(storage), run)
         except ValueError as e:
             raise StorageError(str(e)) from e
-        self.catalog = Catalog(self.layout, clock=clock)
+        self.catalog = Catalog(self.layout)
         self._clock = clock or time.time
         self._on_phase = on_phase or (lambda phase: None)
 

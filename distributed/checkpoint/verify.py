@@ -168,8 +168,6 @@ def read_verified(checkpoint_dir: str, manifest: Manifest, names,
     Raises:
         CheckpointCorruptError: Naming the first bad tensor and file.
     """
-    import numpy as np
-
     wanted = set(names)
     index_path = os.path.join(checkpoint_dir, CKPT_PREFIX + ".index")
     try:

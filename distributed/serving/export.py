@@ -136,7 +136,7 @@ def candidate_checkpoints(catalog: Catalog, step: int | None = None,
     entries = catalog.entries(tier)
     if not entries:
         raise CheckpointNotFoundError(
-            f"run {catalog._layout.run!r} has no committed {tier} checkpoint yet")
+            f"run {catalog.run!r} has no committed {tier} checkpoint yet")
     if not best:
         return sorted(entries, key=lambda e: -e.step)
     scored = [e for e in entries if metric in e.metrics]
@@ -233,8 +233,9 @@ def export_checkpoint(storage: str, run: str, export_root: str,
         missing = [f"{g}" + (f" (as {c})" if c != g else "")
                    for g, c in needed.items() if c not in in_ckpt]
         if missing:
-            non_trainable = [g for g in needed if needed[g] not in in_ckpt
-                             and g not in {v.op.name for v in tf.compat.v1.trainable_variables()}]
+            trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
+            non_trainable = [g for g in needed
+                             if needed[g] not in in_ckpt and g not in trainable]
             hint = (" These are non-trainable (e.g. batch-norm moving statistics): the "
                     "run's selection probably used policy: trainable; train with "
                     "selection policy: inference." if non_trainable else

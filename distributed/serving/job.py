@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from distributed.checkpoint import CheckpointStore, Catalog
+from distributed.checkpoint import Catalog
 from distributed.checkpoint.layout import RunLayout
 from distributed.errors import ConfigError
 from distributed.serving.export import (candidate_checkpoints, export_first_good,
@@ -25,16 +25,15 @@ def restore_once(storage: str, run: str, export: str, step: int | None = None,
     scope_maps = parse_scope_maps(maps)
     t0 = time.perf_counter()
     record = load_run_record(storage, run)
-    store = CheckpointStore(storage, run)
+    catalog = Catalog(RunLayout(os.path.abspath(storage), run))
     t_catalog = time.perf_counter()
-    candidates = candidate_checkpoints(store.catalog, step=step, best=best)
+    candidates = candidate_checkpoints(catalog, step=step, best=best)
     t_chosen = time.perf_counter()
     result = export_first_good(storage, run, export, candidates, record, scope_maps,
                                model, fallback=step is None, echo=echo)
-    entry = store.catalog.get(result.step)
     split = {"load config": t_catalog - t0, "catalog": t_chosen - t_catalog,
              **result.seconds}
-    echo(f"exported {entry.tier} checkpoint at step {entry.step} of run {run!r} to "
+    echo(f"exported serving checkpoint at step {result.step} of run {run!r} to "
          f"{result.export_dir} in {time.perf_counter() - t0:.2f}s ("
          + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()) + ")")
     return result

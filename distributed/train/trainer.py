@@ -76,7 +76,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict[str,
         cfg = config.to_dict()
         env = {"env_vars": dict(_ACTOR_ENV)}
         coordinator = ray.remote(Coordinator).options(
-            num_cpus=COORDINATOR_CPUS, runtime_env=env, name=None).remote(cfg)
+            num_cpus=COORDINATOR_CPUS, runtime_env=env).remote(cfg)
         actors.append(coordinator)
         workers = [ray.remote(Worker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
