@@ -8,7 +8,9 @@ cannot quietly fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import re
 import typing
 from typing import Any, Mapping
 
@@ -97,6 +99,9 @@ class TrainConfig:
         log_every: Print progress every N steps.
         collective_timeout: Seconds an all-reduce waits for a peer before the
             step fails (so a dead worker cannot hang the job).
+        max_failures: Times the worker group may fail (a worker or the
+            coordinator dies, a collective times out) and be restarted from the
+            latest full checkpoint before the job gives up; 0 fails at once.
         bucket_mib: Gradient bytes per all-reduce bucket.
         seed: Graph-level random seed.
     """
@@ -120,6 +125,7 @@ class TrainConfig:
         "serving": {"keep_last": 5}, "full": {"keep_last": 2}})
     log_every: int = 50
     collective_timeout: float = 120.0
+    max_failures: int = 3
     bucket_mib: float = 8.0
     seed: int = 0
 
@@ -128,8 +134,10 @@ class TrainConfig:
         for field in ("model", "input"):
             ref = getattr(self, field)
             if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
-                raise ConfigError(f"{field}: expected 'package.module:function', "
-                                  f"got {ref!r}")
+                raise ConfigError(
+                    f"{field}: expected 'package.module:function', got {ref!r}; "
+                    "write the module's dotted path, a colon, then the function's "
+                    "name (e.g. 'distributed.examples.digits:mlp_model_fn')")
         self.optimizer.validate("optimizer")
         self.checkpoint.validate("checkpoint")
         for field in ("batch_size", "steps", "workers", "log_every"):
@@ -138,13 +146,11 @@ class TrainConfig:
             raise ConfigError(f"gpus_per_worker: expected >= 0, got {self.gpus_per_worker!r}")
         _positive(self.cpus_per_worker, "cpus_per_worker")
         _positive(self.collective_timeout, "collective_timeout")
+        if type(self.max_failures) is not int or self.max_failures < 0:
+            raise ConfigError(f"max_failures: expected an integer >= 0, got "
+                              f"{self.max_failures!r}")
         _positive(self.bucket_mib, "bucket_mib")
-        if not isinstance(self.storage, str) or not self.storage:
-            raise ConfigError(f"storage: expected a directory path, got {self.storage!r}")
-        if "://" in self.storage and not self.storage.startswith("file://"):
-            raise ConfigError(
-                f"storage: {self.storage!r} is not supported yet; use a local or "
-                "NFS directory that every node mounts at the same path")
+        _check_storage(self.storage)
         from distributed.checkpoint.layout import check_run_name
         try:
             check_run_name(self.run)
@@ -217,11 +223,13 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, "
                           f"got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key"
-            f"{'s ' + str(unknown) if len(unknown) > 1 else ''}; valid keys are "
+            f"{'s ' + str(unknown) if len(unknown) > 1 else ''}; "
+            f"{f'did you mean {close[0]!r}? ' if close else ''}valid keys are "
             f"{', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -242,11 +250,13 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         return _coerce(value, hint, path)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {value!r}"
+                              f"{_unquote_hint(value)}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {value!r}"
+                              f"{_unquote_hint(value)}")
         return value
     if hint is str:
         if not isinstance(value, str):
@@ -263,6 +273,43 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def _unquote_hint(value: Any) -> str:
+    """A fix hint for a number written as a YAML string (``steps: "100"``)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (a string); write the number without quotes"
+    return ""
+
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _check_storage(value: Any) -> None:
+    """Storage is a directory path or a ``file:///abs/path`` URI; nothing else yet."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"storage: expected a directory path, got {value!r}; use "
+                          "e.g. /mnt/shared/runs (a mount every node shares)")
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ConfigError(
+                f"storage: {value!r} is not a file URI with an absolute path; use "
+                "file:///abs/path (three slashes) or a plain directory path")
+        return
+    if not _SCHEME_RE.fullmatch(scheme):
+        raise ConfigError(
+            f"storage: {value!r} is neither a directory path nor a URI (no valid "
+            "scheme before '://'); use a directory path such as /mnt/shared/runs")
+    raise ConfigError(
+        f"storage: {scheme}:// storage ({value!r}) is not supported yet; use a "
+        "local or NFS directory that every node mounts at the same path")
 
 
 def _choice(value: Any, choices: tuple[str, ...], path: str) -> None:

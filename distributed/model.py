@@ -21,11 +21,13 @@ A model is named in the config as ``"package.module:function"``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
+import traceback
 from typing import Any, Callable, Mapping
 
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, UserCodeError
 
 TRAIN = "train"
 EVAL = "eval"
@@ -47,6 +49,13 @@ class ModelSpec:
     predictions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
+SIGNATURES = {
+    "model": "model_fn(features, labels, mode, params)",
+    "input": "input_fn(worker_index, num_workers, batch_size, params)",
+}
+"""The contract of each config field that names a function, for error messages."""
+
+
 def load_function(ref: str, field: str, num_args: int) -> Callable[..., Any]:
     """Imports ``"package.module:function"`` and checks it takes ``num_args`` args.
 
@@ -56,30 +65,65 @@ def load_function(ref: str, field: str, num_args: int) -> Callable[..., Any]:
         num_args: Number of positional arguments the function must accept.
 
     Raises:
-        ConfigError: The reference is malformed, does not import, or names something
-            that is not a function of the right arity.
+        ConfigError: The reference is malformed, the module is not found, or it
+            names something that is not a function of the right arity.
+        UserCodeError: Importing the module raised (its traceback is in the
+            message).
     """
-    if not isinstance(ref, str) or ref.count(":") != 1:
+    expected = SIGNATURES.get(field, f"a function of {num_args} arguments")
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
         raise ConfigError(
-            f"{field}: expected 'package.module:function', got {ref!r}")
+            f"{field}: expected 'package.module:function', got {ref!r}; write the "
+            "module's dotted path, a colon, then the function's name (e.g. "
+            "'distributed.examples.digits:mlp_model_fn')")
     module_name, func_name = ref.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(
-            f"{field}: cannot import module {module_name!r} ({e}). Check the "
-            "spelling and that the module is on PYTHONPATH (with `ray job "
-            "submit`, inside --working-dir).") from e
+    module = _import(module_name, field)
     func = getattr(module, func_name, None)
     if func is None or not callable(func):
+        defined = [n for n, v in vars(module).items()
+                   if callable(v) and not n.startswith("_")
+                   and getattr(v, "__module__", None) == module.__name__]
+        close = difflib.get_close_matches(func_name, defined, n=1)
         raise ConfigError(
-            f"{field}: module {module_name!r} has no function {func_name!r}")
+            f"{field}: module {module_name!r} has no function {func_name!r}; "
+            f"define {expected} there or fix the name after the colon"
+            + (f" (did you mean {close[0]!r}?)" if close else ""))
     try:
         inspect.signature(func).bind(*([None] * num_args))
     except TypeError as e:
         raise ConfigError(
-            f"{field}: {ref} must accept {num_args} positional arguments ({e})"
-        ) from e
+            f"{field}: {ref} cannot be called as {expected} ({e}); give it "
+            f"exactly {num_args} positional parameters") from e
     except ValueError:  # builtins without a signature: trust them
         pass
     return func
+
+
+def _import(module_name: str, field: str) -> Any:
+    """Imports the user's module; one-line errors for a missing module."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing and not (module_name == missing
+                            or module_name.startswith(missing + ".")):
+            raise ConfigError(
+                f"{field}: module {module_name!r} imports {missing!r}, which is "
+                "not installed; install it on every node (or add it to the job's "
+                "runtime_env)") from e
+        raise ConfigError(
+            f"{field}: cannot import module {module_name!r} ({e}); check the "
+            "spelling and that the module is on PYTHONPATH (with `ray job "
+            "submit`, inside --working-dir)") from e
+    except Exception as e:
+        ours = (__file__, importlib.__file__)
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not f.filename.startswith("<frozen") and f.filename not in ours]
+        raise UserCodeError(
+            f"{field}: importing module {module_name!r} raised "
+            f"{type(e).__name__}: {e}\n"
+            f"Traceback of module {module_name!r} (most recent call last):\n"
+            f"{''.join(traceback.format_list(frames))}"
+            f"{''.join(traceback.format_exception_only(type(e), e)).rstrip()}\n"
+            f"Fix {module_name!r} (named by the config's {field!r}) and re-run."
+        ) from None
