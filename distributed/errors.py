@@ -8,6 +8,9 @@ actors, and says in its message how to fix the problem. Entry points print
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+
 
 class DistributedError(Exception):
     """Base class for errors whose message is meant for the user."""
@@ -54,3 +57,38 @@ class CheckpointCorruptError(DistributedError, ValueError):
         super().__init__(message)
         self.path = path
         self.tensor = tensor
+
+
+class UserCodeError(DistributedError, RuntimeError):
+    """The user's model or input function raised; the message carries its traceback."""
+
+
+class LossDivergedError(DistributedError, FloatingPointError):
+    """The training loss became NaN or infinite; committed checkpoints are kept."""
+
+
+class TrainingFailedError(DistributedError, RuntimeError):
+    """The worker group failed more often than ``max_failures`` allows."""
+
+
+@contextlib.contextmanager
+def user_code(field: str, ref: str):
+    """Runs the user's ``field`` function ``ref``; turns what it raises into
+    :class:`UserCodeError` with the user's part of the traceback, once.
+
+    Our own frames are dropped so the message starts at the user's code; our
+    :class:`DistributedError`\ s pass through unchanged.
+    """
+    try:
+        yield
+    except DistributedError:
+        raise
+    except Exception as e:
+        # Drop this generator's frame and the caller's (the ``with`` body).
+        frames = traceback.extract_tb(e.__traceback__)[2:]
+        detail = "".join(traceback.format_list(frames))
+        raise UserCodeError(
+            f"{field}: {ref} raised {type(e).__name__}: {e}\n"
+            f"Traceback of {ref} (most recent call last):\n{detail}"
+            f"{''.join(traceback.format_exception_only(e)).rstrip()}\n"
+            f"Fix {ref} (the {field!r} entry of the config) and re-run.") from None

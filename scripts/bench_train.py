@@ -328,23 +328,13 @@ def train_instrumented(config):
     """Runs ``trainer.train(config)``; returns (summary, rank 0's chunk reports)."""
     import distributed.train.worker as worker_mod
     from distributed.train import trainer
-    reports = []
-    orig_get, orig_worker = trainer._get, worker_mod.Worker
-
-    def _get(refs):
-        out = orig_get(refs)
-        if isinstance(out, list) and out and isinstance(out[0], dict) \
-                and "steps_per_sec" in out[0]:
-            reports.append(out[0])
-        return out
-
-    trainer._get = _get
+    orig_worker = worker_mod.Worker
     worker_mod.Worker = _timed_worker_class()
     try:
         summary = trainer.train(config, echo=lambda m: None)
     finally:
-        trainer._get, worker_mod.Worker = orig_get, orig_worker
-    return summary, reports
+        worker_mod.Worker = orig_worker
+    return summary, summary["rounds"]
 
 
 def analyse_run(reports, last_step):

@@ -19,7 +19,7 @@ import numpy as np
 
 from distributed.checkpoint import layout
 from distributed.config import TrainConfig, from_dict
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, user_code
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,12 @@ class Coordinator:
     NOTE: methods run one at a time (a Ray actor), so at most one save runs.
     """
 
-    def __init__(self, config_dict: Mapping[str, Any]):
+    def __init__(self, config_dict: Mapping[str, Any], restarting: bool = False):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.config: TrainConfig = from_dict(config_dict)
+        self.restarting = restarting
         from distributed.checkpoint.store import CheckpointStore
         self.store = CheckpointStore(self.config.storage_path, self.config.run)
-        self.removed = self.store.open()
 
     def prepare(self) -> dict[str, Any]:
         """Builds the chief graph, initializes or resumes; returns the plan."""
@@ -51,8 +51,9 @@ class Coordinator:
 
         cfg = self.config
         input_fn = load_function(cfg.input, "input", 4)
-        features, labels = next(iter(input_fn(0, cfg.workers, cfg.batch_size,
-                                              dict(cfg.input_params))))
+        with user_code("input", cfg.input):
+            features, labels = next(iter(input_fn(0, cfg.workers, cfg.batch_size,
+                                                  dict(cfg.input_params))))
         self.input_spec = InputSpec.from_batch(features, labels, f"input {cfg.input}")
         self.tg = build_train_graph(cfg, self.input_spec)
         reads = predict_reads(cfg, self.input_spec)
@@ -72,6 +73,9 @@ class Coordinator:
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
                                          config=session_config(shards))
         self.loader = VariableLoader(self.tg.variables)
+        # Only now that the user's functions built a graph: a run whose model
+        # or input fails leaves nothing in storage.
+        self.removed = self.store.open()
         start_step, resumed = self._init_or_resume()
         self._write_run_config()
         return {"start_step": start_step, "resumed_from": resumed,
@@ -86,7 +90,7 @@ class Coordinator:
         self.sess.run(self.tg.init_op)
         latest_full = self.store.catalog.latest("full")
         if latest_full is None:
-            if self.store.catalog.committed_keys():
+            if self.store.catalog.committed_keys() and not self.restarting:
                 raise ConfigError(
                     f"run: {self.config.run!r} already has checkpoints under "
                     f"{self.store.layout.root} but no full checkpoint to resume "
@@ -117,7 +121,15 @@ class Coordinator:
 
     def save(self, step: int, tier: str, values: Mapping[str, np.ndarray],
              metrics: Mapping[str, float]) -> dict[str, Any]:
-        """Loads rank 0's values into the chief Session, writes and commits."""
+        """Loads rank 0's values into the chief Session, writes and commits.
+
+        A step redone after a restart keeps the checkpoint committed before it
+        (committed checkpoints are immutable) and says so in the result.
+        """
+        if (step, tier) in self.store.catalog.committed_keys():
+            result = self.store.catalog.get(step, tier).to_json_dict()
+            result.update(already_committed=True, retention_deleted=[])
+            return result
         self.loader.load(self.sess, values)
         entry = self.store.save(self.writers[tier], self.sess, step, tier,
                                 self.config.selection_spec().to_json()

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.config import OptimizerConfig, TrainConfig
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, user_code
 from distributed.model import PREDICT, TRAIN, ModelSpec, load_function
 
 ReduceFn = Callable[[list], list]
@@ -79,7 +79,8 @@ def make_optimizer(cfg: OptimizerConfig):
 def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec:
     """Calls the user's ``model_fn`` and checks what it returns."""
     model_fn = load_function(config.model, "model", 4)
-    spec = model_fn(features, labels, mode, dict(config.model_params))
+    with user_code("model", config.model):
+        spec = model_fn(features, labels, mode, dict(config.model_params))
     if not isinstance(spec, ModelSpec):
         raise ConfigError(
             f"model: {config.model} returned {type(spec).__name__}; it must return "

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
 from typing import Any, Callable
 
 from distributed.config import TrainConfig
-from distributed.errors import ConfigError, DistributedError
+from distributed.errors import (ConfigError, DistributedError, StorageError,
+                                TrainingFailedError)
+from distributed.model import load_function
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +39,13 @@ def connect_ray() -> bool:
         return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
+        _handle_sigterm()
         return False
     cwd = os.getcwd()
     path = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
     ray.init(runtime_env={"env_vars": {**_ACTOR_ENV, "PYTHONPATH": path}},
              include_dashboard=False, log_to_driver=True)
+    _handle_sigterm()
     return True
 
 
@@ -61,91 +68,252 @@ def _check_resources(config: TrainConfig) -> None:
             "cpus_per_worker")
 
 
-def train(config: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs one training job to ``config.steps``; returns a summary dict."""
-    import ray
+def check_storage(config: TrainConfig) -> None:
+    """Fails fast, before Ray starts, when the storage directory is not writable.
 
+    Creates the storage directory (not the run's) and writes and removes a
+    probe file in it.
+    """
+    path = config.storage_path
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StorageError(
+            f"storage: cannot write to {path!r} ({e.strerror or e}); point "
+            "--storage or the config's storage at a writable directory that every "
+            "node mounts at the same path") from None
+
+
+def check_functions(config: TrainConfig) -> None:
+    """Imports the model and input functions in the driver, before any actor."""
+    load_function(config.model, "model", 4)
+    load_function(config.input, "input", 4)
+
+
+def train(config: TrainConfig, echo: Callable[[str], None] = print,
+          coordinator_cls: type | None = None) -> dict[str, Any]:
+    """Runs one training job to ``config.steps``; returns a summary dict.
+
+    When the worker group fails (a worker or the coordinator dies, a
+    collective times out), every actor is stopped and a new group resumes from
+    the latest full checkpoint, up to ``config.max_failures`` times.
+
+    Args:
+        config: The run.
+        echo: Where progress lines go.
+        coordinator_cls: The coordinator class (tests pass a subclass that
+            fails on purpose).
+    """
     from distributed.train.coordinator import Coordinator
-    from distributed.train.worker import Worker
 
     t0 = time.perf_counter()
+    # Every actor error is handled here; refs abandoned when a group is torn
+    # down must not print "Unhandled error" tracebacks later.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    check_functions(config)
+    check_storage(config)
     started = connect_ray()
-    actors = []
     try:
         _check_resources(config)
+        failures: list[str] = []
+        run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0)
+        while True:
+            try:
+                summary = run.attempt(restarting=bool(failures))
+            except GroupFailure as failure:
+                failures.append(str(failure))
+                if len(failures) > config.max_failures:
+                    raise TrainingFailedError(
+                        f"the worker group failed {len(failures)} times, more than "
+                        f"max_failures={config.max_failures}; last failure: {failure}. "
+                        f"The committed checkpoints under "
+                        f"{os.path.join(config.storage_path, config.run)} are intact: "
+                        "fix the cause and re-run with the same --run to resume "
+                        "from the last full checkpoint") from None
+                echo(f"FAILURE after step {run.step}: {failure}; restarting the "
+                     f"worker group ({len(failures)} of max_failures="
+                     f"{config.max_failures})")
+                continue
+            summary["failures"] = failures
+            return summary
+    finally:
+        if started:
+            ray_shutdown()
+
+
+def ray_shutdown() -> None:
+    import ray
+    ray.shutdown()
+
+
+class GroupFailure(Exception):
+    """The worker group cannot go on (an actor died, a collective failed)."""
+
+
+# TF errors a dead or stalled peer causes in a collective step.
+_PEER_ERRORS = {"DeadlineExceededError", "UnavailableError", "AbortedError",
+                "CancelledError"}
+
+
+class _GroupRun:
+    """Starts one group of actors (coordinator + workers) per attempt."""
+
+    def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float):
+        self.config = config
+        self.echo = echo
+        self.coordinator_cls = coordinator_cls
+        self.t0 = t0
+        self.step = 0
+        self.events: list[dict] = []
+        self.rounds: list[dict] = []  # rank 0's report of every round
+        self.first_step_at: float | None = None
+
+    def attempt(self, restarting: bool) -> dict[str, Any]:
+        import ray
+
+        from distributed.train.worker import Worker
+
+        config = self.config
         cfg = config.to_dict()
         env = {"env_vars": dict(_ACTOR_ENV)}
-        coordinator = ray.remote(Coordinator).options(
-            num_cpus=COORDINATOR_CPUS, runtime_env=env).remote(cfg)
-        actors.append(coordinator)
+        coordinator = ray.remote(self.coordinator_cls).options(
+            num_cpus=COORDINATOR_CPUS, runtime_env=env).remote(cfg, restarting)
         workers = [ray.remote(Worker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
             runtime_env=env).remote(cfg, rank) for rank in range(config.workers)]
-        actors += workers
+        names = ["the coordinator"] + [f"worker {r}" for r in range(config.workers)]
+        self.actors = dict(zip(names, [coordinator] + workers))
+        try:
+            return self._run(coordinator, workers, restarting)
+        finally:
+            for actor in self.actors.values():
+                ray.kill(actor, no_restart=True)
+
+    def _run(self, coordinator, workers, restarting: bool) -> dict[str, Any]:
+        config, echo = self.config, self.echo
         plan_ref = coordinator.prepare.remote()
-        addresses = ray.get([w.address.remote() for w in workers])
+        addresses = self._get([w.address.remote() for w in workers],
+                              [f"worker {r}" for r in range(len(workers))])
+        if len(set(addresses)) != len(addresses):
+            raise GroupFailure(f"two workers picked the same TF server address "
+                               f"({addresses})")
         setups = [w.setup.remote(addresses) for w in workers]  # overlaps prepare
-        plan = _get(plan_ref)
-        for message in plan["warnings"]:
-            echo(f"WARNING: {message}")
+        plan = self._get(plan_ref, "the coordinator")
+        if not restarting:
+            for message in plan["warnings"]:
+                echo(f"WARNING: {message}")
         if plan["removed"]:
             echo(f"removed {len(plan['removed'])} leftover(s) of an interrupted save")
         step = plan["start_step"]
-        if plan["resumed_from"] is not None:
+        if restarting:
+            source = (f"the full checkpoint at step {plan['resumed_from']}"
+                      if plan["resumed_from"] is not None else
+                      "the initial values (no full checkpoint yet)")
+            echo(f"restarted: resuming from {source}; steps {step + 1}.."
+                 f"{self.step} are redone ({max(0, self.step - step)} steps)")
+        elif plan["resumed_from"] is not None:
             echo(f"resuming run {config.run!r} from its full checkpoint at step "
                  f"{plan['resumed_from']} (optimizer state and step included)")
-        for rank, (_, spec) in enumerate(_get(setups)):
+        self.step = step
+        worker_names = [f"worker {r}" for r in range(len(workers))]
+        for rank, (_, spec) in enumerate(self._get(setups, worker_names)):
             if spec != plan["input_spec"]:
                 raise ConfigError(
                     f"input: {config.input} yields {spec} on worker {rank} but "
                     f"{plan['input_spec']} on worker 0; every worker's batches must "
                     "have the same dtypes and shapes")
         values = coordinator.initial_values.remote()
-        _get([w.load.remote(values, step, plan["serving_names"], coordinator)
-              for w in workers])
-        echo(f"run {config.run!r}: {config.workers} workers, "
-             f"{plan['num_variables']} variables, serving checkpoints hold "
-             f"{len(plan['serving_names'])} ({plan['serving_bytes'] / 2**20:.2f} MiB), "
-             f"storage {config.storage_path}; first step after "
-             f"{time.perf_counter() - t0:.1f}s")
-        first_step_at = time.perf_counter() - t0
-        events = []
+        self._get([w.load.remote(values, step, plan["serving_names"], coordinator)
+                   for w in workers], worker_names)
+        if not restarting:
+            echo(f"run {config.run!r}: {config.workers} workers, "
+                 f"{plan['num_variables']} variables, serving checkpoints hold "
+                 f"{len(plan['serving_names'])} "
+                 f"({plan['serving_bytes'] / 2**20:.2f} MiB), storage "
+                 f"{config.storage_path}; first step after "
+                 f"{time.perf_counter() - self.t0:.1f}s")
+            self.first_step_at = time.perf_counter() - self.t0
         while step < config.steps:
             target = min(config.steps, (step // config.log_every + 1) * config.log_every)
-            reports = _get([w.train.remote(target) for w in workers])
+            reports = self._get([w.train.remote(target) for w in workers], worker_names)
             lead = reports[0]
-            step = lead["step"]
+            self.rounds.append(lead)
+            step = self.step = lead["step"]
             for event in lead.get("events", []):
-                events.append(event)
+                self.events.append(event)
                 echo(_describe(event))
             echo(f"step {step}/{config.steps}  loss {lead['loss']:.4f}  "
                  f"{lead['steps_per_sec']:.1f} steps/s")
-        entries = _get(coordinator.entries.remote())
-        summary = {"run": config.run, "steps": step, "entries": entries,
-                   "events": events, "first_step_seconds": first_step_at,
-                   "seconds": time.perf_counter() - t0}
+        entries = self._get(coordinator.entries.remote(), "the coordinator")
         echo(format_summary(config, entries))
-        return summary
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if started:
-            ray.shutdown()
+        return {"run": config.run, "steps": step, "entries": entries,
+                "events": self.events, "rounds": self.rounds,
+                "first_step_seconds": self.first_step_at,
+                "seconds": time.perf_counter() - self.t0}
+
+    def _get(self, refs, names):
+        """``ray.get`` that fails as soon as any ref fails.
+
+        A user error raised in an actor is re-raised as itself (after the other
+        refs had a moment to finish, so rank 0 can commit an in-flight save); a
+        dead actor or a failed collective becomes :class:`GroupFailure`.
+        """
+        import ray
+        single = not isinstance(refs, list)
+        refs_list = [refs] if single else list(refs)
+        names_list = [names] if single else list(names)
+        pending = list(refs_list)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except Exception as e:
+                name = names_list[refs_list.index(ready[0])]
+                failure = _classify(e, name)
+                if failure is not None:
+                    raise failure from None
+                if pending:
+                    ray.wait(pending, num_returns=len(pending), timeout=30)
+                raise _unwrap(e) from None
+        values = ray.get(refs_list)
+        return values[0] if single else values
 
 
-def _get(refs):
-    """``ray.get`` that turns a user error raised in an actor back into itself."""
+def _unwrap(e: BaseException) -> BaseException:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, DistributedError) else e
+
+
+def _classify(e: BaseException, name: str) -> GroupFailure | None:
+    """A :class:`GroupFailure` for faults a restart can cure, else ``None``."""
     import ray
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if hasattr(e, "cause") else None
-        if isinstance(cause, DistributedError):
-            raise cause from None
-        raise
+    if isinstance(e, ray.exceptions.RayActorError):
+        return GroupFailure(f"{name} died ({_first_line(e).split('. ')[0]})")
+    if isinstance(e, (ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError,
+                      ray.exceptions.NodeDiedError)):
+        return GroupFailure(f"{name} was lost ({_first_line(e)})")
+    cause = getattr(e, "cause", None)
+    kinds = {c.__name__ for c in type(cause).__mro__} if cause is not None else set()
+    if kinds & _PEER_ERRORS:
+        return GroupFailure(f"{name}'s collective step failed ({type(cause).__name__}: "
+                            f"{_first_line(cause)}): a peer died or stalled")
+    if "CoordinatorLostError" in kinds:
+        return GroupFailure(f"{name} lost the coordinator ({_first_line(cause)})")
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _describe(event: dict) -> str:
+    if event["event"] == "committed" and event.get("already_committed"):
+        return (f"  kept the {event['tier']} checkpoint at step {event['step']} "
+                "committed before the restart")
     if event["event"] == "committed":
         extra = (f", retention deleted steps {event['retention_deleted']}"
                  if event.get("retention_deleted") else "")
@@ -174,7 +342,14 @@ def format_summary(config: TrainConfig, entries: list[dict]) -> str:
 
 
 def main_guard(fn: Callable[[], int]) -> int:
-    """Runs an entry point: user errors print one line and exit 2, no traceback."""
+    """Runs an entry point: user errors print one line and exit 2, no traceback.
+
+    SIGTERM (``ray job stop``, a scheduler) is handled like Ctrl-C: the actors
+    are stopped and the run can be resumed.
+    """
+    global _sigterm_interrupts
+    _sigterm_interrupts = True
+    _handle_sigterm()
     try:
         return fn()
     except DistributedError as e:
@@ -184,3 +359,19 @@ def main_guard(fn: Callable[[], int]) -> int:
         print("interrupted; actors stopped. Re-run with the same --run to resume "
               "from the last full checkpoint.", file=sys.stderr)
         return 130
+
+
+_sigterm_interrupts = False  # set by main_guard: entry points only
+
+
+def _handle_sigterm() -> None:
+    """Makes SIGTERM raise KeyboardInterrupt in an entry point's main thread.
+
+    Called again after ``ray.init``, which installs a handler of its own.
+    """
+    if _sigterm_interrupts and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

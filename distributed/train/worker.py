@@ -23,10 +23,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from distributed.config import TrainConfig, from_dict
+from distributed.errors import ConfigError, LossDivergedError, user_code
 from distributed.model import load_function
 from distributed.train.schedule import BusyPolicy, CheckpointSchedule
 
 log = logging.getLogger(__name__)
+
+
+class CoordinatorLostError(RuntimeError):
+    """Rank 0 found the coordinator dead; the trainer restarts the group."""
 
 
 class _AsyncCheckpointer:
@@ -72,6 +77,9 @@ class _AsyncCheckpointer:
         for ref in refs:
             try:
                 self.events.append({"event": "committed", **ray.get(ref)})
+            except ray.exceptions.RayActorError as e:
+                raise CoordinatorLostError(
+                    f"the coordinator died during a save: {_short(e)}") from None
             except Exception as e:  # a failed save must not stop training
                 self.events.append({"event": "failed", "error": _short(e)})
 
@@ -146,9 +154,10 @@ class Worker:
 
         cfg = self.config
         input_fn = load_function(cfg.input, "input", 4)
-        batches = iter(input_fn(self.rank, cfg.workers, cfg.batch_size,
-                                dict(cfg.input_params)))
-        first = next(batches)
+        with user_code("input", cfg.input):
+            batches = iter(input_fn(self.rank, cfg.workers, cfg.batch_size,
+                                    dict(cfg.input_params)))
+            first = next(batches)
         self._batches = itertools.chain([first], batches)
         input_spec = InputSpec.from_batch(*first, f"input {cfg.input}")
         self.spec = collective.GroupSpec(
@@ -191,17 +200,20 @@ class Worker:
         start = time.perf_counter()
         first = self.step
         while self.step < until_step:
-            features, labels = next(self._batches)
+            features, labels = self._next_batch()
             feed = {tg.features[k]: v for k, v in features.items()}
             feed[tg.labels] = labels
             _, loss = self.sess.run([tg.train_op, tg.loss], feed,
                                     options=self.run_options)
             self.step += 1
             if not np.isfinite(loss):
-                raise FloatingPointError(
+                if self._checkpointer is not None:
+                    self._checkpointer.flush()  # let the in-flight save commit
+                raise LossDivergedError(
                     f"loss became {loss} at step {self.step} on worker {self.rank}; "
-                    "lower optimizer.learning_rate or check the input. The last "
-                    "committed checkpoints are kept.")
+                    "lower optimizer.learning_rate or check the input. The "
+                    "checkpoints committed before it are kept (none of NaN "
+                    "values is saved).")
             losses.append(float(loss))
             if self._checkpointer is not None:
                 self._checkpointer.maybe_save(self.step, {"loss": float(loss)})
@@ -214,6 +226,17 @@ class Worker:
             report["events"] = self._checkpointer.drain_events()
             report["stall_seconds"] = self._checkpointer.stall_seconds
         return report
+
+    def _next_batch(self):
+        cfg = self.config
+        with user_code("input", cfg.input):
+            try:
+                return next(self._batches)
+            except StopIteration:
+                raise ConfigError(
+                    f"input: {cfg.input} ran out of batches on worker {self.rank} "
+                    f"after step {self.step}; an input function must yield batches "
+                    "forever (loop over the data in epochs)") from None
 
     def variables(self) -> dict[str, np.ndarray]:
         """Every variable's value (for tests of replica identity)."""

@@ -1,0 +1,270 @@
+"""Faults survived with nothing lost, each on a real local Ray with real TF.
+
+A worker process killed with SIGKILL mid-step, the coordinator's process dying
+at every phase of the commit protocol, the storage filling up mid-save, the
+driver stopped by SIGTERM/SIGINT: each time the job either finishes its steps
+(resuming from the latest full checkpoint) or fails with a clear message, no
+partial checkpoint is ever visible, and every committed checkpoint verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import tensorflow as tf
+
+from distributed import config as config_lib
+from distributed.checkpoint import Catalog, RunLayout
+from distributed.checkpoint.layout import TMP_MARKER
+from distributed.checkpoint.store import PHASES
+from distributed.checkpoint.verify import verify_checkpoint
+from distributed.errors import TrainingFailedError
+from distributed.train import trainer
+from tests.conftest import REPO_ROOT, start_local_ray
+from tests.fault_actors import CrashingCoordinator
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NUM_CPUS = 4
+MLP = "distributed.examples.digits:mlp_model_fn"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    with start_local_ray(NUM_CPUS, log_to_driver=False):
+        yield
+
+
+def make_config(storage: str, run: str, **overrides) -> config_lib.TrainConfig:
+    data = {"storage": storage, "run": run, "model": MLP, "steps": 60,
+            "batch_size": 32, "workers": 2, "cpus_per_worker": 0.5, "log_every": 10,
+            "optimizer": {"name": "adam", "learning_rate": 0.01},
+            "checkpoint": {"serving_every": 10, "full_every": 20},
+            "retention": {"serving": {"keep_last": 20}, "full": {"keep_last": 20}},
+            "collective_timeout": 30.0, "max_failures": 2}
+    data.update(overrides)
+    return config_lib.from_dict(data)
+
+
+def committed_and_sound(storage: str, run: str) -> list[tuple[int, str]]:
+    """Every committed checkpoint verifies and no in-flight leftovers are
+    visible as committed; returns the committed (step, tier) keys."""
+    catalog = Catalog(RunLayout(storage, run))
+    keys = []
+    for entry in catalog.entries():
+        verify_checkpoint(os.path.join(RunLayout(storage, run).root, entry.path))
+        keys.append((entry.step, entry.tier))
+    return sorted(keys)
+
+
+def leftovers(storage: str, run: str) -> list[str]:
+    root = RunLayout(storage, run).root
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root)
+            for n in dirs + files if TMP_MARKER in n]
+
+
+def worker_processes() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith("ray::Worker"):
+            found.append(p)
+    return found
+
+
+def kill_a_worker_soon(rng: random.Random) -> threading.Thread:
+    """SIGKILLs one worker process at a random moment of the next round."""
+    def kill():
+        time.sleep(rng.uniform(0.05, 0.5))
+        victims = worker_processes()
+        assert victims, ("no ray::Worker process found among "
+                         f"{[p.info['cmdline'][:1] for p in psutil.process_iter(['cmdline'])]}")
+        rng.choice(victims).send_signal(signal.SIGKILL)
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, tmp_path):
+    storage = str(tmp_path / "storage")
+    config = make_config(storage, "kill-worker", steps=150)
+    rng = random.Random(7)
+    lines, killers = [], []
+
+    def echo(line):
+        lines.append(line)
+        if not killers and "committed full checkpoint at step 20" in line:
+            killers.append(kill_a_worker_soon(rng))
+
+    summary = trainer.train(config, echo=echo)
+    killers[0].join()
+    text = "\n".join(lines)
+    assert summary["steps"] == 150
+    assert len(summary["failures"]) == 1, text
+    assert "FAILURE after step" in text and "died" in summary["failures"][0], text
+    resumed = re.search(r"restarted: resuming from the full checkpoint at step (\d+); "
+                        r"steps (\d+)\.\.(\d+) are redone \((\d+) steps\)", text)
+    assert resumed, text
+    full, first, last, count = map(int, resumed.groups())
+    assert full >= 20 and full % 20 == 0 and first == full + 1
+    assert count == last - full and count <= 20, text  # at most one full interval lost
+    keys = committed_and_sound(storage, "kill-worker")
+    assert [s for s, t in keys if t == "serving"] == list(range(10, 151, 10)), text
+    assert [s for s, t in keys if t == "full"] == list(range(20, 141, 20)) + [150], text
+    assert leftovers(storage, "kill-worker") == []
+    final = tf.train.load_checkpoint(os.path.join(
+        RunLayout(storage, "kill-worker").checkpoint_dir("full", 140), "model.ckpt"))
+    assert final.get_tensor("global_step") == 140
+
+
+def test_more_failures_than_allowed_fails_clearly_and_keeps_checkpoints(local_ray, tmp_path):
+    storage = str(tmp_path / "storage")
+    config = make_config(storage, "give-up", max_failures=0, steps=150)
+    rng = random.Random(11)
+    killers = []
+
+    def echo(line):
+        if not killers and "committed full checkpoint at step 20" in line:
+            killers.append(kill_a_worker_soon(rng))
+
+    with pytest.raises(TrainingFailedError, match=r"failed 1 times, more than "
+                       r"max_failures=0.*are intact.*same --run to resume"):
+        trainer.train(config, echo=echo)
+    keys = committed_and_sound(storage, "give-up")
+    assert (20, "full") in keys and (10, "serving") in keys
+
+
+def test_coordinator_dies_at_every_commit_phase_nothing_partial_visible(local_ray, tmp_path):
+    storage = str(tmp_path / "storage")
+    os.makedirs(storage)
+    with open(os.path.join(storage, "crash_plan.json"), "w") as f:
+        json.dump(list(PHASES), f)
+    config = make_config(storage, "kill-coord", steps=60, max_failures=len(PHASES),
+                         checkpoint={"serving_every": 10, "full_every": 10})
+    checks = []
+
+    def echo(line):
+        if line.startswith("FAILURE"):
+            # The moment after a crash: only whole checkpoints are committed.
+            checks.append(committed_and_sound(storage, "kill-coord"))
+
+    summary = trainer.train(config, echo=echo, coordinator_cls=CrashingCoordinator)
+    with open(os.path.join(storage, "crash_plan.json")) as f:
+        assert json.load(f) == []  # every phase crashed once
+    assert summary["steps"] == 60
+    assert len(summary["failures"]) == len(PHASES)
+    assert all("coordinator" in f for f in summary["failures"]), summary["failures"]
+    assert len(checks) == len(PHASES)
+    keys = committed_and_sound(storage, "kill-coord")
+    assert (60, "full") in keys and (60, "serving") in keys
+    assert leftovers(storage, "kill-coord") == []
+
+
+def _mount_tmpfs(path: str, size: str) -> bool:
+    os.makedirs(path, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_mid_training_save_fails_cleanly_and_next_save_retries(local_ray, tmp_path):
+    mount = str(tmp_path / "small")
+    if not _mount_tmpfs(mount, "8m"):
+        pytest.skip("cannot mount a tmpfs here (not root); the injected write "
+                    "failure of test_commit_protocol covers the store")
+    filler = os.path.join(mount, "filler")
+    try:
+        storage = os.path.join(mount, "storage")
+        config = make_config(storage, "full-disk", steps=80, max_failures=0,
+                             checkpoint={"serving_every": 10, "full_every": 40})
+        state = {"filled": False, "freed": False}
+        lines = []
+
+        def fill_disk():
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+
+        def echo(line):
+            lines.append(line)
+            if not state["filled"] and "committed serving" in line:
+                state["filled"] = True
+                fill_disk()
+            elif state["filled"] and not state["freed"] and "FAILED" in line:
+                # What a failed save leaves: nothing visible, nothing in flight.
+                state["visible_after_failure"] = committed_and_sound(storage, "full-disk")
+                state["leftovers_after_failure"] = leftovers(storage, "full-disk")
+                state["freed"] = True
+                os.unlink(filler)
+
+        summary = trainer.train(config, echo=echo)
+        text = "\n".join(lines)
+        failed = [e for e in summary["events"] if e["event"] == "failed"]
+        assert summary["steps"] == 80 and failed, text
+        assert state["leftovers_after_failure"] == [], text
+        last_failure = max(i for i, e in enumerate(summary["events"])
+                           if e["event"] == "failed")
+        later = [e for e in summary["events"][last_failure:] if e["event"] == "committed"]
+        assert later, text  # the next save after the failure succeeded
+        keys = committed_and_sound(storage, "full-disk")
+        assert (80, "serving") in keys and (80, "full") in keys
+        assert set(state["visible_after_failure"]) <= set(keys)
+        assert leftovers(storage, "full-disk") == []
+    finally:
+        subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+def _job(args, storage, run, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["PYTHONPATH"] = REPO_ROOT
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.train", "--storage", storage, "--run", run, *args],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, **kw)
+
+
+def test_driver_stopped_by_sigterm_cleans_up_and_rerun_resumes(tmp_path):
+    """What `ray job stop` does to the driver (SIGTERM), in local dev mode."""
+    storage = str(tmp_path / "storage")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {MLP}\nsteps: 100000\nworkers: 2\nlog_every: 10\n"
+                   "batch_size: 32\ncheckpoint: {serving_every: 10, full_every: 10}\n")
+    job = _job(["--config", str(cfg)], storage, "stopped")
+    catalog = Catalog(RunLayout(storage, "stopped"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and job.poll() is None:
+        if os.path.isdir(catalog.directory) and catalog.latest("full") is not None:
+            break
+        time.sleep(0.5)
+    assert job.poll() is None, job.communicate()[0]
+    children = psutil.Process(job.pid).children(recursive=True)
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 130, out
+    assert "interrupted; actors stopped" in out and "Traceback" not in out, out
+    gone, alive = psutil.wait_procs(children, timeout=60)
+    assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
+        [p.info if hasattr(p, "info") else p for p in alive]
+    stopped_at = catalog.latest("full").step
+    committed_and_sound(storage, "stopped")
+
+    cfg.write_text(cfg.read_text().replace("steps: 100000", f"steps: {stopped_at + 10}"))
+    rerun = _job(["--config", str(cfg)], storage, "stopped")
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert f"resuming run 'stopped' from its full checkpoint at step {stopped_at}" in out, out
+    assert (stopped_at + 10, "full") in committed_and_sound(storage, "stopped")
+    assert leftovers(storage, "stopped") == []
