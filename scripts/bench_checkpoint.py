@@ -22,6 +22,7 @@ measurements (``sync; echo 3 > /proc/sys/vm/drop_caches``); otherwise it says so
 
 from __future__ import annotations
 
+import glob
 import os
 
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -235,7 +236,8 @@ def catalog_bench(root: str, rows: int, mode: str, repeats: int):
             path=lay.relative_checkpoint_path("serving", step), num_tensors=32,
             num_bytes=2**30, num_shards=4, save_seconds=1.0,
             committed_at=utc_now(), metrics={"loss": 1.0 / step, "acc": 0.5},
-            selection='{"exclude": [], "include": [], "policy": "trainable"}')
+            selection='{"exclude": [], "include": [], "policy": "trainable"}',
+            manifest_crc32c=0)
 
     steps = [100 * (i + 1) for i in range(rows)]
     start = time.perf_counter()
@@ -253,8 +255,8 @@ def catalog_bench(root: str, rows: int, mode: str, repeats: int):
         n_compacted = (rows // catmod.COMPACT_EVERY) * catmod.COMPACT_EVERY
         for s in steps[:n_compacted]:
             data = catmod._table_bytes(catmod._to_table([entry(s)]))
-            with open(os.path.join(lay.catalog_dir,
-                                   laymod.catalog_row_name(s, "serving")), "wb") as f:
+            name = laymod.catalog_row_name(s, "serving", laymod.bytes_crc32c(data))
+            with open(os.path.join(lay.catalog_dir, name), "wb") as f:
                 f.write(data)
         if n_compacted:
             cat.compact()
@@ -284,9 +286,9 @@ def catalog_bench(root: str, rows: int, mode: str, repeats: int):
         "latest_ms": median(timed(lambda: cat.latest("serving"), n)) * 1e3,
         "table_ms": median(timed(lambda: cat.table(), n)) * 1e3,
     }
-    compacted = os.path.join(lay.catalog_dir, catmod.COMPACTED_DIR,
-                             catmod.COMPACTED_FILE)
-    os.unlink(compacted)
+    for compacted in glob.glob(os.path.join(lay.catalog_dir, catmod.COMPACTED_DIR,
+                                            "catalog.*.parquet")):
+        os.unlink(compacted)
     res["latest_nocomp_ms"] = median(timed(lambda: cat.latest("serving"), n)) * 1e3
     t_nocomp = timed(lambda: cat.table(), 1)
     res["table_nocomp_ms"] = median(t_nocomp) * 1e3

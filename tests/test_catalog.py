@@ -1,6 +1,7 @@
 """The catalog: commit records, queries, compaction, versions, other readers."""
 
 import datetime as dt
+import glob
 import os
 
 import pyarrow as pa
@@ -9,7 +10,9 @@ import pytest
 
 from distributed.checkpoint import CATALOG_SCHEMA, Catalog, CatalogEntry, RunLayout
 from distributed.checkpoint import catalog as catalog_mod
-from distributed.errors import CheckpointNotFoundError, ManifestError, SchemaVersionError
+from distributed.checkpoint import layout
+from distributed.errors import (CheckpointCorruptError, CheckpointExistsError,
+                                CheckpointNotFoundError, ManifestError, SchemaVersionError)
 
 
 def entry(step, tier="serving", loss=None, run="run"):
@@ -18,7 +21,34 @@ def entry(step, tier="serving", loss=None, run="run"):
         path=f"checkpoints/{tier}/step-{step:09d}", num_tensors=3, num_bytes=100,
         num_shards=1, save_seconds=0.1,
         committed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
-        metrics={} if loss is None else {"loss": loss}, selection="{}")
+        metrics={} if loss is None else {"loss": loss}, selection="{}",
+        manifest_crc32c=0x1234ABCD)
+
+
+def row_path(catalog, step, tier="serving"):
+    return os.path.join(catalog.directory, catalog.committed_keys()[step, tier])
+
+
+def rewrite_row(catalog, step, table, tier="serving"):
+    """Replaces a row file with ``table`` under the name its new bytes' CRC gives,
+    so what is tested is the checks after the CRC."""
+    os.unlink(row_path(catalog, step, tier))
+    data = catalog_mod._table_bytes(table)
+    name = layout.catalog_row_name(step, tier, layout.bytes_crc32c(data))
+    with open(os.path.join(catalog.directory, name), "wb") as f:
+        f.write(data)
+
+
+def compacted_files(catalog):
+    return glob.glob(os.path.join(catalog.directory, "_compacted", "catalog.*.parquet"))
+
+
+def flip_byte(path, offset, mask=0x01):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ mask]))
 
 
 @pytest.fixture
@@ -66,14 +96,25 @@ def test_compaction_is_only_an_accelerator(catalog, monkeypatch):
     monkeypatch.setattr(catalog_mod, "COMPACT_EVERY", 5)
     for step in range(1, 13):
         catalog.commit(entry(step, loss=float(step)))
-    compacted = os.path.join(catalog.directory, "_compacted", "catalog.parquet")
+    [compacted] = compacted_files(catalog)  # older copies are deleted
     assert pq.read_table(compacted).num_rows == 10  # written at 5 and 10 commits
     catalog.remove(3, "serving")  # row in the compacted copy, deleted since
     steps = [e.step for e in catalog.entries()]
     assert steps == [s for s in range(1, 13) if s != 3]
+    flip_byte(compacted, os.path.getsize(compacted) // 2)  # fails its CRC: ignored
+    assert [e.step for e in catalog.entries()] == steps
     with open(compacted, "wb") as f:  # a damaged cache is ignored, not trusted
         f.write(b"garbage")
     assert [e.step for e in catalog.entries()] == steps
+
+
+def test_compacted_row_is_used_only_for_the_row_file_it_came_from(catalog):
+    catalog.commit(entry(1, loss=1.0))
+    catalog.compact()
+    catalog.remove(1, "serving")
+    catalog.commit(entry(1, loss=2.0))  # same key, new row file: the cache is stale
+    assert catalog.entries()[0].metrics == {"loss": 2.0}
+    assert catalog.table().schema.equals(CATALOG_SCHEMA)
 
 
 def test_duckdb_and_polars_read_the_catalog_with_no_code_of_ours(catalog):
@@ -89,25 +130,65 @@ def test_duckdb_and_polars_read_the_catalog_with_no_code_of_ours(catalog):
 
 def test_unknown_schema_version_is_rejected(catalog):
     catalog.commit(entry(1))
-    path = os.path.join(catalog.directory, "step-000000001.serving.parquet")
-    table = pq.read_table(path)
+    table = pq.read_table(row_path(catalog, 1))
     meta = dict(table.schema.metadata)
     meta[b"schema_version"] = b"99"
-    pq.write_table(table.replace_schema_metadata(meta), path)
+    rewrite_row(catalog, 1, table.replace_schema_metadata(meta))
     with pytest.raises(SchemaVersionError, match="schema_version '99' is not supported"):
         catalog.entries()
 
 
+def test_version_1_row_counts_as_committed_but_is_refused(storage):
+    from distributed.checkpoint import CheckpointStore
+    store = CheckpointStore(storage, "run")
+    store.open()
+    os.makedirs(store.layout.checkpoint_dir("serving", 5))
+    open(os.path.join(store.catalog.directory, "step-000000005.serving.parquet"),
+         "wb").close()
+    assert (5, "serving") in store.catalog.committed_keys()
+    store.open()  # an upgrade must not mistake the old checkpoint for an orphan
+    assert os.path.isdir(store.layout.checkpoint_dir("serving", 5))
+    with pytest.raises(SchemaVersionError, match="version-1 format"):
+        store.catalog.entries()
+
+
+def test_corrupt_row_is_skipped_when_listing_and_named_by_get(catalog):
+    for step, loss in [(1, 0.5), (2, 0.1), (3, 0.9)]:
+        catalog.commit(entry(step, loss=loss))
+    bad = row_path(catalog, 2)
+    flip_byte(bad, 10, 0x80)
+    with pytest.warns(catalog_mod.CorruptCatalogRowWarning, match=os.path.basename(bad)):
+        assert [e.step for e in catalog.entries()] == [1, 3]
+    with pytest.warns(catalog_mod.CorruptCatalogRowWarning):
+        assert catalog.best("loss").step == 1
+    with pytest.raises(CheckpointCorruptError) as info:
+        catalog.get(2)
+    assert info.value.path == bad and bad in str(info.value)
+    assert "delete it" in str(info.value) and "CRC-32C" in str(info.value)
+    flip_byte(bad, 10, 0x80)  # repaired
+    flip_byte(row_path(catalog, 3), 0)  # the newest: latest falls back
+    with pytest.warns(catalog_mod.CorruptCatalogRowWarning, match="step 3"):
+        assert catalog.latest().step == 2
+
+
+def test_commit_of_a_committed_key_is_refused(catalog):
+    catalog.commit(entry(1))
+    with pytest.raises(CheckpointExistsError, match="already has a committed serving"):
+        catalog.commit(entry(1, loss=3.0))
+    assert len(os.listdir(catalog.directory)) == 1
+
+
 def test_row_that_lies_about_its_path_is_rejected(catalog):
     catalog.commit(entry(1))
-    path = os.path.join(catalog.directory, "step-000000001.serving.parquet")
-    table = pq.read_table(path)
+    table = pq.read_table(row_path(catalog, 1))
     table = table.set_column(table.schema.get_field_index("path"),
                              table.schema.field("path"),
                              pa.array(["../../etc"], pa.string()))
-    pq.write_table(table, path)
+    rewrite_row(catalog, 1, table)
     with pytest.raises(ManifestError, match="does not describe serving step 1"):
         catalog.get(1)
+    with pytest.warns(catalog_mod.CorruptCatalogRowWarning, match="tampered"):
+        assert catalog.entries() == []
 
 
 def test_commit_refuses_entry_of_another_run(catalog):
@@ -127,8 +208,9 @@ def test_open_compacts_rows_left_by_short_lived_writers(storage, monkeypatch):
     monkeypatch.setattr(catalog_mod, "COMPACT_EVERY", 4)
     for step in range(1, 4):  # three writers, one commit each: no compaction
         Catalog(RunLayout(storage, "run")).commit(entry(step))
-    compacted = os.path.join(storage, "run", "catalog", "_compacted", "catalog.parquet")
-    assert not os.path.exists(compacted)
+    catalog = Catalog(RunLayout(storage, "run"))
+    assert not compacted_files(catalog)
     Catalog(RunLayout(storage, "run")).commit(entry(4))
     CheckpointStore(storage, "run").open()
+    [compacted] = compacted_files(catalog)
     assert pq.read_table(compacted).num_rows == 4

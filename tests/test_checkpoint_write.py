@@ -69,8 +69,16 @@ def test_manifest_agrees_with_tf_index_bytes(tiny_model, storage):
         assert t.dtype == expected.dtype.name and t.shape == expected.shape
         np.testing.assert_array_equal(np.frombuffer(raw, expected.dtype).reshape(expected.shape),
                                       expected)
+    # The checksum chain: row file name -> row -> manifest -> whole index.
+    index_bytes = open(os.path.join(ckpt, "model.ckpt.index"), "rb").read()
+    manifest_bytes = open(os.path.join(ckpt, "manifest.parquet"), "rb").read()
+    assert manifest.index_crc32c == crc32c.crc32c(index_bytes)
+    assert entry.manifest_crc32c == crc32c.crc32c(manifest_bytes)
+    row = store.catalog.committed_keys()[10, "serving"]
+    row_bytes = open(os.path.join(store.catalog.directory, row), "rb").read()
+    assert row == f"step-000000010.serving.{crc32c.crc32c(row_bytes):08x}.parquet"
     meta = manifest.metadata
-    assert meta["schema_version"] == "1" and meta["tier"] == "serving"
+    assert meta["schema_version"] == "2" and meta["tier"] == "serving"
     assert meta["step"] == "10" and meta["run"] == "run" and meta["tf_version"] == tf.__version__
     assert "created_at" in meta and '"policy": "all"' in meta["selection"]
     trainable = {t.name: t.trainable for t in manifest.tensors}

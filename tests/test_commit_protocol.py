@@ -43,7 +43,7 @@ def test_writer_killed_at_each_phase(storage, phase):
 def test_catalog_tmp_file_is_invisible_and_removed(storage):
     store = CheckpointStore(storage, "run")
     store.open()
-    tmp = os.path.join(store.catalog.directory, catalog_row_name(3, "serving") + ".tmp-dead")
+    tmp = os.path.join(store.catalog.directory, catalog_row_name(3, "serving", 0) + ".tmp-dead")
     with open(tmp, "wb") as f:
         f.write(b"half a parquet")
     assert store.catalog.entries() == []

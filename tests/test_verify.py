@@ -139,9 +139,11 @@ def test_symlink_out_of_the_checkpoint_is_rejected(ckpt, tmp_path):
         read_manifest(ckpt)
 
 
-def test_unknown_manifest_version_is_rejected(ckpt):
-    rewrite_manifest(ckpt, None, None, meta={b"schema_version": b"2"})
-    with pytest.raises(SchemaVersionError, match="schema_version '2' is not supported"):
+@pytest.mark.parametrize("version", [b"1", b"3"])
+def test_unknown_manifest_version_is_rejected(ckpt, version):
+    rewrite_manifest(ckpt, None, None, meta={b"schema_version": version})
+    with pytest.raises(SchemaVersionError,
+                       match=f"schema_version '{version.decode()}' is not supported"):
         read_manifest(ckpt)
 
 

@@ -1,20 +1,40 @@
 """The catalog: one Arrow row per committed checkpoint, stored as Parquet.
 
-Each committed checkpoint has a row file ``catalog/step-<N>.<tier>.parquet``.
-Writing that file (atomically, last) *is* the commit; deleting it (first) is the
-start of a deletion. So "a checkpoint exists iff its row file exists" holds for
-every reader, and :meth:`Catalog.committed_keys` is the one place that decides it.
+Each committed checkpoint has a row file ``catalog/step-<N>.<tier>.<crc>.parquet``
+where ``<crc>`` is the CRC-32C of the file's own bytes. Writing that file
+(atomically, last) *is* the commit; deleting it (first) is the start of a
+deletion. So "a checkpoint exists iff its row file exists" holds for every
+reader, and :meth:`Catalog.committed_keys` is the one place that decides it.
 
 All row files share :data:`CATALOG_SCHEMA`, so the directory reads as one table
 with no code of ours::
 
     duckdb -c "SELECT step, tier, metrics FROM 'runs/demo/catalog/*.parquet'"
 
+The checksum chain. A checksum inside a file cannot cover all of the file, so the
+first link lives in the directory: the row file's name holds its CRC, and every
+reader checks it before parsing. The row's ``manifest_crc32c`` covers the
+checkpoint's ``manifest.parquet``; the manifest covers the ``.index`` (whole
+file) and every tensor's bytes. A single flipped byte anywhere in that chain is
+found (CRC-32C detects every error burst up to 32 bits) and the error names the
+file.
+
+A corrupt or damaged row file does not break the catalog: listing (``table``,
+``entries``, ``latest``, ``best``) skips it with a :class:`CorruptCatalogRowWarning`
+naming the file and the fix, so restore and resume fall back to the previous
+checkpoint; :meth:`Catalog.get` of that step raises, naming the file. A row of
+an unknown ``schema_version`` is not damage and still stops the listing with
+:class:`~distributed.errors.SchemaVersionError`.
+
 Listing 10,000 small files would be slow, so the writer keeps a compacted copy
-of the rows in ``catalog/_compacted/catalog.parquet``. It is only an accelerator:
-readers take from it just the rows whose row files still exist and read the
-few row files it does not have yet, so a stale or missing cache can never hide a
-committed checkpoint or show a deleted one.
+of the rows, ``catalog/_compacted/catalog.<crc>.parquet``, whose ``row_file``
+column names the exact row file each row came from. It is only an accelerator:
+readers take from it just the rows whose row files still exist under that very
+name and read the few row files it does not have yet, and a copy that fails its
+CRC or its schema is ignored, so a stale, damaged or missing cache can never hide
+a committed checkpoint or show a deleted one. Restore re-reads the chosen row
+file itself (:meth:`Catalog.get`), so a row file damaged after compaction is
+still caught there.
 """
 
 from __future__ import annotations
@@ -23,6 +43,8 @@ import dataclasses
 import datetime as _dt
 import io
 import os
+import re
+import warnings
 from typing import Any, Callable, Mapping
 
 import pyarrow as pa
@@ -31,11 +53,15 @@ import pyarrow.parquet as pq
 
 from distributed.checkpoint import layout
 from distributed.checkpoint.manifest import check_schema_version
-from distributed.errors import CheckpointNotFoundError, ManifestError
+from distributed.errors import (CheckpointCorruptError, CheckpointExistsError,
+                                CheckpointNotFoundError, ManifestError,
+                                SchemaVersionError)
 
-SCHEMA_VERSION = "1"
+# 2: adds ``manifest_crc32c``; row file names carry the CRC-32C of their bytes.
+SCHEMA_VERSION = "2"
 COMPACTED_DIR = "_compacted"
-COMPACTED_FILE = "catalog.parquet"
+_COMPACTED_RE = re.compile(r"^catalog\.([0-9a-f]{8})\.parquet$")
+ROW_FILE_COLUMN = "row_file"
 # Rewrite the compacted copy once this many row files are missing from it.
 COMPACT_EVERY = 64
 
@@ -51,8 +77,17 @@ CATALOG_SCHEMA = pa.schema([
     pa.field("committed_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("metrics", pa.map_(pa.string(), pa.float64())),
     pa.field("selection", pa.string(), nullable=False),
+    pa.field("manifest_crc32c", pa.uint32(), nullable=False),
 ], metadata={"schema_version": SCHEMA_VERSION,
              "format": "distributed-tf-ray/catalog"})
+
+# The compacted copy: the rows plus the name of the row file each came from.
+COMPACTED_SCHEMA = CATALOG_SCHEMA.append(
+    pa.field(ROW_FILE_COLUMN, pa.string(), nullable=False))
+
+
+class CorruptCatalogRowWarning(UserWarning):
+    """A catalog row file is corrupt or damaged; its checkpoint is skipped."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +106,7 @@ class CatalogEntry:
         committed_at: UTC time of the commit.
         metrics: Training metrics at that step (e.g. ``loss``).
         selection: The selection spec as JSON.
+        manifest_crc32c: CRC-32C of the checkpoint's ``manifest.parquet`` bytes.
     """
 
     run: str
@@ -84,6 +120,7 @@ class CatalogEntry:
     committed_at: _dt.datetime
     metrics: Mapping[str, float]
     selection: str
+    manifest_crc32c: int
 
     @property
     def key(self) -> tuple[int, str]:
@@ -103,21 +140,49 @@ def _to_table(entries: list[CatalogEntry]) -> pa.Table:
 
 
 def _from_row(row: dict[str, Any]) -> CatalogEntry:
-    row = dict(row)
+    row = {f.name: row[f.name] for f in CATALOG_SCHEMA}
     row["metrics"] = dict(row["metrics"] or [])
     return CatalogEntry(**row)
 
 
-def _check_schema(schema: pa.Schema, path: str) -> None:
-    for want in CATALOG_SCHEMA:
+def _check_schema(schema: pa.Schema, path: str,
+                  want_schema: pa.Schema = CATALOG_SCHEMA) -> None:
+    for want in want_schema:
         idx = schema.get_field_index(want.name)
         got = schema.field(want.name) if idx >= 0 else None
         if got is None or not got.type.equals(want.type):
             raise ManifestError(
                 f"{path}: catalog column {want.name!r} is "
                 f"{'missing' if got is None else got.type}, expected {want.type}")
-    if len(schema) != len(CATALOG_SCHEMA):
+    if len(schema) != len(want_schema):
         raise ManifestError(f"{path}: catalog row has unexpected extra columns")
+
+
+def _read_checked(path: str, crc: int, what: str, fix: str = "") -> pa.Table:
+    """Reads a Parquet file whose name records ``crc``; checks the CRC first
+    (``fix`` is appended to the message when it fails).
+
+    Raises:
+        FileNotFoundError: The file is gone (e.g. removed by retention).
+        CheckpointCorruptError: Its bytes do not match ``crc``.
+        ManifestError: It cannot be read or parsed.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ManifestError(f"{path}: {what} is unreadable ({e})") from e
+    actual = layout.bytes_crc32c(data)
+    if actual != crc:
+        raise CheckpointCorruptError(
+            f"{path}: {what} is corrupt: the CRC-32C of its bytes is {actual:#010x} "
+            f"but its name records {crc:#010x}{fix}", path=path)
+    try:
+        return pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"{path}: {what} is unreadable ({e})") from e
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -148,32 +213,45 @@ class Catalog:
 
     # -- the commit record -------------------------------------------------
 
+    def _row_names(self) -> dict[tuple[int, str], list[str]]:
+        """Every row file name per ``(step, tier)``, checksummed names first."""
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:
+            return {}
+        rows: dict[tuple[int, str], list[tuple[bool, str]]] = {}
+        for name in names:
+            parsed = layout.parse_catalog_row_name(name)
+            if parsed is not None:
+                rows.setdefault(parsed[:2], []).append((parsed[2] is None, name))
+        return {k: [n for _, n in sorted(v)] for k, v in rows.items()}
+
     def committed_keys(self) -> dict[tuple[int, str], str]:
         """``{(step, tier): row file name}`` of every committed checkpoint.
 
         This is the single definition of "committed" that every reader uses.
         """
-        try:
-            names = os.listdir(self._dir)
-        except FileNotFoundError:
-            return {}
-        keys = {}
-        for name in names:
-            parsed = layout.parse_catalog_row_name(name)
-            if parsed is not None:
-                keys[parsed] = name
-        return keys
+        return {k: v[0] for k, v in self._row_names().items()}
 
     def commit(self, entry: CatalogEntry) -> None:
-        """Writes the row file; after this returns the checkpoint exists."""
+        """Writes the row file; after this returns the checkpoint exists.
+
+        Raises:
+            CheckpointExistsError: A row for this step and tier exists already
+                (committed checkpoints are immutable).
+        """
         expected = self._layout.relative_checkpoint_path(entry.tier, entry.step)
         if entry.path != expected or entry.run != self._layout.run:
             raise ValueError(f"catalog entry {entry} does not belong at {expected}")
+        if entry.key in self.committed_keys():
+            raise CheckpointExistsError(
+                f"run {self._layout.run!r} already has a committed {entry.tier} "
+                f"checkpoint at step {entry.step}")
         os.makedirs(self._dir, exist_ok=True)
-        table = _to_table([entry])
-        layout.atomic_write_bytes(
-            os.path.join(self._dir, layout.catalog_row_name(entry.step, entry.tier)),
-            _table_bytes(table))
+        data = _table_bytes(_to_table([entry]))
+        name = layout.catalog_row_name(entry.step, entry.tier,
+                                       layout.bytes_crc32c(data))
+        layout.atomic_write_bytes(os.path.join(self._dir, name), data)
         self._uncompacted_commits += 1
         if self._uncompacted_commits >= COMPACT_EVERY:
             self.compact()
@@ -185,26 +263,41 @@ class Catalog:
         so a crash in between leaves an orphan directory, never a row that
         points at missing data.
         """
-        path = os.path.join(self._dir, layout.catalog_row_name(step, tier))
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        layout.fsync_dir(self._dir)
+        names = self._row_names().get((step, layout.check_tier(tier)), [])
+        for name in names:
+            try:
+                os.unlink(os.path.join(self._dir, name))
+            except FileNotFoundError:
+                continue
+        if names:
+            layout.fsync_dir(self._dir)
 
     # -- reading -----------------------------------------------------------
 
     def _read_row_file(self, name: str) -> pa.Table:
+        """One row file, checked (CRC, version, schema, content), as
+        :data:`CATALOG_SCHEMA` columns.
+
+        Raises:
+            FileNotFoundError: Not committed (any more): callers handle it.
+            CheckpointCorruptError: The bytes fail the CRC in the name.
+            SchemaVersionError: Another (e.g. version-1, unchecksummed) format.
+            ManifestError: Unreadable, or not the row its name says.
+        """
         path = os.path.join(self._dir, name)
-        try:
-            table = pq.read_table(path, page_checksum_verification=True)
-        except FileNotFoundError:
-            raise  # not committed (any more): callers handle it
-        except (pa.ArrowException, OSError) as e:
-            raise ManifestError(f"{path}: catalog row is unreadable ({e})") from e
+        step, tier, crc = layout.parse_catalog_row_name(name)
+        if crc is None:
+            raise SchemaVersionError(
+                f"{path}: catalog row in the version-1 format (no CRC-32C in its "
+                f"name); this code reads version {SCHEMA_VERSION}: read the run with "
+                "the distributed-tf-ray version that wrote it")
+        table = _read_checked(
+            path, crc, "catalog row file",
+            f". Restore the file from a backup, or delete it to drop the {tier} "
+            f"checkpoint at step {step} (CheckpointStore.open then removes its "
+            "directory); until then readers skip it")
         check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
         _check_schema(table.schema, path)
-        step, tier = layout.parse_catalog_row_name(name)
         rows = table.to_pylist()
         want = self._layout.relative_checkpoint_path(tier, step)
         if (len(rows) != 1 or rows[0]["step"] != step or rows[0]["tier"] != tier
@@ -212,75 +305,121 @@ class Catalog:
             raise ManifestError(
                 f"{path}: catalog row does not describe {tier} step {step} at "
                 f"{want}; the file is damaged or was tampered with")
-        return table
+        if any(v is None for k, v in rows[0].items() if k != "metrics"):
+            raise ManifestError(f"{path}: catalog row has null fields")
+        return table.select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
+
+    def _read_row_or_skip(self, key: tuple[int, str], name: str) -> pa.Table | None:
+        """:meth:`_read_row_file`, or ``None`` (with a warning) for a damaged
+        row or one deleted meanwhile, so listing never breaks on one bad file."""
+        try:
+            return self._read_row_file(name)
+        except FileNotFoundError:
+            return None  # removed by retention while we listed
+        except SchemaVersionError:
+            raise  # not damage: this code is too old to read it
+        except (CheckpointCorruptError, ManifestError) as e:
+            warnings.warn(
+                f"skipping the {key[1]} checkpoint at step {key[0]} of run "
+                f"{self._layout.run!r}, whose catalog row is damaged: {e}",
+                CorruptCatalogRowWarning, stacklevel=3)
+            return None
 
     def _read_compacted(self) -> pa.Table | None:
-        path = os.path.join(self._dir, COMPACTED_DIR, COMPACTED_FILE)
+        """The newest compacted copy that passes its CRC and schema, as
+        :data:`COMPACTED_SCHEMA`; ``None`` if there is none (readers then use
+        the row files)."""
+        directory = os.path.join(self._dir, COMPACTED_DIR)
         try:
-            table = pq.read_table(path, page_checksum_verification=True)
-            check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
-            _check_schema(table.schema, path)
-        except (FileNotFoundError, pa.ArrowException, OSError, ManifestError):
-            return None  # only an accelerator: fall back to the row files
-        return table.cast(CATALOG_SCHEMA)
+            found = [(e.stat().st_mtime_ns, e.name) for e in os.scandir(directory)
+                     if _COMPACTED_RE.match(e.name)]
+        except FileNotFoundError:
+            return None
+        for _, name in sorted(found, reverse=True):
+            path = os.path.join(directory, name)
+            crc = int(_COMPACTED_RE.match(name).group(1), 16)
+            try:
+                table = _read_checked(path, crc, "compacted catalog")
+                check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
+                _check_schema(table.schema, path, COMPACTED_SCHEMA)
+                return table.select(COMPACTED_SCHEMA.names).cast(COMPACTED_SCHEMA)
+            except (FileNotFoundError, CheckpointCorruptError, ManifestError,
+                    pa.ArrowException, ValueError):
+                continue  # only an accelerator: try an older one, or the row files
+        return None
+
+    def _rows(self, keys: Mapping[tuple[int, str], str]) -> pa.Table:
+        """The rows of ``keys`` (``{key: row file name}``) as
+        :data:`COMPACTED_SCHEMA`, sorted by tier, step; damaged rows skipped."""
+        parts = []
+        have: set[str] = set()
+        cached = self._read_compacted() if keys else None
+        if cached is not None and cached.num_rows:
+            wanted = pa.array(sorted(keys.values()), pa.string())
+            cached = cached.filter(pc.is_in(cached[ROW_FILE_COLUMN], value_set=wanted))
+            have = set(cached[ROW_FILE_COLUMN].to_pylist())
+            parts.append(cached)
+        for key in sorted(keys):
+            name = keys[key]
+            if name in have:
+                continue
+            table = self._read_row_or_skip(key, name)
+            if table is not None:
+                parts.append(table.append_column(
+                    COMPACTED_SCHEMA.field(ROW_FILE_COLUMN),
+                    pa.array([name] * table.num_rows, pa.string())))
+        if not parts:
+            return COMPACTED_SCHEMA.empty_table()
+        table = pa.concat_tables(parts)
+        return table.sort_by([("tier", "ascending"), ("step", "ascending")])
 
     def table(self, tier: str | None = None) -> pa.Table:
-        """Every committed checkpoint as one Arrow table, sorted by tier, step."""
+        """Every committed checkpoint as one Arrow table, sorted by tier, step.
+
+        A damaged row file is left out with a :class:`CorruptCatalogRowWarning`.
+        """
         keys = self.committed_keys()
         if tier is not None:
             layout.check_tier(tier)
             keys = {k: v for k, v in keys.items() if k[1] == tier}
-        parts = []
-        have: set[tuple[int, str]] = set()
-        cached = self._read_compacted() if keys else None
-        if cached is not None and cached.num_rows:
-            key_col = pc.binary_join_element_wise(
-                pc.cast(cached["step"], pa.string()), cached["tier"], ".")
-            wanted = pa.array([f"{s}.{t}" for s, t in keys], pa.string())
-            cached = cached.filter(pc.is_in(key_col, value_set=wanted))
-            cached = cached.replace_schema_metadata(CATALOG_SCHEMA.metadata)
-            have = set(zip(cached["step"].to_pylist(), cached["tier"].to_pylist()))
-            parts.append(cached)
-        for key in sorted(set(keys) - have):
-            try:
-                parts.append(self._read_row_file(keys[key]))
-            except FileNotFoundError:
-                continue  # removed by retention while we listed
-        if not parts:
-            return CATALOG_SCHEMA.empty_table()
-        table = pa.concat_tables(parts)
-        return table.sort_by([("tier", "ascending"), ("step", "ascending")])
+        table = self._rows(keys).drop_columns([ROW_FILE_COLUMN])
+        return table.replace_schema_metadata(CATALOG_SCHEMA.metadata)
 
     def entries(self, tier: str | None = None) -> list[CatalogEntry]:
-        """Every committed checkpoint, sorted by tier then step."""
+        """Every committed checkpoint, sorted by tier then step (damaged rows
+        left out with a warning)."""
         return [_from_row(r) for r in self.table(tier).to_pylist()]
 
     def get(self, step: int, tier: str = "serving") -> CatalogEntry:
-        """The committed checkpoint at ``step``.
+        """The committed checkpoint at ``step``, read from its row file.
 
         Raises:
             CheckpointNotFoundError: No such committed checkpoint.
+            CheckpointCorruptError: Its row file fails its CRC (named, with the fix).
+            ManifestError: Its row file is damaged or of an unknown version.
         """
         layout.check_tier(tier)
-        name = layout.catalog_row_name(step, tier)
-        try:
-            return _from_row(self._read_row_file(name).to_pylist()[0])
-        except FileNotFoundError:
-            steps = sorted(s for s, t in self.committed_keys() if t == tier)
-            near = ", ".join(map(str, steps[-5:])) or "none"
-            raise CheckpointNotFoundError(
-                f"run {self._layout.run!r} has no committed {tier} checkpoint at "
-                f"step {step} (latest {tier} steps: {near})") from None
+        keys = self.committed_keys()
+        if (step, tier) in keys:
+            try:
+                return _from_row(self._read_row_file(keys[step, tier]).to_pylist()[0])
+            except FileNotFoundError:
+                pass  # deleted since we listed
+        steps = sorted(s for s, t in keys if t == tier and s != step)
+        near = ", ".join(map(str, steps[-5:])) or "none"
+        raise CheckpointNotFoundError(
+            f"run {self._layout.run!r} has no committed {tier} checkpoint at "
+            f"step {step} (latest {tier} steps: {near})")
 
     def latest(self, tier: str = "serving") -> CatalogEntry | None:
-        """The committed checkpoint with the highest step, or ``None``."""
+        """The committed checkpoint with the highest step whose row file is
+        sound (damaged ones are skipped with a warning), or ``None``."""
         layout.check_tier(tier)
-        for step in sorted((s for s, t in self.committed_keys() if t == tier),
-                           reverse=True):
-            try:
-                return self.get(step, tier)
-            except CheckpointNotFoundError:
-                continue  # deleted between listing and reading
+        keys = self.committed_keys()
+        for step in sorted((s for s, t in keys if t == tier), reverse=True):
+            table = self._read_row_or_skip((step, tier), keys[step, tier])
+            if table is not None:
+                return _from_row(table.to_pylist()[0])
         return None
 
     def best(self, metric: str, mode: str = "min",
@@ -309,20 +448,32 @@ class Catalog:
         compacted copy (e.g. after many short-lived writers). Returns whether it did."""
         keys = self.committed_keys()
         cached = self._read_compacted()
-        have = set() if cached is None else set(
-            zip(cached["step"].to_pylist(), cached["tier"].to_pylist()))
-        if len(set(keys) - have) >= COMPACT_EVERY:
+        have = set() if cached is None else set(cached[ROW_FILE_COLUMN].to_pylist())
+        if len(set(keys.values()) - have) >= COMPACT_EVERY:
             self.compact()
             return True
         return False
 
     def compact(self) -> None:
-        """Rewrites the compacted copy from the current rows (atomic replace)."""
-        table = self.table()
+        """Writes a fresh compacted copy from the current rows, then deletes
+        older copies.
+
+        Crash ordering: the new copy is complete (atomic write) before any old
+        one goes, so a crash in between leaves two sound copies; readers take
+        the newest that passes its CRC.
+        """
+        data = _table_bytes(self._rows(self.committed_keys()))
         directory = os.path.join(self._dir, COMPACTED_DIR)
         os.makedirs(directory, exist_ok=True)
-        layout.atomic_write_bytes(os.path.join(directory, COMPACTED_FILE),
-                                  _table_bytes(table))
+        name = f"catalog.{layout.crc32c_hex(layout.bytes_crc32c(data))}.parquet"
+        layout.atomic_write_bytes(os.path.join(directory, name), data)
+        for old in os.listdir(directory):
+            if old != name and (_COMPACTED_RE.match(old) or old == "catalog.parquet"):
+                try:
+                    os.unlink(os.path.join(directory, old))
+                except FileNotFoundError:
+                    continue
+        layout.fsync_dir(directory)
         self._uncompacted_commits = 0
 
     def remove_stale_tmp_files(self) -> list[str]:

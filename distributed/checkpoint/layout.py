@@ -6,10 +6,16 @@ Layout::
                                                           model.ckpt.data-*-of-*,
                                                           manifest.parquet
     <storage>/<run>/checkpoints/<tier>/step-000000100.tmp-<random>/   (in flight)
-    <storage>/<run>/catalog/step-000000100.<tier>.parquet   (the commit record)
+    <storage>/<run>/catalog/step-000000100.<tier>.<crc>.parquet   (the commit record)
 
 Names are zero-padded so they sort by step. Every name pattern of the commit
 protocol is a constant here and nowhere else.
+
+``<crc>`` is the CRC-32C of the row file's own bytes (8 lowercase hex digits).
+A checksum inside a file cannot cover the whole file; one in its name, which
+lives in the directory, covers every byte, and Parquet readers still read
+``catalog/*.parquet`` unchanged. See :mod:`distributed.checkpoint.catalog` for
+the rest of the checksum chain.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import dataclasses
 import os
 import re
 import secrets
+
+import crc32c as _crc32c
 
 TIERS = ("serving", "full")
 CHECKPOINTS_DIR = "checkpoints"
@@ -28,7 +36,8 @@ TMP_MARKER = ".tmp-"
 STEP_DIGITS = 9
 
 _STEP_DIR_RE = re.compile(r"^step-(\d{%d})$" % STEP_DIGITS)
-_CATALOG_ROW_RE = re.compile(r"^step-(\d{%d})\.([a-z]+)\.parquet$" % STEP_DIGITS)
+_CATALOG_ROW_RE = re.compile(
+    r"^step-(\d{%d})\.([a-z]+)(?:\.([0-9a-f]{8}))?\.parquet$" % STEP_DIGITS)
 _RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -71,17 +80,44 @@ def is_tmp_name(name: str) -> bool:
     return TMP_MARKER in name
 
 
-def catalog_row_name(step: int, tier: str) -> str:
-    """``step-000000100.serving.parquet``: the commit record of one checkpoint."""
-    return f"{step_dirname(step)}.{check_tier(tier)}.parquet"
+def crc32c_hex(crc: int) -> str:
+    """The 8-hex-digit spelling of a CRC-32C used in file names."""
+    return f"{crc:08x}"
 
 
-def parse_catalog_row_name(name: str) -> tuple[int, str] | None:
-    """Inverse of :func:`catalog_row_name`; ``None`` for any other name."""
+def bytes_crc32c(data) -> int:
+    """CRC-32C of a bytes-like object (hardware-accelerated where available)."""
+    return _crc32c.crc32c(data)
+
+
+def file_crc32c(path: str, chunk: int = 16 << 20) -> int:
+    """CRC-32C of a whole file's bytes, read in chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = _crc32c.crc32c(block, crc)
+    return crc
+
+
+def catalog_row_name(step: int, tier: str, crc: int) -> str:
+    """``step-000000100.serving.1a2b3c4d.parquet``: the commit record of one
+    checkpoint; ``crc`` is the CRC-32C of the file's bytes."""
+    return f"{step_dirname(step)}.{check_tier(tier)}.{crc32c_hex(crc)}.parquet"
+
+
+def parse_catalog_row_name(name: str) -> tuple[int, str, int | None] | None:
+    """Inverse of :func:`catalog_row_name`: ``(step, tier, crc)``; ``None`` for
+    any other name.
+
+    ``crc`` is ``None`` for a version-1 row name (``step-N.<tier>.parquet``, no
+    checksum). Such a name still counts as committed, so an upgrade never
+    mistakes old checkpoints for orphans and deletes them; readers reject it.
+    """
     m = _CATALOG_ROW_RE.match(name)
     if not m or m.group(2) not in TIERS:
         return None
-    return int(m.group(1)), m.group(2)
+    crc = m.group(3)
+    return int(m.group(1)), m.group(2), None if crc is None else int(crc, 16)
 
 
 @dataclasses.dataclass(frozen=True)

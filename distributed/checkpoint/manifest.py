@@ -7,9 +7,21 @@ TensorFlow. ``crc32c`` is the plain (unmasked) CRC-32C of the tensor's bytes;
 TensorFlow's index stores the same value masked.
 
 Schema metadata: ``schema_version``, ``run``, ``step``, ``tier``, ``selection``
-(JSON), ``tf_version``, ``created_at``. Manifests come from shared storage, so
-:func:`read_manifest` treats them as untrusted: unknown versions, paths that would
-leave the checkpoint directory, and impossible offsets/lengths are rejected.
+(JSON), ``tf_version``, ``created_at`` and ``index_crc32c``: the CRC-32C of the
+whole ``model.ckpt.index`` file (8 hex digits), so a flip anywhere in the index,
+footer included, is caught, not only in its checksummed blocks.
+
+The manifest is one link of a checksum chain: the catalog row's name holds the
+CRC-32C of the row's bytes, the row holds the manifest's (``manifest_crc32c``),
+the manifest holds the index's and every tensor's. :func:`read_manifest` checks
+the manifest's CRC when given it; readers that start from the catalog
+(``CheckpointStore.verify``, the restore job) always give it.
+
+Manifests come from shared storage, so :func:`read_manifest` treats them as
+untrusted: unknown versions, missing metadata, unknown dtypes, nulls, paths that
+would leave the checkpoint directory (``..``, absolute, symlinks out), and
+impossible offsets/lengths are rejected with :class:`ManifestError`. Nothing
+read from storage is unpickled; Parquet and protobuf are parsed as data.
 """
 
 from __future__ import annotations
@@ -24,9 +36,11 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed.errors import ManifestError, SchemaVersionError
+from distributed.checkpoint import layout
+from distributed.errors import CheckpointCorruptError, ManifestError, SchemaVersionError
 
-SCHEMA_VERSION = "1"
+# 2: adds ``index_crc32c`` to the metadata (the catalog row records this file's CRC).
+SCHEMA_VERSION = "2"
 _FORMAT = "distributed-tf-ray/manifest"
 
 MANIFEST_SCHEMA = pa.schema([
@@ -41,7 +55,8 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 _METADATA_KEYS = ("schema_version", "run", "step", "tier", "selection",
-                  "tf_version", "created_at")
+                  "tf_version", "created_at", "index_crc32c")
+_HEX8_RE = re.compile(r"^[0-9a-f]{8}$")
 
 # Bytes per element of fixed-size dtypes; others (string) are variable-length.
 DTYPE_SIZES = {
@@ -50,6 +65,8 @@ DTYPE_SIZES = {
     "int32": 4, "uint32": 4, "float32": 4, "qint32": 4,
     "int64": 8, "uint64": 8, "float64": 8, "complex64": 8, "complex128": 16,
 }
+# Every dtype a manifest may name; anything else is damage or tampering.
+KNOWN_DTYPES = frozenset(DTYPE_SIZES) | {"string"}
 
 # The only file names a manifest may point at: TF data shards, no directories.
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\.data-\d{5}-of-\d{5}$")
@@ -90,6 +107,11 @@ class Manifest:
         return self.metadata["tier"]
 
     @property
+    def index_crc32c(self) -> int:
+        """CRC-32C of the whole ``.index`` file, as written."""
+        return int(self.metadata["index_crc32c"], 16)
+
+    @property
     def num_bytes(self) -> int:
         return sum(t.length for t in self.tensors)
 
@@ -100,7 +122,8 @@ class Manifest:
 
 def build_manifest_table(records: list[TensorRecord],
                          metadata: Mapping[str, Any]) -> pa.Table:
-    """Builds the Arrow table; ``metadata`` must hold every key but ``schema_version``."""
+    """Builds the Arrow table; ``metadata`` must hold every key but ``schema_version``
+    (``index_crc32c`` as an int)."""
     missing = [k for k in _METADATA_KEYS if k != "schema_version" and k not in metadata]
     if missing:
         raise ValueError(f"manifest metadata lacks {missing}")
@@ -108,6 +131,7 @@ def build_manifest_table(records: list[TensorRecord],
     columns = {f.name: [getattr(r, f.name) for r in records] for f in MANIFEST_SCHEMA}
     columns["shape"] = [list(s) for s in columns["shape"]]
     meta = {k: str(v) for k, v in metadata.items()}
+    meta["index_crc32c"] = layout.crc32c_hex(int(metadata["index_crc32c"]))
     meta.update(schema_version=SCHEMA_VERSION, format=_FORMAT)
     return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA.with_metadata(meta))
 
@@ -134,21 +158,42 @@ def check_schema_version(metadata: Mapping[bytes, bytes] | None, what: str,
     return meta
 
 
-def read_manifest(checkpoint_dir: str) -> Manifest:
+def read_manifest(checkpoint_dir: str,
+                  expected_crc32c: int | None = None) -> Manifest:
     """Reads and validates ``<checkpoint_dir>/manifest.parquet``.
 
+    Args:
+        checkpoint_dir: The checkpoint directory.
+        expected_crc32c: The CRC-32C the catalog row records for the file; when
+            given, any changed byte is caught before the file is parsed.
+
     Raises:
+        CheckpointCorruptError: The bytes do not match ``expected_crc32c``.
         ManifestError: The file is missing, unreadable, of another schema, or
             describes bytes outside the checkpoint directory or its files.
     """
-    path = os.path.join(checkpoint_dir, "manifest.parquet")
+    path = os.path.join(checkpoint_dir, layout.MANIFEST_FILE)
+    safe_member_path(checkpoint_dir, layout.MANIFEST_FILE, f"{path}: manifest")
     try:
-        table = pq.read_table(path, page_checksum_verification=True)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError as e:
         raise ManifestError(f"{path}: manifest is missing") from e
+    except OSError as e:
+        raise ManifestError(f"{path}: manifest is unreadable ({e})") from e
+    if expected_crc32c is not None:
+        actual = layout.bytes_crc32c(data)
+        if actual != expected_crc32c:
+            raise CheckpointCorruptError(
+                f"{path}: manifest is corrupt: the CRC-32C of its bytes is "
+                f"{actual:#010x} but the catalog row records {expected_crc32c:#010x}",
+                path=path)
+    try:
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(f"{path}: manifest is unreadable ({e})") from e
     meta = check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
+    _check_metadata(meta, path)
     for field in MANIFEST_SCHEMA:
         if field.name not in table.column_names:
             raise ManifestError(f"{path}: column {field.name!r} is missing")
@@ -158,7 +203,7 @@ def read_manifest(checkpoint_dir: str) -> Manifest:
                 f"{table.schema.field(field.name).type}, expected {field.type}")
     records = []
     for row in table.select(MANIFEST_SCHEMA.names).to_pylist():
-        if any(v is None for v in row.values()):
+        if any(v is None for v in row.values()) or None in row["shape"]:
             raise ManifestError(f"{path}: tensor {row.get('name')!r} has null fields")
         row["shape"] = tuple(row["shape"])
         records.append(TensorRecord(**row))
@@ -167,10 +212,43 @@ def read_manifest(checkpoint_dir: str) -> Manifest:
                     metadata=meta)
 
 
+def _check_metadata(meta: Mapping[str, str], path: str) -> None:
+    """Rejects a manifest whose schema metadata lacks a key or holds nonsense."""
+    missing = [k for k in _METADATA_KEYS if k not in meta]
+    if missing or meta.get("format") != _FORMAT:
+        raise ManifestError(
+            f"{path}: metadata lacks {missing or ['format']}; the file was not "
+            "written by this project or is damaged")
+    step, tier = meta["step"], meta["tier"]
+    if not step.isdigit() or tier not in layout.TIERS:
+        raise ManifestError(f"{path}: metadata step {step!r} / tier {tier!r} "
+                            f"is not a step number and one of {layout.TIERS}")
+    if not _HEX8_RE.match(meta["index_crc32c"]):
+        raise ManifestError(f"{path}: metadata index_crc32c "
+                            f"{meta['index_crc32c']!r} is not 8 hex digits")
+
+
 def expected_length(dtype: str, shape: tuple[int, ...]) -> int | None:
     """Bytes a tensor of fixed-size ``dtype`` must occupy; ``None`` if variable."""
     size = DTYPE_SIZES.get(dtype)
     return None if size is None else size * math.prod(shape)
+
+
+def safe_member_path(checkpoint_dir: str, name: str, what: str) -> str:
+    """``checkpoint_dir/name``, after refusing a symlink that resolves anywhere
+    but directly in ``checkpoint_dir`` (so no read ever leaves the checkpoint).
+
+    Raises:
+        ManifestError: ``name`` resolves outside ``checkpoint_dir``; the message
+            starts with ``what``.
+    """
+    base = os.path.realpath(checkpoint_dir)
+    full = os.path.realpath(os.path.join(base, name))
+    if os.path.dirname(full) != base:
+        raise ManifestError(
+            f"{what} {name!r} resolves to {full}, outside {base} (a symlink out "
+            "of the checkpoint); refusing to read it")
+    return os.path.join(checkpoint_dir, name)
 
 
 def safe_shard_path(checkpoint_dir: str, shard: str, what: str) -> str:
@@ -185,13 +263,7 @@ def safe_shard_path(checkpoint_dir: str, shard: str, what: str) -> str:
         raise ManifestError(
             f"{what}: shard path {shard!r} is not a plain data-shard file name "
             "inside the checkpoint directory; refusing to read it")
-    base = os.path.realpath(checkpoint_dir)
-    full = os.path.realpath(os.path.join(base, shard))
-    if os.path.dirname(full) != base:
-        raise ManifestError(
-            f"{what}: shard {shard!r} resolves to {full}, outside {base} "
-            "(a symlink out of the checkpoint); refusing to read it")
-    return full
+    return safe_member_path(checkpoint_dir, shard, f"{what}: shard")
 
 
 def _validate_records(records: list[TensorRecord], checkpoint_dir: str,
@@ -202,6 +274,10 @@ def _validate_records(records: list[TensorRecord], checkpoint_dir: str,
         if r.name in names:
             raise ManifestError(f"{path}: tensor {r.name!r} appears twice")
         names.add(r.name)
+        if r.dtype not in KNOWN_DTYPES:
+            raise ManifestError(
+                f"{path}: tensor {r.name!r} has unknown dtype {r.dtype!r} (known: "
+                f"{', '.join(sorted(KNOWN_DTYPES))})")
         safe_shard_path(checkpoint_dir, r.shard, path)
         if r.offset < 0 or r.length < 0 or any(d < 0 for d in r.shape):
             raise ManifestError(

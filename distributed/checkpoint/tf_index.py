@@ -9,6 +9,10 @@ TensorFlow's Python API exposes names, dtypes and shapes (``CheckpointReader``)
 but not offsets or checksums, which the manifest needs; so this module parses the
 table directly. TensorFlow writes the table uncompressed; a compressed block is
 rejected with a clear error rather than misread.
+
+The table's own block checksums leave the 48-byte footer uncovered, so the
+manifest also records the CRC-32C of the whole file; :func:`check_index_file`
+checks it first when given it.
 """
 
 from __future__ import annotations
@@ -161,18 +165,29 @@ def read_index(path: str, verify: bool = True) -> dict[str, IndexEntry]:
     return entries
 
 
-def check_index_file(path: str) -> int:
+def check_index_file(path: str, expected_crc32c: int | None = None) -> int:
     """Checks a ``.index`` file's footer and every block checksum, without TF.
+
+    Args:
+        path: The ``.index`` file.
+        expected_crc32c: CRC-32C of the whole file (from the manifest); when
+            given, any changed byte, footer included, is caught.
 
     Returns:
         The number of data blocks checked.
 
     Raises:
-        ValueError: Naming what is wrong (bad magic, a block outside the file,
-            a checksum mismatch).
+        ValueError: Naming what is wrong (a whole-file CRC mismatch, bad magic,
+            a block outside the file, a block checksum mismatch).
     """
     with open(path, "rb") as f:
         data = f.read()
+    if expected_crc32c is not None:
+        actual = _crc32c.crc32c(data)
+        if actual != expected_crc32c:
+            raise ValueError(
+                f"the CRC-32C of the whole file is {actual:#010x} but the manifest "
+                f"records {expected_crc32c:#010x}")
     if len(data) < _FOOTER_SIZE:
         raise ValueError("too short to be a checkpoint index")
     (magic,) = struct.unpack_from("<Q", data, len(data) - 8)

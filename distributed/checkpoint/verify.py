@@ -3,8 +3,15 @@
 Every tensor's bytes are read from its shard (memory-mapped, shards in
 parallel threads) and checked for length, dtype/shape consistency and CRC-32C
 (computed in C by the ``crc32c`` package, hardware-accelerated where the CPU has
-it). The ``.index`` file's block checksums are checked too, since that is what
-TensorFlow reads when it restores.
+it). The ``.index`` file is checked whole against the CRC-32C the manifest
+records, and block by block, since that is what TensorFlow reads when it restores.
+
+Together with the catalog this is a checksum chain with no gap: the row file's
+name holds the CRC of its bytes, the row the manifest's, the manifest the
+index's and every tensor's, and the tensors tile their shard files. So one
+flipped byte in any of these files is always found, and the error names the
+file. Checksum mismatches raise :class:`CheckpointCorruptError`; structurally
+impossible or hostile manifests raise :class:`ManifestError`.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import time
 
 import crc32c as _crc32c
 
-from distributed.checkpoint.layout import CKPT_PREFIX
-from distributed.checkpoint.manifest import Manifest, read_manifest, safe_shard_path
+from distributed.checkpoint.catalog import Catalog
+from distributed.checkpoint.layout import CKPT_PREFIX, RunLayout
+from distributed.checkpoint.manifest import (Manifest, read_manifest, safe_member_path,
+                                             safe_shard_path)
 from distributed.checkpoint.tf_index import check_index_file
 from distributed.errors import CheckpointCorruptError, ManifestError
 
@@ -51,6 +60,20 @@ class VerifyReport:
         return not self.problems
 
 
+def _untiled(rows, size: int) -> str | None:
+    """Says which bytes of a shard no tensor covers, or ``None`` if the tensors
+    (sorted by offset) tile ``[0, size)``: TensorFlow writes no gaps, so a gap
+    means the manifest and the file disagree and its bytes would go unchecked."""
+    pos = 0
+    for r in rows:
+        if r.offset > pos:
+            return f"bytes [{pos}, {r.offset}) are not covered by any tensor"
+        pos = max(pos, r.offset + r.length)
+    if pos < size:
+        return f"bytes [{pos}, {size}) after the last tensor are not in the manifest"
+    return None
+
+
 def _check_shard(path: str, rows) -> list[Problem]:
     problems = []
     try:
@@ -59,6 +82,10 @@ def _check_shard(path: str, rows) -> list[Problem]:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
     except OSError as e:
         return [Problem(path, None, f"cannot read shard ({e.strerror or e})")]
+    rows = sorted(rows, key=lambda r: r.offset)
+    gap = _untiled(rows, size)
+    if gap:
+        problems.append(Problem(path, None, gap))
     try:
         view = memoryview(mm) if mm is not None else memoryview(b"")
         for r in rows:
@@ -84,11 +111,14 @@ def verify_manifest(checkpoint_dir: str, manifest: Manifest,
     """Verifies the files of ``checkpoint_dir`` against an already-read manifest."""
     start = time.perf_counter()
     problems: list[Problem] = []
-    index_path = os.path.join(checkpoint_dir, CKPT_PREFIX + ".index")
+    index_path = _index_path(checkpoint_dir)
     try:
-        check_index_file(index_path)
+        check_index_file(index_path, manifest.index_crc32c)
     except FileNotFoundError:
         problems.append(Problem(index_path, None, "index file is missing"))
+    except OSError as e:
+        problems.append(Problem(index_path, None,
+                                f"cannot read index file ({e.strerror or e})"))
     except ValueError as e:
         problems.append(Problem(index_path, None, f"index file is corrupt: {e}"))
     by_shard: dict[str, list] = {}
@@ -107,20 +137,32 @@ def verify_manifest(checkpoint_dir: str, manifest: Manifest,
                         problems=tuple(problems))
 
 
-def verify_checkpoint(checkpoint_dir: str, raise_on_error: bool = True) -> VerifyReport:
+def _index_path(checkpoint_dir: str) -> str:
+    """The checkpoint's ``.index``, refusing a symlink out of the directory."""
+    name = CKPT_PREFIX + ".index"
+    return safe_member_path(checkpoint_dir, name,
+                            f"{os.path.join(checkpoint_dir, name)}: index file")
+
+
+def verify_checkpoint(checkpoint_dir: str, raise_on_error: bool = True,
+                      manifest_crc32c: int | None = None) -> VerifyReport:
     """Verifies every tensor of a checkpoint directory against its manifest.
 
     Args:
         checkpoint_dir: A committed checkpoint directory.
         raise_on_error: Raise on the first problem instead of returning them.
+        manifest_crc32c: The CRC-32C the catalog row records for
+            ``manifest.parquet``. Pass it (``CheckpointStore.verify`` does) so a
+            flip anywhere in the manifest is caught; without it the manifest is
+            only checked for structure and by its Parquet page checksums.
 
     Raises:
         CheckpointCorruptError: (with ``raise_on_error``) naming the tensor and
             file that are bad; ``ManifestError`` if the manifest itself is bad.
     """
     try:
-        manifest = read_manifest(checkpoint_dir)
-    except ManifestError as e:
+        manifest = read_manifest(checkpoint_dir, manifest_crc32c)
+    except (CheckpointCorruptError, ManifestError) as e:
         if raise_on_error:
             raise
         return VerifyReport(checkpoint_dir, 0, 0, 0.0,
@@ -135,6 +177,22 @@ def verify_checkpoint(checkpoint_dir: str, raise_on_error: bool = True) -> Verif
                                      f"{first}{more}", path=first.path,
                                      tensor=first.tensor)
     return report
+
+
+def read_committed_manifest(run_layout: RunLayout, step: int,
+                            tier: str) -> tuple[str, Manifest]:
+    """A committed checkpoint's directory and manifest, read down the checksum
+    chain: the row file itself (its CRC is in its name; a listing may have come
+    from the compacted copy), then the manifest against the CRC the row records.
+
+    Raises:
+        CheckpointNotFoundError: Not committed (any more).
+        CheckpointCorruptError: The row file or the manifest fails its CRC.
+        ManifestError: Either is damaged, hostile or of an unknown version.
+    """
+    entry = Catalog(run_layout).get(step, tier)
+    checkpoint_dir = run_layout.checkpoint_dir(tier, step)
+    return checkpoint_dir, read_manifest(checkpoint_dir, entry.manifest_crc32c)
 
 
 _CHUNK = 16 << 20
@@ -166,12 +224,14 @@ def read_verified(checkpoint_dir: str, manifest: Manifest, names,
         numpy_dtype: Maps a manifest dtype name to a numpy dtype.
 
     Raises:
-        CheckpointCorruptError: Naming the first bad tensor and file.
+        CheckpointCorruptError: Naming the first bad file (and tensor), before
+            allocating anything for a tensor that runs past its file's end.
+        ManifestError: The index or a shard is a symlink out of the directory.
     """
     wanted = set(names)
-    index_path = os.path.join(checkpoint_dir, CKPT_PREFIX + ".index")
+    index_path = _index_path(checkpoint_dir)
     try:
-        check_index_file(index_path)
+        check_index_file(index_path, manifest.index_crc32c)
     except (OSError, ValueError) as e:
         raise CheckpointCorruptError(
             f"checkpoint {checkpoint_dir} is corrupt: {index_path}: {e}",
@@ -191,7 +251,19 @@ def read_verified(checkpoint_dir: str, manifest: Manifest, names,
                 f"checkpoint {checkpoint_dir} is corrupt: {path}: cannot read shard "
                 f"({e.strerror or e})", path=path) from None
         with f:
-            for r in sorted(by_shard[shard], key=lambda r: r.offset):
+            rows = sorted(by_shard[shard], key=lambda r: r.offset)
+            size = os.fstat(f.fileno()).st_size
+            for r in rows:  # before allocating anything the manifest asks for
+                if r.offset + r.length > size:
+                    raise CheckpointCorruptError(
+                        f"checkpoint {checkpoint_dir} is corrupt: tensor {r.name!r} in "
+                        f"{path}: bytes [{r.offset}, {r.offset + r.length}) run past "
+                        f"the end of the file ({size} bytes)", path=path, tensor=r.name)
+            gap = _untiled(rows, size)
+            if gap:
+                raise CheckpointCorruptError(
+                    f"checkpoint {checkpoint_dir} is corrupt: {path}: {gap}", path=path)
+            for r in rows:
                 f.seek(r.offset)
                 if r.name in wanted:
                     arr = _aligned_empty(r.shape, numpy_dtype(r.dtype))
