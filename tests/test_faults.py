@@ -82,14 +82,14 @@ def worker_processes() -> list[psutil.Process]:
     return found
 
 
-def kill_a_worker_soon(rng: random.Random) -> threading.Thread:
-    """SIGKILLs one worker process at a random moment of the next round."""
+def kill_a_worker_soon(rng: random.Random, sig=signal.SIGKILL) -> threading.Thread:
+    """Sends ``sig`` to one worker process at a random moment of the next round."""
     def kill():
         time.sleep(rng.uniform(0.05, 0.5))
         victims = worker_processes()
         assert victims, ("no ray::Worker process found among "
                          f"{[p.info['cmdline'][:1] for p in psutil.process_iter(['cmdline'])]}")
-        rng.choice(victims).send_signal(signal.SIGKILL)
+        rng.choice(victims).send_signal(sig)
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
     return thread
@@ -125,6 +125,30 @@ def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, t
     final = tf.train.load_checkpoint(os.path.join(
         RunLayout(storage, "kill-worker").checkpoint_dir("full", 140), "model.ckpt"))
     assert final.get_tensor("global_step") == 140
+
+
+def test_stalled_worker_collective_times_out_and_group_restarts(local_ray, tmp_path):
+    """A worker that stops answering (SIGSTOP: alive, silent) must not hang the
+    job: its peer's step fails after collective_timeout and the group restarts."""
+    storage = str(tmp_path / "storage")
+    config = make_config(storage, "stall", steps=100, collective_timeout=5.0)
+    rng = random.Random(3)
+    lines, stoppers = [], []
+
+    def echo(line):
+        lines.append(line)
+        if not stoppers and "committed full checkpoint at step 20" in line:
+            stoppers.append(kill_a_worker_soon(rng, signal.SIGSTOP))
+
+    start = time.monotonic()
+    summary = trainer.train(config, echo=echo)
+    text = "\n".join(lines)
+    assert summary["steps"] == 100 and len(summary["failures"]) == 1, text
+    assert "DeadlineExceededError" in summary["failures"][0], summary["failures"]
+    assert "a peer died or stalled" in summary["failures"][0]
+    assert time.monotonic() - start < 120, "the stalled step was not cut short"
+    keys = committed_and_sound(storage, "stall")
+    assert (100, "full") in keys and (100, "serving") in keys
 
 
 def test_more_failures_than_allowed_fails_clearly_and_keeps_checkpoints(local_ray, tmp_path):

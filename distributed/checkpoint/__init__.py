@@ -5,7 +5,9 @@ Importing this package does not import TensorFlow; only the writer needs it
 listing and verification stay fast and light.
 """
 
-from distributed.checkpoint.catalog import CATALOG_SCHEMA, Catalog, CatalogEntry
+from distributed.checkpoint.catalog import (CATALOG_SCHEMA, Catalog, CatalogEntry,
+                                            CorruptCatalogRowWarning)
+from distributed.checkpoint.lease import Lease
 from distributed.checkpoint.layout import TIERS, RunLayout
 from distributed.checkpoint.manifest import (MANIFEST_SCHEMA, Manifest, TensorRecord,
                                              read_manifest)
@@ -20,7 +22,8 @@ from distributed.checkpoint.verify import VerifyReport, verify_checkpoint
 
 __all__ = [
     "CATALOG_SCHEMA", "Catalog", "CatalogEntry", "CheckpointStore",
-    "CheckpointWriter", "KeepBestN", "KeepEveryKSteps", "KeepLastN",
+    "CheckpointWriter", "CorruptCatalogRowWarning", "KeepBestN", "KeepEveryKSteps",
+    "KeepLastN", "Lease",
     "MANIFEST_SCHEMA", "Manifest", "MissingInferenceVariablesWarning", "PHASES",
     "POLICIES", "Retention", "RunLayout", "Selection", "SelectionSpec", "TIERS",
     "TensorRecord", "VariableInfo", "VerifyReport", "read_manifest", "select",

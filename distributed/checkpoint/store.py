@@ -22,7 +22,7 @@ import shutil
 import time
 from typing import Callable, Mapping
 
-from distributed.checkpoint import layout
+from distributed.checkpoint import layout, lease
 from distributed.checkpoint.catalog import Catalog, CatalogEntry, utc_now
 from distributed.checkpoint.manifest import build_manifest_table, manifest_bytes
 from distributed.checkpoint.retention import Retention
@@ -89,7 +89,8 @@ class CheckpointStore:
         return removed
 
     def remove_leftovers(self) -> list[str]:
-        """Deletes tmp directories and orphan step directories (no catalog row)."""
+        """Deletes tmp directories and orphan step directories (no catalog row)
+        that no reader holds a lease on (see :mod:`~distributed.checkpoint.lease`)."""
         removed = self.catalog.remove_stale_tmp_files()
         committed = set(self.catalog.committed_keys())
         for tier in layout.TIERS:
@@ -101,10 +102,15 @@ class CheckpointStore:
             for name in names:
                 step = layout.parse_step_dirname(name)
                 orphan = step is not None and (step, tier) not in committed
+                if orphan and lease.live_leases(self.layout, tier, step):
+                    continue
                 if layout.is_tmp_name(name) or orphan:
                     path = os.path.join(tier_dir, name)
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path)
+                    if orphan:
+                        lease.clear_deferred(self.layout, tier, step)
+        removed += lease.remove_lapsed(self.layout)
         for path in removed:
             log.info("removed leftover of an interrupted write: %s", path)
         return removed
@@ -136,6 +142,7 @@ class CheckpointStore:
                 f"checkpoint at step {step}")
         start = self._clock()
         tier_dir = self.layout.tier_dir(tier)
+        self._remove_tmp_dirs(tier_dir)
         tmp = os.path.join(tier_dir, layout.tmp_dirname(step))
         final = self.layout.checkpoint_dir(tier, step)
         try:
@@ -144,12 +151,15 @@ class CheckpointStore:
             written = writer.write(sess, tmp)
             self._on_phase("tensors_written")
             import tensorflow as tf  # already loaded by the writer
+            # The checksum chain: manifest -> whole index; catalog row -> manifest.
             table = build_manifest_table(list(written.records), {
                 "run": self.layout.run, "step": step, "tier": tier,
                 "selection": selection_json, "tf_version": tf.__version__,
-                "created_at": utc_now(self._clock).isoformat()})
+                "created_at": utc_now(self._clock).isoformat(),
+                "index_crc32c": layout.file_crc32c(written.prefix + ".index")})
+            manifest = manifest_bytes(table)
             with open(os.path.join(tmp, layout.MANIFEST_FILE), "wb") as f:
-                f.write(manifest_bytes(table))
+                f.write(manifest)
             self._on_phase("manifest_written")
             layout.fsync_tree(tmp)
             self._on_phase("synced")
@@ -173,7 +183,8 @@ class CheckpointStore:
             save_seconds=self._clock() - start,
             committed_at=utc_now(self._clock),
             metrics={k: float(v) for k, v in (metrics or {}).items()},
-            selection=selection_json)
+            selection=selection_json,
+            manifest_crc32c=layout.bytes_crc32c(manifest))
         try:
             self.catalog.commit(entry)
         except OSError as e:
@@ -182,6 +193,23 @@ class CheckpointStore:
             raise StorageError(self._write_failure(step, tier, e)) from e
         self._on_phase("committed")
         return entry
+
+    @staticmethod
+    def _remove_tmp_dirs(tier_dir: str) -> None:
+        """Removes in-flight directories of earlier failed saves of this writer.
+
+        A failed save removes its own tmp directory, but a TF writer thread
+        still finishing may re-create it; one writer per run means any tmp
+        directory present before a save starts is such a leftover.
+        """
+        try:
+            names = os.listdir(tier_dir)
+        except OSError:
+            return  # the save itself reports what is wrong with the directory
+        for name in names:
+            if layout.is_tmp_name(name):
+                shutil.rmtree(os.path.join(tier_dir, name), ignore_errors=True)
+                log.info("removed the leftover of a failed save: %s", name)
 
     def _write_failure(self, step: int, tier: str, e: BaseException) -> str:
         reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
@@ -200,9 +228,11 @@ class CheckpointStore:
 
     def verify(self, step: int, tier: str = "serving",
                raise_on_error: bool = True) -> VerifyReport:
-        """Verifies a committed checkpoint against its manifest."""
+        """Verifies a committed checkpoint down the checksum chain: its row
+        file, manifest, index and every tensor (see :mod:`.catalog`)."""
         entry = self.catalog.get(step, tier)
-        return verify_checkpoint(self.checkpoint_dir(entry), raise_on_error)
+        return verify_checkpoint(self.checkpoint_dir(entry), raise_on_error,
+                                 entry.manifest_crc32c)
 
     def apply_retention(self, retention: Retention,
                         tier: str | None = None) -> list[CatalogEntry]:
@@ -211,15 +241,38 @@ class CheckpointStore:
 
         Each deletion removes the catalog row first (the checkpoint stops
         existing), then the directory; a crash in between leaves an orphan
-        directory that :meth:`open` removes.
+        directory that :meth:`open` removes. A directory a reader holds a lease
+        on is kept until the lease is released or lapses, and deleted by a
+        later call (see :mod:`~distributed.checkpoint.lease`).
         """
         doomed = retention.plan(self.catalog.entries(tier))
         for entry in doomed:
             self.catalog.remove(entry.step, entry.tier)
+            if lease.live_leases(self.layout, entry.tier, entry.step):
+                lease.defer_deletion(self.layout, entry.tier, entry.step)
+                log.info("retention deleted %s checkpoint at step %d from the "
+                         "catalog; its files stay until its readers finish",
+                         entry.tier, entry.step)
+                continue
             shutil.rmtree(self.checkpoint_dir(entry), ignore_errors=True)
             log.info("retention deleted %s checkpoint at step %d",
                      entry.tier, entry.step)
+        self.delete_deferred()
         return doomed
+
+    def delete_deferred(self) -> list[tuple[str, int]]:
+        """Deletes the directories retention left for readers that are now done."""
+        deleted = []
+        committed = set(self.catalog.committed_keys())
+        for tier, step in lease.deferred(self.layout):
+            if (step, tier) not in committed and \
+                    lease.live_leases(self.layout, tier, step):
+                continue
+            if (step, tier) not in committed:  # committed again after a restart
+                shutil.rmtree(self.layout.checkpoint_dir(tier, step), ignore_errors=True)
+                deleted.append((tier, step))
+            lease.clear_deferred(self.layout, tier, step)
+        return deleted
 
 
 def _is_tf_io_error(e: BaseException) -> bool:

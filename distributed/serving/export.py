@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 
 from distributed.checkpoint import layout
 from distributed.checkpoint.catalog import Catalog, CatalogEntry
-from distributed.checkpoint.manifest import read_manifest
-from distributed.checkpoint.verify import read_verified
+from distributed.checkpoint.lease import Lease
+from distributed.checkpoint.verify import read_committed_manifest, read_verified
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ConfigError, ManifestError, StorageError)
 
@@ -136,7 +136,9 @@ def candidate_checkpoints(catalog: Catalog, step: int | None = None,
     entries = catalog.entries(tier)
     if not entries:
         raise CheckpointNotFoundError(
-            f"run {catalog.run!r} has no committed {tier} checkpoint yet")
+            f"run {catalog.run!r} has no committed {tier} checkpoint yet; train the "
+            f"run further or wait for its first {tier} checkpoint "
+            f"(checkpoint.{tier}_every), or use --watch to export it when it lands")
     if not best:
         return sorted(entries, key=lambda e: -e.step)
     scored = [e for e in entries if metric in e.metrics]
@@ -195,17 +197,48 @@ def _check_export_root(export_root: str) -> None:
                            f"({e.strerror or e}); pass a writable directory") from None
 
 
+def _read_committed(run_layout: layout.RunLayout, entry: CatalogEntry):
+    """Re-reads ``entry``'s row file and manifest down the checksum chain; a
+    checkpoint deleted meanwhile becomes an error the fallback moves past."""
+    try:
+        return read_committed_manifest(run_layout, entry.step, entry.tier)
+    except CheckpointNotFoundError as e:
+        raise ManifestError(f"{entry.tier} checkpoint at step {entry.step} is no "
+                            f"longer committed (deleted meanwhile?): {e}") from None
+
+
 def export_checkpoint(storage: str, run: str, export_root: str,
                       entry: CatalogEntry, record: RunRecord,
                       maps: Sequence[ScopeMap] = (), model: str | None = None,
                       clock: Callable[[], float] = time.time) -> ExportResult:
-    """Builds the predict graph, restores ``entry`` into it and exports it.
+    """Builds the predict graph, restores ``entry`` into it and exports it,
+    holding a reader lease on the checkpoint so retention cannot delete it
+    meanwhile (see :mod:`distributed.checkpoint.lease`).
 
     Raises:
         CheckpointNotFoundError: Variables the outputs read are missing from the
             checkpoint (named, with the likely cause).
         StorageError: The export directory cannot be written.
     """
+    run_layout = layout.RunLayout(os.path.abspath(storage), run)
+    held = Lease(run_layout, entry.tier, entry.step)
+    try:
+        held.acquire()
+    except OSError as e:
+        log.warning("cannot take a reader lease under %s (%s): reading without one; "
+                    "if retention deletes the checkpoint meanwhile, the read fails "
+                    "and the next checkpoint is tried", run_layout.root, e)
+        held = None
+    try:
+        return _export(run_layout, export_root, entry, record, maps, model, clock)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
+            record: RunRecord, maps: Sequence[ScopeMap], model: str | None,
+            clock: Callable[[], float]) -> ExportResult:
     import tensorflow as tf
 
     from distributed.model import PREDICT
@@ -215,9 +248,7 @@ def export_checkpoint(storage: str, run: str, export_root: str,
     timings = {}
     t = time.perf_counter()
     _check_export_root(export_root)
-    run_layout = layout.RunLayout(os.path.abspath(storage), run)
-    ckpt_dir = run_layout.checkpoint_dir(entry.tier, entry.step)
-    manifest = read_manifest(ckpt_dir)
+    ckpt_dir, manifest = _read_committed(run_layout, entry)
     in_ckpt = {r.name for r in manifest.tensors}
     config = record.config
     if model:

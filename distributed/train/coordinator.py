@@ -86,25 +86,38 @@ class Coordinator:
                 "full_bytes": self.writers["full"].total_bytes}
 
     def _init_or_resume(self) -> tuple[int, int | None]:
+        """Initializes the variables, or restores the newest full checkpoint
+        that verifies (older ones are tried when newer ones are corrupt)."""
         import tensorflow as tf
+
+        from distributed.errors import CheckpointCorruptError, ManifestError
         self.sess.run(self.tg.init_op)
-        latest_full = self.store.catalog.latest("full")
-        if latest_full is None:
+        fulls = sorted(self.store.catalog.entries("full"), key=lambda e: -e.step)
+        if not fulls:
             if self.store.catalog.committed_keys() and not self.restarting:
                 raise ConfigError(
                     f"run: {self.config.run!r} already has checkpoints under "
                     f"{self.store.layout.root} but no full checkpoint to resume "
                     "from; pick a new --run name or delete that directory")
             return 0, None
-        from distributed.checkpoint.verify import verify_checkpoint
-        ckpt_dir = self.store.checkpoint_dir(latest_full)
-        verify_checkpoint(ckpt_dir)
-        with self.tg.graph.as_default():
-            saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in
-                                                       self.tg.variables})
-            saver.restore(self.sess, os.path.join(ckpt_dir, layout.CKPT_PREFIX))
-        step = int(self.sess.run(self.tg.global_step))
-        return step, latest_full.step
+        for entry in fulls:
+            try:
+                self.store.verify(entry.step, "full")
+            except (CheckpointCorruptError, ManifestError) as e:
+                self.warnings.append(
+                    f"full checkpoint at step {entry.step} does not verify ({e}); "
+                    "trying the one before it")
+                continue
+            with self.tg.graph.as_default():
+                saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in
+                                                           self.tg.variables})
+                saver.restore(self.sess, os.path.join(self.store.checkpoint_dir(entry),
+                                                      layout.CKPT_PREFIX))
+            return int(self.sess.run(self.tg.global_step)), entry.step
+        raise ConfigError(
+            f"run: none of the {len(fulls)} full checkpoint(s) of run "
+            f"{self.config.run!r} verifies, so it cannot resume ("
+            + "; ".join(self.warnings[-len(fulls):]) + "); start a new --run")
 
     def _write_run_config(self) -> None:
         record = {"config": self.config.to_dict(),
