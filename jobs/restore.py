@@ -14,6 +14,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from distributed import logs  # noqa: E402
 from distributed.serving.job import restore_once, watch  # noqa: E402
 from distributed.train.trainer import main_guard  # noqa: E402
 
@@ -67,6 +68,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logs.setup(args.run, "restore")
     if args.watch:
         watch(args.storage, args.run, args.export, args.map, args.model, args.keep, args.poll)
     else:

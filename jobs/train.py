@@ -14,6 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from distributed import config as config_lib  # noqa: E402
+from distributed import logs  # noqa: E402
 from distributed.train.trainer import main_guard, train  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
         config = config_lib.load(args.config, overrides)
     else:
         config = config_lib.from_dict({k: v for k, v in overrides.items() if v is not None})
+    logs.setup(config.run, "driver")
     train(config)
     return 0
 

@@ -157,6 +157,32 @@ def test_mlp_loss_drops_catalog_records_loss_and_keep_last_applies(local_ray, st
     assert best.metrics["loss"] == min(serving_losses)
     assert catalog.best("loss", tier="full").step == 80
 
+    # TensorBoard: the coordinator's event files under the run hold the
+    # training curve and every checkpoint's save figures.
+    scalars = tensorboard_scalars(os.path.join(storage, "mlp", "tensorboard"))
+    assert [s for s, _ in scalars["train/loss"]] == [20, 40, 60, 80]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx(losses, abs=5e-5)
+    for tag in ("train/steps_per_sec", "train/examples_per_sec",
+                "checkpoint/rank0_stall_seconds_total"):
+        assert len(scalars[tag]) == 4 and all(v >= 0 for _, v in scalars[tag]), tag
+    steps_s = dict(scalars["train/steps_per_sec"])
+    assert dict(scalars["train/examples_per_sec"]) == pytest.approx(
+        {k: v * 32 * 2 for k, v in steps_s.items()})
+    assert [s for s, _ in scalars["checkpoint/serving/bytes"]] == [20, 40, 60, 80]
+    assert [s for s, _ in scalars["checkpoint/full/save_seconds"]] == [40, 80]
+    assert {v for _, v in scalars["checkpoint/full/bytes"]} == {
+        e["num_bytes"] for e in summary["entries"] if e["tier"] == "full"}
+
+
+def tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar under ``logdir`` as TensorBoard itself loads it:
+    ``{tag: [(step, value), ...]}`` in step order."""
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(logdir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag))
+            for tag in acc.Tags()["scalars"]}
+
 
 def test_cnn_loss_drops_and_inference_checkpoint_holds_bn_stats_only(local_ray, storage):
     summary, lines = run_train(make_config(storage, "cnn", steps=60,

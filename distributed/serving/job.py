@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 from distributed.checkpoint import Catalog
 from distributed.checkpoint.layout import RunLayout
 from distributed.errors import ConfigError
+from distributed.progress import StatusLine
 from distributed.serving.export import (candidate_checkpoints, export_first_good,
                                         list_versions, load_run_record,
                                         parse_scope_maps, prune_versions)
@@ -55,6 +56,8 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
     scope_maps = parse_scope_maps(maps)
     catalog = Catalog(RunLayout(os.path.abspath(storage), run))
     exported = 0
+    status = StatusLine()
+    echo = status.wrap(echo)
     echo(f"watching run {run!r} for new serving checkpoints (every {poll_seconds:g}s); "
          "Ctrl-C or SIGTERM to stop")
     while not stop.is_set():
@@ -74,6 +77,13 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
                     echo(f"removed old versions {pruned} (keeping {keep})")
             except Exception as e:  # keep watching; report and retry next poll
                 echo(f"WARNING: export failed: {e}")
-        stop.wait(poll_seconds)
+        newest = max(list_versions(export), default=None)
+        deadline = time.monotonic() + poll_seconds
+        while not stop.is_set() and time.monotonic() < deadline:
+            status.update(f"watching {run!r}: newest exported version "
+                          f"{newest if newest is not None else '(none)'}; next poll in "
+                          f"{deadline - time.monotonic():.0f}s")
+            stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+    status.clear()
     echo(f"stopped watching; exported {exported} version(s)")
     return exported

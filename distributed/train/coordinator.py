@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from distributed import logs
 from distributed.checkpoint import layout
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, user_code
@@ -24,6 +25,7 @@ from distributed.errors import ConfigError, user_code
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class Coordinator:
@@ -35,9 +37,11 @@ class Coordinator:
     def __init__(self, config_dict: Mapping[str, Any], restarting: bool = False):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.config: TrainConfig = from_dict(config_dict)
+        logs.setup(self.config.run, "coordinator")
         self.restarting = restarting
         from distributed.checkpoint.store import CheckpointStore
         self.store = CheckpointStore(self.config.storage_path, self.config.run)
+        self._summary_writer = None
 
     def prepare(self) -> dict[str, Any]:
         """Builds the chief graph, initializes or resumes; returns the plan."""
@@ -139,20 +143,41 @@ class Coordinator:
         A step redone after a restart keeps the checkpoint committed before it
         (committed checkpoints are immutable) and says so in the result.
         """
+        from distributed.errors import StorageError
+        logs.set_step(step)
         if (step, tier) in self.store.catalog.committed_keys():
             result = self.store.catalog.get(step, tier).to_json_dict()
             result.update(already_committed=True, retention_deleted=[])
             return result
         self.loader.load(self.sess, values)
-        entry = self.store.save(self.writers[tier], self.sess, step, tier,
-                                self.config.selection_spec().to_json()
-                                if tier == "serving" else '{"policy": "all"}',
-                                metrics)
+        try:
+            entry = self.store.save(self.writers[tier], self.sess, step, tier,
+                                    self.config.selection_spec().to_json()
+                                    if tier == "serving" else '{"policy": "all"}',
+                                    metrics)
+        except StorageError:
+            self.record(step, {f"checkpoint/{tier}/failed_saves": 1.0})
+            raise
         deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
             if tier in self.config.retention else []
+        self.record(step, {
+            f"checkpoint/{tier}/save_seconds": entry.save_seconds,
+            f"checkpoint/{tier}/bytes": float(entry.num_bytes),
+            f"checkpoint/{tier}/shards": float(entry.num_shards),
+            f"checkpoint/{tier}/write_MiB_per_sec":
+                entry.num_bytes / 2**20 / max(entry.save_seconds, 1e-9)})
         result = entry.to_json_dict()
         result["retention_deleted"] = [e.step for e in deleted]
         return result
+
+    def record(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Writes scalars to the run's TensorBoard event files
+        (``<storage>/<run>/tensorboard/``)."""
+        from distributed.train.events import EventWriter
+        if self._summary_writer is None:
+            self._summary_writer = EventWriter(
+                os.path.join(self.store.layout.root, TENSORBOARD_DIR))
+        self._summary_writer.scalars(step, scalars)
 
     def entries(self) -> list[dict[str, Any]]:
         return [e.to_json_dict() for e in self.store.catalog.entries()]

@@ -16,10 +16,12 @@ import threading
 import time
 from typing import Any, Callable
 
+from distributed import logs
 from distributed.config import TrainConfig
 from distributed.errors import (ConfigError, DistributedError, StorageError,
                                 TrainingFailedError)
 from distributed.model import load_function
+from distributed.progress import StatusLine
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
                         f"{os.path.join(config.storage_path, config.run)} are intact: "
                         "fix the cause and re-run with the same --run to resume "
                         "from the last full checkpoint") from None
-                echo(f"FAILURE after step {run.step}: {failure}; restarting the "
+                run.echo(f"FAILURE after step {run.step}: {failure}; restarting the "
                      f"worker group ({len(failures)} of max_failures="
                      f"{config.max_failures})")
                 continue
@@ -163,12 +165,15 @@ class _GroupRun:
 
     def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float):
         self.config = config
-        self.echo = echo
+        self.status = StatusLine()
+        self.echo = self.status.wrap(echo)
+        self.waiting_for = "starting the actors"
         self.coordinator_cls = coordinator_cls
         self.t0 = t0
         self.step = 0
         self.events: list[dict] = []
         self.rounds: list[dict] = []  # rank 0's report of every round
+        self.restarts = 0
         self.first_step_at: float | None = None
 
     def attempt(self, restarting: bool) -> dict[str, Any]:
@@ -177,6 +182,8 @@ class _GroupRun:
         from distributed.train.worker import Worker
 
         config = self.config
+        self.waiting_for = ("restarting the actors" if restarting else
+                            "starting the actors and building the graphs")
         cfg = config.to_dict()
         env = {"env_vars": dict(_ACTOR_ENV)}
         coordinator = ray.remote(self.coordinator_cls).options(
@@ -214,6 +221,10 @@ class _GroupRun:
                       "the initial values (no full checkpoint yet)")
             echo(f"restarted: resuming from {source}; steps {step + 1}.."
                  f"{self.step} are redone ({max(0, self.step - step)} steps)")
+            self.restarts += 1
+            coordinator.record.remote(step, {"train/group_restarts": self.restarts,
+                                             "train/steps_redone":
+                                                 max(0, self.step - step)})
         elif plan["resumed_from"] is not None:
             echo(f"resuming run {config.run!r} from its full checkpoint at step "
                  f"{plan['resumed_from']} (optimizer state and step included)")
@@ -238,6 +249,7 @@ class _GroupRun:
             self.first_step_at = time.perf_counter() - self.t0
         while step < config.steps:
             target = min(config.steps, (step // config.log_every + 1) * config.log_every)
+            self.waiting_for = f"training steps {step + 1}..{target} of {config.steps}"
             reports = self._get([w.train.remote(target) for w in workers], worker_names)
             lead = reports[0]
             self.rounds.append(lead)
@@ -247,6 +259,14 @@ class _GroupRun:
                 echo(_describe(event))
             echo(f"step {step}/{config.steps}  loss {lead['loss']:.4f}  "
                  f"{lead['steps_per_sec']:.1f} steps/s")
+            logs.set_step(step)
+            scalars = {"train/loss": lead["loss"],
+                       "train/steps_per_sec": lead["steps_per_sec"],
+                       "train/examples_per_sec": lead["steps_per_sec"]
+                       * config.batch_size * config.workers}
+            if "stall_seconds" in lead:
+                scalars["checkpoint/rank0_stall_seconds_total"] = lead["stall_seconds"]
+            coordinator.record.remote(step, scalars)  # fire and forget
         entries = self._get(coordinator.entries.remote(), "the coordinator")
         echo(format_summary(config, entries))
         return {"run": config.run, "steps": step, "entries": entries,
@@ -266,8 +286,12 @@ class _GroupRun:
         refs_list = [refs] if single else list(refs)
         names_list = [names] if single else list(names)
         pending = list(refs_list)
+        start = time.monotonic()
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            if not ready:
+                self.status.update(f"{self.waiting_for} ({time.monotonic() - start:.0f}s)")
+                continue
             try:
                 ray.get(ready[0])
             except Exception as e:

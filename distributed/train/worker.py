@@ -14,6 +14,7 @@ the Ray object store while training goes on.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from distributed import logs
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, LossDivergedError, user_code
 from distributed.model import load_function
@@ -129,11 +131,12 @@ class Worker:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.config = from_dict(config_dict)
         self.rank = rank
+        logs.setup(self.config.run, f"worker {rank}")
         from distributed.train.collective import pick_free_port
         import ray
         self._address = f"{ray.util.get_node_ip_address()}:{pick_free_port()}"
         self._checkpointer: _AsyncCheckpointer | None = None
-        import tensorflow  # noqa: F401  (import while the coordinator builds)
+        importlib.import_module("tensorflow")  # import while the coordinator builds
 
     def address(self) -> str:
         return self._address
@@ -206,6 +209,7 @@ class Worker:
             _, loss = self.sess.run([tg.train_op, tg.loss], feed,
                                     options=self.run_options)
             self.step += 1
+            logs.set_step(self.step)
             if not np.isfinite(loss):
                 if self._checkpointer is not None:
                     self._checkpointer.flush()  # let the in-flight save commit
