@@ -1,0 +1,210 @@
+"""Runs a model function written for ``tf.estimator`` under this framework.
+
+One line adapts it::
+
+    from distributed.estimator import from_estimator
+    model_fn = from_estimator(my_estimator_model_fn)
+
+and the config names ``mymodule:model_fn``. The adapter maps the mode, calls
+the function the way an Estimator would, and turns its ``EstimatorSpec`` into
+a :class:`distributed.model.ModelSpec`.
+
+TensorFlow 2.16 and later ship no ``tf.estimator``, so code that builds
+``tf.estimator.EstimatorSpec`` or compares with ``tf.estimator.ModeKeys`` can
+import the stand-ins here instead (``from distributed.estimator import
+EstimatorSpec, ModeKeys``). Where ``tf.estimator`` still exists its own
+``EstimatorSpec`` works too: any object with ``.loss`` and ``.predictions``
+attributes is accepted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple
+
+from distributed.errors import ConfigError
+from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec
+
+
+class ModeKeys:
+    """The mode strings of ``tf.estimator.ModeKeys`` (predict is ``"infer"``)."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+    PREDICT = "infer"
+
+
+_TO_ESTIMATOR_MODE = {TRAIN: ModeKeys.TRAIN, EVAL: ModeKeys.EVAL,
+                      PREDICT: ModeKeys.PREDICT}
+
+_IGNORED = ("train_op", "training_hooks", "training_chief_hooks")
+"""Spec fields that only matter to the Estimator's own training loop."""
+
+
+class EstimatorSpec(NamedTuple):
+    """A stand-in for ``tf.estimator.EstimatorSpec`` (same fields and order).
+
+    Only ``loss`` and ``predictions`` are used; see :func:`from_estimator`.
+    """
+
+    mode: str
+    predictions: Any = None
+    loss: Any = None
+    train_op: Any = None
+    eval_metric_ops: Any = None
+    export_outputs: Any = None
+    training_chief_hooks: Any = ()
+    training_hooks: Any = ()
+    scaffold: Any = None
+    evaluation_hooks: Any = ()
+    prediction_hooks: Any = ()
+
+
+class IgnoredTrainOpWarning(UserWarning):
+    """An adapted model function's ``train_op`` (or training hooks) never runs."""
+
+
+def to_estimator_mode(mode: str) -> str:
+    """Our mode (:data:`distributed.model.MODES`) as a ``ModeKeys`` string."""
+    try:
+        return _TO_ESTIMATOR_MODE[mode]
+    except (KeyError, TypeError):
+        raise ValueError(f"mode: expected one of {tuple(_TO_ESTIMATOR_MODE)}, "
+                         f"got {mode!r}") from None
+
+
+def from_estimator(model_fn: Callable[..., Any]) -> Callable[..., ModelSpec]:
+    """Adapts an Estimator ``model_fn`` to ``model_fn(features, labels, mode, params)``.
+
+    The wrapped function is called as an Estimator calls it: ``features``
+    first, then ``labels``, ``mode``, ``params`` and ``config`` by keyword, each
+    only if its signature names it (``config``, a ``RunConfig`` there, is
+    ``None`` here). ``mode`` is a :class:`ModeKeys` string, so comparisons with
+    ``tf.estimator.ModeKeys`` work. As in an Estimator, the global step exists
+    before the function runs (``tf.compat.v1.train.get_global_step()`` is not
+    ``None``).
+
+    From the returned spec only ``loss`` and ``predictions`` are kept; a single
+    prediction tensor becomes ``{"output": tensor}``, the name an Estimator's
+    export gives it. ``eval_metric_ops`` and ``export_outputs`` are ignored:
+    the serving signature's outputs are the predictions.
+
+    The spec's ``train_op`` and training hooks never run: the framework builds
+    its own optimizer from the config and averages gradients across workers
+    itself. The first spec that has them warns (:class:`IgnoredTrainOpWarning`,
+    once per adapted function and process). Their ops stay in the graph,
+    unused; the non-trainable variables only they use (the function's own
+    optimizer slots) are taken out of the graph's collections, so they are
+    neither initialized, handed to workers nor saved, and the framework's own
+    slots get the next free names (``<var>/Adam_2``, ``beta1_power_1``).
+    Batch-norm updates must be in ``UPDATE_OPS``, as an Estimator's
+    ``train_op`` would have required.
+
+    Args:
+        model_fn: ``model_fn(features, labels, mode, params, config)`` or any
+            subset of those parameters after ``features``, returning a
+            ``tf.estimator.EstimatorSpec`` or :class:`EstimatorSpec`.
+
+    Returns:
+        A model function for :mod:`distributed.model`'s contract.
+    """
+    name = getattr(model_fn, "__qualname__", None) or repr(model_fn)
+    accepted = _accepted_args(model_fn)
+    warned = threading.Event()
+
+    def adapted(features: Any, labels: Any, mode: str,
+                params: Mapping[str, Any]) -> ModelSpec:
+        import tensorflow as tf
+        kwargs = {"labels": labels, "mode": to_estimator_mode(mode),
+                  "params": dict(params or {}), "config": None}
+        tf.compat.v1.train.get_or_create_global_step()
+        before = {v.op.name for v in tf.compat.v1.global_variables()}
+        spec = model_fn(features, **{k: v for k, v in kwargs.items() if k in accepted})
+        converted = _to_model_spec(spec, name)
+        ignored = [f for f in _IGNORED if getattr(spec, f, None)]
+        dropped = _drop_unused_state(before, converted) if ignored else []
+        if ignored and not warned.is_set():
+            warned.set()
+            _warn_ignored(name, ignored, dropped)
+        return converted
+
+    adapted.__name__ = getattr(model_fn, "__name__", "model_fn")
+    adapted.__qualname__ = f"from_estimator({name})"
+    adapted.__doc__ = model_fn.__doc__
+    adapted.__module__ = getattr(model_fn, "__module__", __name__)
+    return adapted
+
+
+def _accepted_args(fn: Callable[..., Any]) -> frozenset[str]:
+    """Which of ``labels, mode, params, config`` the Estimator function takes."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return frozenset({"labels", "mode", "params", "config"})
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return frozenset({"labels", "mode", "params", "config"})
+    return frozenset(p.name for p in parameters) & {"labels", "mode", "params", "config"}
+
+
+def _to_model_spec(spec: Any, name: str) -> ModelSpec:
+    """Keeps ``loss`` and ``predictions`` of an EstimatorSpec-like object."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if not (hasattr(spec, "loss") and hasattr(spec, "predictions")):
+        raise ConfigError(
+            f"model: {name} returned {type(spec).__name__}, which has no .loss and "
+            ".predictions; an Estimator model_fn must return an EstimatorSpec "
+            "(tf.estimator's or distributed.estimator.EstimatorSpec)")
+    predictions = spec.predictions
+    if predictions is None:
+        predictions = {}
+    elif not isinstance(predictions, Mapping):
+        predictions = {"output": predictions}
+    return ModelSpec(loss=spec.loss, predictions=dict(predictions))
+
+
+def _drop_unused_state(before: set[str], spec: ModelSpec) -> list[str]:
+    """Removes from the graph's collections the non-trainable variables the
+    model_fn just created that neither the loss, the predictions nor
+    ``UPDATE_OPS`` read (its own optimizer's slots); returns their names.
+
+    Only the ignored ``train_op`` uses them, so initializing, handing out and
+    saving them would only cost memory and checkpoint bytes.
+    """
+    import tensorflow as tf
+
+    from distributed.checkpoint.selection import variables_read_by
+    graph = tf.compat.v1.get_default_graph()
+    trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
+    created = [v for v in tf.compat.v1.global_variables()
+               if v.op.name not in before and v.op.name not in trainable]
+    if not created:
+        return []
+    roots = [t for t in [spec.loss, *spec.predictions.values()] if t is not None]
+    used = variables_read_by(
+        roots + graph.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS))
+    unused = {id(v) for v in created if v.op.name not in used}
+    for key in graph.get_all_collection_keys():
+        items = graph.get_collection_ref(key)
+        items[:] = [item for item in items if id(item) not in unused]
+    return [v.op.name for v in created if id(v) in unused]
+
+
+def _warn_ignored(name: str, fields: list[str], dropped: list[str]) -> None:
+    """Warns (once per adapted function) that the spec's training parts never run."""
+    note = ""
+    if dropped:
+        note = (f" The {len(dropped)} variable(s) only it uses (e.g. "
+                f"{', '.join(dropped[:3])}) are neither initialized nor saved.")
+    warnings.warn(
+        f"model: {name} returned {' and '.join(fields)}, which the framework "
+        "ignores: it trains with the optimizer named in the config (set "
+        "optimizer: to match the one your model_fn built) and averages "
+        f"gradients across workers itself.{note}", IgnoredTrainOpWarning,
+        stacklevel=3)
+
+
+__all__ = ["EstimatorSpec", "IgnoredTrainOpWarning", "ModeKeys", "from_estimator",
+           "to_estimator_mode"]
