@@ -196,11 +196,11 @@ class CheckpointStore:
 
     @staticmethod
     def _remove_tmp_dirs(tier_dir: str) -> None:
-        """Removes in-flight directories of earlier failed saves of this writer.
+        """Removes tmp directories that earlier saves of this run left.
 
-        A failed save removes its own tmp directory, but a TF writer thread
-        still finishing may re-create it; one writer per run means any tmp
-        directory present before a save starts is such a leftover.
+        A failed save removes its own, so normally there are none; this also
+        catches one whose removal failed, without waiting for the next
+        :meth:`open`. One writer per run means no other save is in flight.
         """
         try:
             names = os.listdir(tier_dir)

@@ -174,10 +174,15 @@ class Coordinator:
         """Writes scalars to the run's TensorBoard event files
         (``<storage>/<run>/tensorboard/``)."""
         from distributed.train.events import EventWriter
-        if self._summary_writer is None:
-            self._summary_writer = EventWriter(
-                os.path.join(self.store.layout.root, TENSORBOARD_DIR))
-        self._summary_writer.scalars(step, scalars)
+        try:
+            if self._summary_writer is None:
+                self._summary_writer = EventWriter(
+                    os.path.join(self.store.layout.root, TENSORBOARD_DIR))
+            self._summary_writer.scalars(step, scalars)
+        except Exception as e:  # metrics must never fail a save or the run
+            log.warning("could not write TensorBoard events (%s); retrying with a "
+                        "new event file next time", e)
+            self._summary_writer = None
 
     def entries(self) -> list[dict[str, Any]]:
         return [e.to_json_dict() for e in self.store.catalog.entries()]

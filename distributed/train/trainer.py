@@ -250,7 +250,8 @@ class _GroupRun:
         while step < config.steps:
             target = min(config.steps, (step // config.log_every + 1) * config.log_every)
             self.waiting_for = f"training steps {step + 1}..{target} of {config.steps}"
-            reports = self._get([w.train.remote(target) for w in workers], worker_names)
+            reports = self._get([w.train.remote(target) for w in workers], worker_names,
+                                straggler_seconds=config.collective_timeout + 30.0)
             lead = reports[0]
             self.rounds.append(lead)
             step = self.step = lead["step"]
@@ -267,6 +268,10 @@ class _GroupRun:
             if "stall_seconds" in lead:
                 scalars["checkpoint/rank0_stall_seconds_total"] = lead["stall_seconds"]
             coordinator.record.remote(step, scalars)  # fire and forget
+        self.waiting_for = "waiting for the last checkpoint saves"
+        for event in self._get(workers[0].finish.remote(), "worker 0")["events"]:
+            self.events.append(event)
+            echo(_describe(event))
         entries = self._get(coordinator.entries.remote(), "the coordinator")
         echo(format_summary(config, entries))
         return {"run": config.run, "steps": step, "entries": entries,
@@ -274,12 +279,16 @@ class _GroupRun:
                 "first_step_seconds": self.first_step_at,
                 "seconds": time.perf_counter() - self.t0}
 
-    def _get(self, refs, names):
+    def _get(self, refs, names, straggler_seconds: float | None = None):
         """``ray.get`` that fails as soon as any ref fails.
 
         A user error raised in an actor is re-raised as itself (after the other
         refs had a moment to finish, so rank 0 can commit an in-flight save); a
-        dead actor or a failed collective becomes :class:`GroupFailure`.
+        dead actor or a failed collective becomes :class:`GroupFailure`. With
+        ``straggler_seconds``, once one ref is done the others must follow
+        within that many seconds (workers end a round together): a worker
+        stopped outside a collective, which no collective timeout can catch,
+        becomes a :class:`GroupFailure` too.
         """
         import ray
         single = not isinstance(refs, list)
@@ -287,11 +296,21 @@ class _GroupRun:
         names_list = [names] if single else list(names)
         pending = list(refs_list)
         start = time.monotonic()
+        first_done = None
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
             if not ready:
-                self.status.update(f"{self.waiting_for} ({time.monotonic() - start:.0f}s)")
+                now = time.monotonic()
+                self.status.update(f"{self.waiting_for} ({now - start:.0f}s)")
+                if first_done is not None and straggler_seconds is not None and \
+                        now - first_done > straggler_seconds:
+                    late = [names_list[refs_list.index(r)] for r in pending]
+                    raise GroupFailure(
+                        f"{', '.join(late)} stopped responding: not done "
+                        f"{straggler_seconds:.0f}s after the others finished the round")
                 continue
+            if first_done is None:
+                first_done = time.monotonic()
             try:
                 ray.get(ready[0])
             except Exception as e:

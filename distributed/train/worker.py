@@ -225,11 +225,18 @@ class Worker:
         report = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
                   "steps_per_sec": (self.step - first) / seconds if seconds > 0 else 0.0}
         if self._checkpointer is not None:
-            if self.step >= self.config.steps:
-                self._checkpointer.flush()
             report["events"] = self._checkpointer.drain_events()
             report["stall_seconds"] = self._checkpointer.stall_seconds
         return report
+
+    def finish(self) -> dict[str, Any]:
+        """Rank 0, after the last step: waits for the saves in flight; returns
+        their events. (Not part of :meth:`train`, whose rounds the trainer
+        expects to end together on every worker.)"""
+        if self._checkpointer is None:
+            return {"events": []}
+        self._checkpointer.flush()
+        return {"events": self._checkpointer.drain_events()}
 
     def _next_batch(self):
         cfg = self.config
