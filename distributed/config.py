@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
 import re
+import tempfile
 import typing
 from typing import Any, Mapping
 
@@ -89,7 +91,14 @@ class TrainConfig:
         gpus_per_worker: GPUs each worker asks Ray for: 1 on a GPU cluster,
             0 for CPU workers (local dev mode).
         cpus_per_worker: CPUs each worker asks Ray for (fractions allowed).
-        storage: Directory shared by every node (local path in dev mode).
+        storage: Directory shared by every node (local path in dev mode), or an
+            object store URI such as ``s3://bucket/prefix`` (see README).
+        storage_options: For object stores: ``pyarrow.fs`` options such as
+            ``endpoint_override``, ``region``, ``scheme``; they win over the
+            URI's query and the usual environment variables (keep credentials
+            in the environment, not here).
+        staging: Local directory where checkpoints of an object-store run are
+            written before upload (and cached when read back).
         run: Run name; checkpoints go to ``<storage>/<run>/``. Re-using a run
             name with a full checkpoint resumes it.
         selection: What serving checkpoints hold: ``{policy, include, exclude}``.
@@ -117,6 +126,8 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 0.5
     storage: str = "runs"
+    storage_options: dict = dataclasses.field(default_factory=dict)
+    staging: str = ""  # "" = DEFAULT_STAGING (the temp dir's dtr-staging/)
     run: str = "digits-cnn"
     selection: dict = dataclasses.field(
         default_factory=lambda: {"policy": "inference"})
@@ -166,7 +177,16 @@ class TrainConfig:
         return self
 
     @property
+    def remote(self) -> bool:
+        """Whether ``storage`` is an object store (written through ``staging``)."""
+        return _is_object_store(self.storage)
+
+    @property
     def storage_path(self) -> str:
+        """The local directory the checkpoint store writes: ``storage`` itself,
+        or for an object store, its staging mirror under ``staging``."""
+        if self.remote:
+            return staging_path(self.storage, self.staging or None)
         path = self.storage[len("file://"):] if self.storage.startswith("file://") \
             else self.storage
         return os.path.abspath(os.path.expanduser(path))
@@ -289,8 +309,28 @@ def _unquote_hint(value: Any) -> str:
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
 
 
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+
+
+DEFAULT_STAGING = os.path.join(tempfile.gettempdir(), "dtr-staging")
+
+
+def staging_path(storage: str, staging: str | None = None) -> str:
+    """The local mirror of object store ``storage`` under ``staging``
+    (one directory per storage URI)."""
+    digest = hashlib.sha256(storage.encode()).hexdigest()[:12]
+    return os.path.join(os.path.abspath(os.path.expanduser(staging or DEFAULT_STAGING)),
+                        digest)
+
+
+def _is_object_store(storage: str) -> bool:
+    scheme, sep, _ = storage.partition("://")
+    return bool(sep) and scheme.lower() in OBJECT_STORE_SCHEMES
+
+
 def _check_storage(value: Any) -> None:
-    """Storage is a directory path or a ``file:///abs/path`` URI; nothing else yet."""
+    """Storage is a directory path, a ``file:///abs/path`` URI, or an object
+    store URI ``pyarrow.fs`` opens (checked for form only, no network)."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"storage: expected a directory path, got {value!r}; use "
                           "e.g. /mnt/shared/runs (a mount every node shares)")
@@ -307,9 +347,14 @@ def _check_storage(value: Any) -> None:
         raise ConfigError(
             f"storage: {value!r} is neither a directory path nor a URI (no valid "
             "scheme before '://'); use a directory path such as /mnt/shared/runs")
-    raise ConfigError(
-        f"storage: {scheme}:// storage ({value!r}) is not supported yet; use a "
-        "local or NFS directory that every node mounts at the same path")
+    if scheme.lower() not in OBJECT_STORE_SCHEMES:
+        raise ConfigError(
+            f"storage: {scheme}:// storage ({value!r}) is not supported; use "
+            f"{', '.join(s + '://bucket/prefix' for s in OBJECT_STORE_SCHEMES[:2])}, "
+            "or a local or NFS directory that every node mounts at the same path")
+    if not rest.split("/", 1)[0].split("?", 1)[0]:
+        raise ConfigError(f"storage: {value!r} names no bucket; use "
+                          f"{scheme}://bucket/prefix")
 
 
 def _choice(value: Any, choices: tuple[str, ...], path: str) -> None:

@@ -32,6 +32,15 @@ def _number(kind, ok, expected: str):
     return parse
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    """argparse type: ``KEY=VALUE``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE; use e.g. "
+                                         "endpoint_override=localhost:9000")
+    return key, value
+
+
 def _metric_mode(text: str) -> str:
     """argparse type: ``METRIC`` or ``METRIC:min`` or ``METRIC:max``."""
     metric, _, mode = text.partition(":")
@@ -44,7 +53,16 @@ def _metric_mode(text: str) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m jobs.restore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage", required=True, help="storage directory of the run")
+    p.add_argument("--storage", required=True,
+                   help="storage of the run: a directory or an object store URI "
+                        "(s3://bucket/prefix)")
+    p.add_argument("--storage-option", action="append", default=[], type=_key_value,
+                   metavar="KEY=VALUE", dest="storage_options",
+                   help="object store option, e.g. endpoint_override=host:9000, "
+                        "region=us-east-1, scheme=http (credentials: the usual "
+                        "AWS_* environment variables)")
+    p.add_argument("--cache", help="local cache for an object store run "
+                                   "(default: the temp dir's dtr-staging/)")
     p.add_argument("--run", required=True, help="run name")
     p.add_argument("--export", required=True, help="export base directory (TF Serving's model dir)")
     which = p.add_mutually_exclusive_group()
@@ -69,11 +87,13 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logs.setup(args.run, "restore")
+    remote = {"storage_options": dict(args.storage_options), "cache": args.cache}
     if args.watch:
-        watch(args.storage, args.run, args.export, args.map, args.model, args.keep, args.poll)
+        watch(args.storage, args.run, args.export, args.map, args.model, args.keep,
+              args.poll, **remote)
     else:
         restore_once(args.storage, args.run, args.export, args.step, args.best,
-                     args.map, args.model)
+                     args.map, args.model, **remote)
     return 0
 
 

@@ -177,9 +177,15 @@ CASES = [
                r"input: .*five_arg_input_fn cannot be called as input_fn\("
                r"worker_index, num_workers, batch_size, params\)"),
     # -- storage
-    train_yaml("storage-s3", "storage: s3://bucket\nrun: bad-input\n",
-               r"storage: s3:// storage \('s3://bucket'\) is not supported yet; use a "
-               r"local or NFS directory"),
+    train_yaml("storage-ftp", "storage: ftp://host/x\nrun: bad-input\n",
+               r"storage: ftp:// storage \('ftp://host/x'\) is not supported; use "
+               r"s3://bucket/prefix, gs://bucket/prefix, or a local or NFS directory"),
+    train_yaml("storage-s3-no-bucket", "storage: s3:///x\nrun: bad-input\n",
+               r"storage: 's3:///x' names no bucket; use s3://bucket/prefix"),
+    train_yaml("storage-s3-unreachable",
+               "storage: s3://bucket/x\nrun: bad-input\nstorage_options: "
+               "{endpoint_override: '127.0.0.1:9', scheme: http, region: us-east-1}\n",
+               r"s3://bucket/x.*(does not answer|not answering|unreachable)"),
     train_yaml("storage-no-scheme", "storage: '://x'\nrun: bad-input\n",
                r"storage: '://x' is neither a directory path nor a URI.*use a "
                r"directory path"),

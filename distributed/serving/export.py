@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -90,6 +90,43 @@ class RunRecord:
     input_spec: Any  # InputSpec
 
 
+def open_storage(storage: str, run: str, options: Mapping[str, Any] | None = None,
+                 cache: str | None = None):
+    """Where to read run ``run`` locally: ``(local_storage_dir, remote)``.
+
+    A directory is used as is (``remote`` is ``None``). For an object store
+    the run record and the catalog are synced into a local cache mirror (one
+    directory per storage URI under ``cache``); checkpoints are fetched into
+    it on demand by :func:`export_checkpoint`. Call :func:`sync_catalog`
+    before each new look at the catalog.
+    """
+    from distributed.checkpoint.remote import is_remote, open_remote
+    from distributed.config import staging_path
+    from distributed.train.coordinator import RUN_CONFIG_FILE
+    if not is_remote(storage):
+        return storage, None
+    remote = open_remote(storage, options)
+    local = staging_path(storage, cache)
+    try:
+        root = layout.RunLayout(local, run).root
+    except ValueError as e:
+        raise ConfigError(f"--run: {e}") from None
+    if not remote.exists(f"{run}/{RUN_CONFIG_FILE}"):
+        raise CheckpointNotFoundError(
+            f"run {run!r} not found in {storage} (no {RUN_CONFIG_FILE}); check "
+            "--storage and --run")
+    os.makedirs(os.path.join(root, layout.CATALOG_DIR), exist_ok=True)
+    remote.download_file(f"{run}/{RUN_CONFIG_FILE}", os.path.join(root, RUN_CONFIG_FILE))
+    sync_catalog(remote, local, run)
+    return local, remote
+
+
+def sync_catalog(remote, local_storage: str, run: str) -> None:
+    """Makes the local mirror's catalog equal the object store's (no-op locally)."""
+    if remote is not None:
+        remote.sync_catalog_down(run, layout.RunLayout(local_storage, run).root)
+
+
 def load_run_record(storage: str, run: str):
     """Reads the config and input spec the run recorded at its start."""
     from distributed import config as config_lib
@@ -151,8 +188,8 @@ def candidate_checkpoints(catalog: Catalog, step: int | None = None,
 def export_first_good(storage: str, run: str, export_root: str,
                       candidates: Sequence[CatalogEntry], record: RunRecord,
                       maps: Sequence[ScopeMap] = (), model: str | None = None,
-                      fallback: bool = True, echo: Callable[[str], None] = print
-                      ) -> ExportResult:
+                      fallback: bool = True, echo: Callable[[str], None] = print,
+                      remote=None) -> ExportResult:
     """Exports the first candidate that verifies.
 
     A corrupt candidate is an error when ``fallback`` is off (an explicit
@@ -161,7 +198,7 @@ def export_first_good(storage: str, run: str, export_root: str,
     for i, entry in enumerate(candidates):
         try:
             result = export_checkpoint(storage, run, export_root, entry, record,
-                                       maps, model)
+                                       maps, model, remote=remote)
         except (CheckpointCorruptError, ManifestError) as e:
             if not fallback:
                 raise
@@ -210,7 +247,8 @@ def _read_committed(run_layout: layout.RunLayout, entry: CatalogEntry):
 def export_checkpoint(storage: str, run: str, export_root: str,
                       entry: CatalogEntry, record: RunRecord,
                       maps: Sequence[ScopeMap] = (), model: str | None = None,
-                      clock: Callable[[], float] = time.time) -> ExportResult:
+                      clock: Callable[[], float] = time.time,
+                      remote=None) -> ExportResult:
     """Builds the predict graph, restores ``entry`` into it and exports it,
     holding a reader lease on the checkpoint so retention cannot delete it
     meanwhile (see :mod:`distributed.checkpoint.lease`).
@@ -230,6 +268,14 @@ def export_checkpoint(storage: str, run: str, export_root: str,
                     "and the next checkpoint is tried", run_layout.root, e)
         held = None
     try:
+        if remote is not None:  # object store: into the local mirror first
+            from distributed.checkpoint.remote import fetch_checkpoint
+            try:
+                fetch_checkpoint(remote, run, entry.tier, entry.step, run_layout.root)
+            except CheckpointNotFoundError as e:
+                raise ManifestError(f"{entry.tier} checkpoint at step {entry.step} is "
+                                    f"no longer committed (deleted meanwhile?): {e}"
+                                    ) from None
         return _export(run_layout, export_root, entry, record, maps, model, clock)
     finally:
         if held is not None:

@@ -6,32 +6,39 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from distributed.checkpoint import Catalog
 from distributed.checkpoint.layout import RunLayout
 from distributed.errors import ConfigError
 from distributed.progress import StatusLine
 from distributed.serving.export import (candidate_checkpoints, export_first_good,
-                                        list_versions, load_run_record,
-                                        parse_scope_maps, prune_versions)
+                                        list_versions, load_run_record, open_storage,
+                                        parse_scope_maps, prune_versions, sync_catalog)
 
 
 def restore_once(storage: str, run: str, export: str, step: int | None = None,
                  best: str | None = None, maps: Sequence[str] = (),
-                 model: str | None = None, echo: Callable[[str], None] = print):
-    """Picks, verifies, restores and exports one checkpoint; returns the result."""
+                 model: str | None = None, echo: Callable[[str], None] = print,
+                 storage_options: Mapping[str, Any] | None = None,
+                 cache: str | None = None):
+    """Picks, verifies, restores and exports one checkpoint; returns the result.
+
+    ``storage`` may be an object store URI: the run is then read through a
+    local cache mirror (``cache``; see :func:`open_storage`).
+    """
     if step is not None and best:
         raise ConfigError("--step and --best are exclusive: pick one")
     scope_maps = parse_scope_maps(maps)
     t0 = time.perf_counter()
+    storage, remote = open_storage(storage, run, storage_options, cache)
     record = load_run_record(storage, run)
     catalog = Catalog(RunLayout(os.path.abspath(storage), run))
     t_catalog = time.perf_counter()
     candidates = candidate_checkpoints(catalog, step=step, best=best)
     t_chosen = time.perf_counter()
     result = export_first_good(storage, run, export, candidates, record, scope_maps,
-                               model, fallback=step is None, echo=echo)
+                               model, fallback=step is None, echo=echo, remote=remote)
     split = {"load config": t_catalog - t0, "catalog": t_chosen - t_catalog,
              **result.seconds}
     echo(f"exported serving checkpoint at step {result.step} of run {run!r} to "
@@ -43,7 +50,9 @@ def restore_once(storage: str, run: str, export: str, step: int | None = None,
 def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
           model: str | None = None, keep: int = 3, poll_seconds: float = 10.0,
           echo: Callable[[str], None] = print,
-          stop: threading.Event | None = None) -> int:
+          stop: threading.Event | None = None,
+          storage_options: Mapping[str, Any] | None = None,
+          cache: str | None = None) -> int:
     """Exports each new committed serving checkpoint until SIGTERM/SIGINT.
 
     Returns the number of versions exported.
@@ -52,6 +61,7 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    storage, remote = open_storage(storage, run, storage_options, cache)
     record = load_run_record(storage, run)
     scope_maps = parse_scope_maps(maps)
     catalog = Catalog(RunLayout(os.path.abspath(storage), run))
@@ -61,6 +71,10 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
     echo(f"watching run {run!r} for new serving checkpoints (every {poll_seconds:g}s); "
          "Ctrl-C or SIGTERM to stop")
     while not stop.is_set():
+        try:
+            sync_catalog(remote, storage, run)
+        except Exception as e:  # an unreachable store: keep watching
+            echo(f"WARNING: could not read the catalog: {e}")
         latest = catalog.latest("serving")
         done = set(list_versions(export))
         if latest is not None and latest.step not in done and \
@@ -69,7 +83,7 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
                 fresh = [e for e in candidate_checkpoints(catalog)
                          if not done or e.step > max(done)]
                 result = export_first_good(storage, run, export, fresh, record,
-                                           scope_maps, model, echo=echo)
+                                           scope_maps, model, echo=echo, remote=remote)
                 exported += 1
                 echo(f"exported step {result.step} as version {result.version}")
                 pruned = prune_versions(export, keep)

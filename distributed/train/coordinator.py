@@ -42,6 +42,10 @@ class Coordinator:
         from distributed.checkpoint.store import CheckpointStore
         self.store = CheckpointStore(self.config.storage_path, self.config.run)
         self._summary_writer = None
+        self.remote = None
+        if self.config.remote:
+            from distributed.checkpoint.remote import open_remote
+            self.remote = open_remote(self.config.storage, self.config.storage_options)
 
     def prepare(self) -> dict[str, Any]:
         """Builds the chief graph, initializes or resumes; returns the plan."""
@@ -80,6 +84,8 @@ class Coordinator:
         # Only now that the user's functions built a graph: a run whose model
         # or input fails leaves nothing in storage.
         self.removed = self.store.open()
+        if self.remote is not None:
+            self._sync_remote()
         start_step, resumed = self._init_or_resume()
         self._write_run_config()
         return {"start_step": start_step, "resumed_from": resumed,
@@ -88,6 +94,21 @@ class Coordinator:
                 "removed": self.removed,
                 "serving_bytes": self.writers["serving"].total_bytes,
                 "full_bytes": self.writers["full"].total_bytes}
+
+    def _sync_remote(self) -> None:
+        """Object-store runs: the local staging mirror and the remote agree.
+
+        Rows committed locally but not yet uploaded (a crash, a failed upload)
+        are published first; then interrupted uploads are removed remotely and
+        the local catalog is made equal to the remote one, which is the truth.
+        """
+        from distributed.checkpoint import remote as rm
+        run, root = self.config.run, self.store.layout.root
+        self.remote.probe_write(run)
+        rm.publish_pending(self.remote, root, run)
+        self.removed += rm.remove_remote_leftovers(self.remote, run)
+        self.remote.sync_catalog_down(run, root)
+        self.removed += self.store.remove_leftovers()
 
     def _init_or_resume(self) -> tuple[int, int | None]:
         """Initializes the variables, or restores the newest full checkpoint
@@ -106,6 +127,10 @@ class Coordinator:
             return 0, None
         for entry in fulls:
             try:
+                if self.remote is not None:
+                    from distributed.checkpoint.remote import fetch_checkpoint
+                    fetch_checkpoint(self.remote, self.config.run, "full", entry.step,
+                                     self.store.layout.root)
                 self.store.verify(entry.step, "full")
             except (CheckpointCorruptError, ManifestError) as e:
                 self.warnings.append(
@@ -129,8 +154,10 @@ class Coordinator:
                                               self.input_spec.features.items()},
                                  "labels": [self.input_spec.labels[0],
                                             list(self.input_spec.labels[1])]}}
-        layout.atomic_write_bytes(os.path.join(self.store.layout.root, RUN_CONFIG_FILE),
-                                  json.dumps(record, indent=2).encode())
+        path = os.path.join(self.store.layout.root, RUN_CONFIG_FILE)
+        layout.atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+        if self.remote is not None:
+            self.remote.upload_file(path, f"{self.config.run}/{RUN_CONFIG_FILE}")
 
     def initial_values(self) -> dict[str, np.ndarray]:
         """Every variable's value, for the workers to start from."""
@@ -155,11 +182,19 @@ class Coordinator:
                                     self.config.selection_spec().to_json()
                                     if tier == "serving" else '{"policy": "all"}',
                                     metrics)
+            if self.remote is not None:
+                # This checkpoint, and any an earlier failed upload left behind.
+                from distributed.checkpoint.remote import publish_pending
+                publish_pending(self.remote, self.store.layout.root, self.config.run)
         except StorageError:
             self.record(step, {f"checkpoint/{tier}/failed_saves": 1.0})
             raise
         deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
             if tier in self.config.retention else []
+        if self.remote is not None:
+            from distributed.checkpoint.remote import unpublish_checkpoint
+            for gone in deleted:
+                unpublish_checkpoint(self.remote, self.config.run, gone.tier, gone.step)
         self.record(step, {
             f"checkpoint/{tier}/save_seconds": entry.save_seconds,
             f"checkpoint/{tier}/bytes": float(entry.num_bytes),

@@ -76,7 +76,10 @@ def check_storage(config: TrainConfig) -> None:
     Creates the storage directory (not the run's) and writes and removes a
     probe file in it.
     """
-    path = config.storage_path
+    if config.remote:  # reachable, bucket there, credentials accepted
+        from distributed.checkpoint.remote import open_remote
+        open_remote(config.storage, config.storage_options)
+    path = config.storage_path  # for an object store: the local staging mirror
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
