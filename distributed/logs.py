@@ -34,6 +34,22 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (so a
+    replaced or captured stderr never leaves it writing to a closed file)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
@@ -58,7 +74,7 @@ def setup(run: str, actor: str, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.set_name(_HANDLER_NAME)
         handler.addFilter(_ContextFilter())
         root.addHandler(handler)

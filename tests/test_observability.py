@@ -25,32 +25,24 @@ def fresh_logging():
     logs._context.update(saved[2])
 
 
-def _our_handler(root):
-    return next(h for h in root.handlers if h.get_name() == logs._HANDLER_NAME)
-
-
-def test_every_line_names_run_step_and_actor(fresh_logging, monkeypatch):
+def test_every_line_names_run_step_and_actor(fresh_logging, monkeypatch, capsys):
     monkeypatch.delenv("DTR_LOG_FORMAT", raising=False)
     logs.setup("exp1", "worker 1")
     logs.setup("exp1", "worker 1")  # idempotent: one handler
     assert sum(h.get_name() == logs._HANDLER_NAME for h in fresh_logging.handlers) == 1
-    stream = io.StringIO()
-    _our_handler(fresh_logging).setStream(stream)
     logs.set_step(120)
     logging.getLogger("distributed.checkpoint.store").info("retention deleted %s", "x")
-    line = stream.getvalue().strip()
+    line = capsys.readouterr().err.strip()
     assert "INFO run=exp1 step=120 actor=worker 1 distributed.checkpoint.store: " \
            "retention deleted x" in line, line
 
 
-def test_json_lines_for_log_pipelines(fresh_logging, monkeypatch):
+def test_json_lines_for_log_pipelines(fresh_logging, monkeypatch, capsys):
     monkeypatch.setenv("DTR_LOG_FORMAT", "json")
     logs.setup("exp2", "coordinator")
-    stream = io.StringIO()
-    _our_handler(fresh_logging).setStream(stream)
     logs.set_step(7)
     logging.getLogger("distributed.x").warning("disk %d%% full", 93)
-    record = json.loads(stream.getvalue())
+    record = json.loads(capsys.readouterr().err)
     assert record | {"time": None} == {"time": None, "level": "WARNING", "run": "exp2",
                                        "step": 7, "actor": "coordinator",
                                        "logger": "distributed.x",

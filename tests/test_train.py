@@ -320,6 +320,7 @@ def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage
         at10 = ray.get([w.variables.remote() for w in workers])
         reports = ray.get([w.train.remote(30) for w in workers])
         at30 = ray.get([w.variables.remote() for w in workers])
+        reports[0]["events"] += ray.get(workers[0].finish.remote())["events"]
     finally:
         for actor in workers + [coordinator]:
             ray.kill(actor)

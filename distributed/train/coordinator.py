@@ -87,13 +87,37 @@ class Coordinator:
         if self.remote is not None:
             self._sync_remote()
         start_step, resumed = self._init_or_resume()
+        recreated = self._recreate_serving(start_step) if resumed is not None else None
         self._write_run_config()
         return {"start_step": start_step, "resumed_from": resumed,
+                "recreated_serving": recreated,
                 "input_spec": self.input_spec, "serving_names": self.serving_names,
                 "num_variables": len(self.tg.variables), "warnings": self.warnings,
                 "removed": self.removed,
                 "serving_bytes": self.writers["serving"].total_bytes,
                 "full_bytes": self.writers["full"].total_bytes}
+
+    def _recreate_serving(self, step: int) -> int | None:
+        """Writes the serving checkpoint due at the resume step if it is missing.
+
+        Rank 0 hands both tiers of a step to the coordinator; if it dies in
+        between, the full checkpoint may commit and the serving one be lost,
+        and training resumes after that step. The chief Session holds exactly
+        the restored values, so the serving checkpoint is written from them.
+        Returns the step, or ``None`` when nothing was missing.
+        """
+        from distributed.train.schedule import CheckpointSchedule
+        cfg = self.config
+        due = CheckpointSchedule(cfg.checkpoint.serving_every, cfg.checkpoint.full_every,
+                                 cfg.steps).due(step)
+        if "serving" not in due or (step, "serving") in self.store.catalog.committed_keys():
+            return None
+        self.store.save(self.writers["serving"], self.sess, step, "serving",
+                        cfg.selection_spec().to_json())
+        if self.remote is not None:
+            from distributed.checkpoint.remote import publish_pending
+            publish_pending(self.remote, self.store.layout.root, cfg.run)
+        return step
 
     def _sync_remote(self) -> None:
         """Object-store runs: the local staging mirror and the remote agree.

@@ -218,6 +218,9 @@ class _GroupRun:
         if plan["removed"]:
             echo(f"removed {len(plan['removed'])} leftover(s) of an interrupted save")
         step = plan["start_step"]
+        if plan.get("recreated_serving") is not None:
+            echo(f"re-created the serving checkpoint at step {plan['recreated_serving']} "
+                 "from the full checkpoint (its save was lost with the failure)")
         if restarting:
             source = (f"the full checkpoint at step {plan['resumed_from']}"
                       if plan["resumed_from"] is not None else
