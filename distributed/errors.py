@@ -71,6 +71,13 @@ class TrainingFailedError(DistributedError, RuntimeError):
     """The worker group failed more often than ``max_failures`` allows."""
 
 
+def last_line(e: BaseException) -> str:
+    """The last non-blank line of an exception's message (where Ray and TF put
+    the actual error), or its type name when the message is empty."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 @contextlib.contextmanager
 def user_code(field: str, ref: str):
     """Runs the user's ``field`` function ``ref``; turns what it raises into

@@ -32,11 +32,12 @@ from distributed.errors import TrainingFailedError
 from distributed.train import trainer
 from tests.conftest import REPO_ROOT, start_local_ray
 from tests.fault_actors import CrashingCoordinator
+from tests.test_train import MLP
+from tests.test_train import make_config as train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NUM_CPUS = 4
-MLP = "distributed.examples.digits:mlp_model_fn"
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +47,13 @@ def local_ray():
 
 
 def make_config(storage: str, run: str, **overrides) -> config_lib.TrainConfig:
-    data = {"storage": storage, "run": run, "model": MLP, "steps": 60,
-            "batch_size": 32, "workers": 2, "cpus_per_worker": 0.5, "log_every": 10,
-            "optimizer": {"name": "adam", "learning_rate": 0.01},
-            "checkpoint": {"serving_every": 10, "full_every": 20},
-            "retention": {"serving": {"keep_last": 20}, "full": {"keep_last": 20}},
-            "collective_timeout": 30.0, "max_failures": 2}
-    data.update(overrides)
-    return config_lib.from_dict(data)
+    """The training tests' small config, on the MLP, with a full checkpoint
+    every 20 steps and room for two restarts."""
+    return train_config(storage, run, **{
+        "model": MLP, "log_every": 10,
+        "checkpoint": {"serving_every": 10, "full_every": 20},
+        "retention": {"serving": {"keep_last": 20}, "full": {"keep_last": 20}},
+        "collective_timeout": 30.0, "max_failures": 2, **overrides})
 
 
 def committed_and_sound(storage: str, run: str) -> list[tuple[int, str]]:

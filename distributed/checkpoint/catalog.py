@@ -476,19 +476,22 @@ class Catalog:
         layout.fsync_dir(directory)
         self._uncompacted_commits = 0
 
-    def remove_stale_tmp_files(self) -> list[str]:
-        """Deletes ``*.tmp-*`` files left by a crashed writer; returns their paths."""
-        removed = []
+    def stale_tmp_files(self) -> list[str]:
+        """Paths of ``*.tmp-*`` files a crashed writer left in the catalog."""
+        found = []
         for directory in (self._dir, os.path.join(self._dir, COMPACTED_DIR)):
             try:
                 names = os.listdir(directory)
             except FileNotFoundError:
                 continue
-            for name in names:
-                if layout.is_tmp_name(name):
-                    path = os.path.join(directory, name)
-                    os.unlink(path)
-                    removed.append(path)
+            found += [os.path.join(directory, n) for n in names if layout.is_tmp_name(n)]
+        return found
+
+    def remove_stale_tmp_files(self) -> list[str]:
+        """Deletes ``*.tmp-*`` files left by a crashed writer; returns their paths."""
+        removed = self.stale_tmp_files()
+        for path in removed:
+            os.unlink(path)
         return removed
 
 

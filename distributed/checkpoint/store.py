@@ -88,11 +88,17 @@ class CheckpointStore:
         self.catalog.compact_if_stale()
         return removed
 
-    def remove_leftovers(self) -> list[str]:
-        """Deletes tmp directories and orphan step directories (no catalog row)
-        that no reader holds a lease on (see :mod:`~distributed.checkpoint.lease`)."""
-        removed = self.catalog.remove_stale_tmp_files()
+    def leftovers(self) -> list[str]:
+        """What :meth:`remove_leftovers` would delete, found without writing
+        (expired lease files aside)."""
+        return self.catalog.stale_tmp_files() + [p for p, _, _ in self._leftover_dirs()]
+
+    def _leftover_dirs(self) -> list[tuple[str, str, int | None]]:
+        """``(path, tier, step of an orphan or None)`` of every tmp directory
+        and orphan step directory (no catalog row) that no reader holds a
+        lease on (see :mod:`~distributed.checkpoint.lease`)."""
         committed = set(self.catalog.committed_keys())
+        found = []
         for tier in layout.TIERS:
             tier_dir = self.layout.tier_dir(tier)
             try:
@@ -105,11 +111,19 @@ class CheckpointStore:
                 if orphan and lease.live_leases(self.layout, tier, step):
                     continue
                 if layout.is_tmp_name(name) or orphan:
-                    path = os.path.join(tier_dir, name)
-                    shutil.rmtree(path, ignore_errors=True)
-                    removed.append(path)
-                    if orphan:
-                        lease.clear_deferred(self.layout, tier, step)
+                    found.append((os.path.join(tier_dir, name), tier,
+                                  step if orphan else None))
+        return found
+
+    def remove_leftovers(self) -> list[str]:
+        """Deletes tmp files and directories, orphan step directories no reader
+        holds a lease on, and lapsed leases; returns the removed paths."""
+        removed = self.catalog.remove_stale_tmp_files()
+        for path, tier, orphan_step in self._leftover_dirs():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            if orphan_step is not None:
+                lease.clear_deferred(self.layout, tier, orphan_step)
         removed += lease.remove_lapsed(self.layout)
         for path in removed:
             log.info("removed leftover of an interrupted write: %s", path)

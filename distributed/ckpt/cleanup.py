@@ -166,28 +166,10 @@ def _apply(store: CheckpointStore, policies: Mapping[str, Retention]) -> dict:
 def _plan(store: CheckpointStore, policies: Mapping[str, Retention]) -> dict:
     """What :func:`_apply` would do, found without writing anything (expired
     lease files, which :func:`_apply` also removes, are not listed)."""
-    committed = set(store.catalog.committed_keys())
-    leftovers = []
-    for directory in (store.catalog.directory,
-                      os.path.join(store.catalog.directory, COMPACTED_DIR)):
-        leftovers += [e.path for e in _scan(directory) if layout.is_tmp_name(e.name)]
-    for tier in layout.TIERS:
-        for e in _scan(store.layout.tier_dir(tier)):
-            step = layout.parse_step_dirname(e.name)
-            orphan = step is not None and (step, tier) not in committed
-            if layout.is_tmp_name(e.name) or (
-                    orphan and not lease.live_leases(store.layout, tier, step)):
-                leftovers.append(e.path)
+    leftovers = store.leftovers()
     deleted = [_deleted_row(e, bool(lease.live_leases(store.layout, e.tier, e.step)))
                for t, r in policies.items() for e in r.plan(store.catalog.entries(t))]
     return {"deleted": deleted, "leftovers": sorted(leftovers)}
-
-
-def _scan(directory: str) -> list[os.DirEntry]:
-    try:
-        return list(os.scandir(directory))
-    except OSError:
-        return []
 
 
 def _text(result: dict, warning: str | None) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from distributed import logs
 from distributed.config import TrainConfig
 from distributed.errors import (ConfigError, DistributedError, StorageError,
-                                TrainingFailedError)
+                                TrainingFailedError, last_line)
 from distributed.model import load_function
 from distributed.progress import StatusLine
 
@@ -261,9 +261,7 @@ class _GroupRun:
             lead = reports[0]
             self.rounds.append(lead)
             step = self.step = lead["step"]
-            for event in lead.get("events", []):
-                self.events.append(event)
-                echo(_describe(event))
+            self._report(lead.get("events", []))
             echo(f"step {step}/{config.steps}  loss {lead['loss']:.4f}  "
                  f"{lead['steps_per_sec']:.1f} steps/s")
             logs.set_step(step)
@@ -275,15 +273,19 @@ class _GroupRun:
                 scalars["checkpoint/rank0_stall_seconds_total"] = lead["stall_seconds"]
             coordinator.record.remote(step, scalars)  # fire and forget
         self.waiting_for = "waiting for the last checkpoint saves"
-        for event in self._get(workers[0].finish.remote(), "worker 0")["events"]:
-            self.events.append(event)
-            echo(_describe(event))
+        self._report(self._get(workers[0].finish.remote(), "worker 0")["events"])
         entries = self._get(coordinator.entries.remote(), "the coordinator")
         echo(format_summary(config, entries))
         return {"run": config.run, "steps": step, "entries": entries,
                 "events": self.events, "rounds": self.rounds,
                 "first_step_seconds": self.first_step_at,
                 "seconds": time.perf_counter() - self.t0}
+
+    def _report(self, events: list[dict]) -> None:
+        """Records rank 0's checkpoint events and prints a line for each."""
+        for event in events:
+            self.events.append(event)
+            self.echo(_describe(event))
 
     def _get(self, refs, names, straggler_seconds: float | None = None):
         """``ray.get`` that fails as soon as any ref fails.
@@ -340,23 +342,18 @@ def _classify(e: BaseException, name: str) -> GroupFailure | None:
     """A :class:`GroupFailure` for faults a restart can cure, else ``None``."""
     import ray
     if isinstance(e, ray.exceptions.RayActorError):
-        return GroupFailure(f"{name} died ({_first_line(e).split('. ')[0]})")
+        return GroupFailure(f"{name} died ({last_line(e).split('. ')[0]})")
     if isinstance(e, (ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError,
                       ray.exceptions.NodeDiedError)):
-        return GroupFailure(f"{name} was lost ({_first_line(e)})")
+        return GroupFailure(f"{name} was lost ({last_line(e)})")
     cause = getattr(e, "cause", None)
     kinds = {c.__name__ for c in type(cause).__mro__} if cause is not None else set()
     if kinds & _PEER_ERRORS:
         return GroupFailure(f"{name}'s collective step failed ({type(cause).__name__}: "
-                            f"{_first_line(cause)}): a peer died or stalled")
+                            f"{last_line(cause)}): a peer died or stalled")
     if "CoordinatorLostError" in kinds:
-        return GroupFailure(f"{name} lost the coordinator ({_first_line(cause)})")
+        return GroupFailure(f"{name} lost the coordinator ({last_line(cause)})")
     return None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
 
 
 def _describe(event: dict) -> str:

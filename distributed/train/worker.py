@@ -25,7 +25,7 @@ import numpy as np
 
 from distributed import logs
 from distributed.config import TrainConfig, from_dict
-from distributed.errors import ConfigError, LossDivergedError, user_code
+from distributed.errors import ConfigError, LossDivergedError, last_line, user_code
 from distributed.model import load_function
 from distributed.train.schedule import BusyPolicy, CheckpointSchedule
 
@@ -256,4 +256,4 @@ class Worker:
 
 def _short(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
-    return str(cause if cause is not None else e).strip().splitlines()[-1]
+    return last_line(cause if cause is not None else e)
