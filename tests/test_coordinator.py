@@ -45,3 +45,50 @@ def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(t
     third = Coordinator(cfg.to_dict(), restarting=True)
     assert third.prepare()["recreated_serving"] is None
     third.sess.close()
+
+
+def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tmp_path):
+    cfg = config_lib.from_dict({
+        "storage": str(tmp_path), "run": "r", "steps": 100,
+        "model": "distributed.examples.digits:mlp_model_fn",
+        "checkpoint": {"serving_every": 0, "full_every": 20}})
+    first = Coordinator(cfg.to_dict())
+    first.prepare()
+    values = first.initial_values()
+    for step in (20, 40):
+        values["global_step"] = np.int64(step)
+        assert not first.save(step, "full", values, {"loss": 0.5}).get("already_committed")
+    first.sess.close()
+    run = RunLayout(str(tmp_path), "r")
+    shard = next(os.path.join(run.checkpoint_dir("full", 40), n)
+                 for n in os.listdir(run.checkpoint_dir("full", 40)) if ".data-" in n)
+    with open(shard, "r+b") as f:
+        f.seek(7)
+        byte = f.read(1)
+        f.seek(7)
+        f.write(bytes([byte[0] ^ 0x20]))
+
+    second = Coordinator(cfg.to_dict(), restarting=True)
+    plan = second.prepare()
+    assert (plan["start_step"], plan["resumed_from"]) == (20, 20)
+    assert any("step 40 does not verify" in w and "quarantine" in w
+               for w in plan["warnings"]), plan["warnings"]
+    assert {(e.step, e.tier) for e in Catalog(run).entries()} == {(20, "full")}
+    (kept,) = os.listdir(run.quarantine_dir)
+    assert kept.startswith("full-step-000000040-")
+    with open(os.path.join(run.quarantine_dir, kept, "REASON.txt")) as f:
+        assert os.path.basename(shard) in f.read()
+    assert not os.path.exists(run.checkpoint_dir("full", 40))
+
+    # Step 40 redone: a fresh checkpoint is written, not the corrupt one "kept".
+    values = second.initial_values()
+    values["global_step"] = np.int64(40)
+    result = second.save(40, "full", values, {"loss": 0.4})
+    second.sess.close()
+    assert not result.get("already_committed")
+    verify_checkpoint(run.checkpoint_dir("full", 40))
+    # The next start leaves the quarantine alone.
+    third = Coordinator(cfg.to_dict(), restarting=True)
+    assert third.prepare()["resumed_from"] == 40
+    third.sess.close()
+    assert os.listdir(run.quarantine_dir) == [kept]

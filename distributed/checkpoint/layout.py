@@ -7,6 +7,8 @@ Layout::
                                                           manifest.parquet
     <storage>/<run>/checkpoints/<tier>/step-000000100.tmp-<random>/   (in flight)
     <storage>/<run>/catalog/step-000000100.<tier>.<crc>.parquet   (the commit record)
+    <storage>/<run>/quarantine/<tier>-step-000000100-<time>/   (failed verification;
+                                                          kept for inspection)
 
 Names are zero-padded so they sort by step. Every name pattern of the commit
 protocol is a constant here and nowhere else.
@@ -32,6 +34,8 @@ CHECKPOINTS_DIR = "checkpoints"
 CATALOG_DIR = "catalog"
 CKPT_PREFIX = "model.ckpt"
 MANIFEST_FILE = "manifest.parquet"
+QUARANTINE_DIR = "quarantine"
+QUARANTINE_REASON_FILE = "REASON.txt"
 TMP_MARKER = ".tmp-"
 STEP_DIGITS = 9
 
@@ -143,6 +147,10 @@ class RunLayout:
 
     def checkpoint_dir(self, tier: str, step: int) -> str:
         return os.path.join(self.tier_dir(tier), step_dirname(step))
+
+    @property
+    def quarantine_dir(self) -> str:
+        return os.path.join(self.root, QUARANTINE_DIR)
 
     def relative_checkpoint_path(self, tier: str, step: int) -> str:
         """The ``path`` recorded in the catalog: relative to the run root."""

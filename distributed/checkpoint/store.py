@@ -274,6 +274,35 @@ class CheckpointStore:
         self.delete_deferred()
         return doomed
 
+    def quarantine(self, step: int, tier: str, reason: str) -> str:
+        """Takes a committed checkpoint that failed verification out of use.
+
+        The catalog row goes first (the checkpoint stops existing, so a step
+        redone after a restart writes a fresh one instead of keeping it), then
+        the directory moves to ``<run>/quarantine/`` with a ``REASON.txt``, for
+        inspection; nothing deletes it there. Returns the new path.
+        """
+        self.catalog.remove(step, tier)
+        src = self.layout.checkpoint_dir(tier, step)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._clock()))
+        dst = os.path.join(self.layout.quarantine_dir,
+                           f"{tier}-{layout.step_dirname(step)}-{stamp}")
+        try:
+            os.makedirs(self.layout.quarantine_dir, exist_ok=True)
+            os.rename(src, dst)
+            with open(os.path.join(dst, layout.QUARANTINE_REASON_FILE), "w") as f:
+                f.write(reason.rstrip() + "\n")
+        except FileNotFoundError:
+            return src  # nothing on disk to keep: the row was all there was
+        except OSError as e:
+            # Unlisted already; an unmovable directory is an orphan that the
+            # next open() removes.
+            log.warning("could not move %s to quarantine (%s)", src, e)
+            return src
+        log.warning("quarantined the %s checkpoint at step %d (%s): %s",
+                    tier, step, reason, dst)
+        return dst
+
     def delete_deferred(self) -> list[tuple[str, int]]:
         """Deletes the directories retention left for readers that are now done."""
         deleted = []

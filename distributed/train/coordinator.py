@@ -157,9 +157,14 @@ class Coordinator:
                                      self.store.layout.root)
                 self.store.verify(entry.step, "full")
             except (CheckpointCorruptError, ManifestError) as e:
+                where = self.store.quarantine(entry.step, "full", str(e))
+                if self.remote is not None:
+                    from distributed.checkpoint.remote import unpublish_checkpoint
+                    unpublish_checkpoint(self.remote, self.config.run, "full", entry.step)
                 self.warnings.append(
                     f"full checkpoint at step {entry.step} does not verify ({e}); "
-                    "trying the one before it")
+                    f"moved it out of the catalog to {where} and trying the one "
+                    "before it")
                 continue
             with self.tg.graph.as_default():
                 saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in
