@@ -284,7 +284,11 @@ def _timed_worker_class():
                     return getattr(real, name)
 
             self._bench_real_sess, self._bench_timed_sess = real, _TimedSession()
-            ck = self._checkpointer
+            return pid
+
+        def load(self, *a, **k):
+            super().load(*a, **k)  # rank 0 creates its checkpointer here
+            ck, outer = self._checkpointer, self
             if ck is not None:
                 inner = ck.maybe_save
 
@@ -295,7 +299,6 @@ def _timed_worker_class():
                         outer._bench_saves.append((step, time.perf_counter() - t))
 
                 ck.maybe_save = maybe_save
-            return pid
 
         def train(self, until_step):
             self.sess = self._bench_timed_sess

@@ -5,11 +5,12 @@ graph with gradients all-reduced by ``CollectiveReduceV2`` (see
 :mod:`distributed.train.collective`), loads the coordinator's initial values
 and runs steps on its own shard of the input.
 
-Rank 0 also checkpoints, off the training path: at a checkpoint step it fetches
-the variables to save in one ``sess.run`` (TensorFlow returns host copies, so the
-snapshot is consistent; this costs about one memory copy of the selected
-bytes). A background thread then hands the arrays to the coordinator through
-the Ray object store while training goes on.
+Rank 0 also checkpoints, off the training path: at a checkpoint step it takes
+an in-graph snapshot of the variables to save (see
+:mod:`distributed.train.snapshot`: on CPU no bytes are copied then, the next
+step's updates are copy-on-write). A background thread then reads the snapshot
+and hands the arrays to the coordinator through the Ray object store while
+training goes on.
 """
 
 from __future__ import annotations
@@ -42,18 +43,20 @@ class _AsyncCheckpointer:
     NOTE: only rank 0 creates one.
     """
 
-    def __init__(self, coordinator, sess, variables, serving_names, config: TrainConfig):
+    def __init__(self, coordinator, sess, variables, serving_names, config: TrainConfig,
+                 run_options=None):
+        from distributed.train.snapshot import VariableSnapshot
         self._coordinator = coordinator
         self._sess = sess
-        by_name = {v.op.name: v for v in variables}
-        self._fetches = {
-            "serving": {n: by_name[n] for n in serving_names},
-            "full": by_name,
-        }
+        self._run_options = run_options
+        # "full" holds every variable, so when both tiers are due it serves both.
+        self._snapshot = VariableSnapshot(variables, {
+            "serving": serving_names, "full": [v.op.name for v in variables]})
         self._schedule = CheckpointSchedule(config.checkpoint.serving_every,
                                             config.checkpoint.full_every, config.steps)
         self._policy = BusyPolicy(config.checkpoint.on_busy)
         self._thread: threading.Thread | None = None
+        self._thread_error: str | None = None
         self._refs: list = []
         self.events: list[dict] = []
         self.stall_seconds = 0.0
@@ -75,6 +78,9 @@ class _AsyncCheckpointer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._thread_error is not None:
+            self.events.append({"event": "failed", "error": self._thread_error})
+            self._thread_error = None
         refs, self._refs = self._refs, []
         for ref in refs:
             try:
@@ -97,15 +103,21 @@ class _AsyncCheckpointer:
             return
         if decision == "wait":
             self._collect()
-        fetches = {t: self._fetches[t] for t in tiers}
-        values = self._sess.run(fetches)
+        group = "full" if "full" in tiers else "serving"
+        self._snapshot.take(self._sess, group, self._run_options)
         refs = self._refs
-        coordinator = self._coordinator
         metrics = dict(metrics)
 
         def hand_off():
-            for tier in tiers:
-                refs.append(coordinator.save.remote(step, tier, values[tier], metrics))
+            try:
+                values = self._snapshot.fetch(self._sess, group, self._run_options)
+                for tier in tiers:
+                    names = self._snapshot.groups[tier]
+                    refs.append(self._coordinator.save.remote(
+                        step, tier, {n: values[n] for n in names}, metrics))
+            except Exception as e:  # reported as a failed save by _collect
+                self._thread_error = f"step {step}: reading the snapshot failed: " \
+                    f"{_short(e)}"
 
         self._thread = threading.Thread(target=hand_off, daemon=True)
         self._thread.start()
@@ -194,7 +206,7 @@ class Worker:
         if self.rank == 0 and coordinator is not None:
             self._checkpointer = _AsyncCheckpointer(
                 coordinator, self.sess, self.tg.variables, serving_names or [],
-                self.config)
+                self.config, self.run_options)
 
     def train(self, until_step: int) -> dict[str, Any]:
         """Runs steps up to ``until_step``; returns rank 0's progress report."""
