@@ -12,6 +12,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The actors run with Keras 2 (trainer._ACTOR_ENV); the driver imports the
+# model's module the same way (and skips importing Keras 3, ~1 s).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 from distributed import config as config_lib  # noqa: E402
 from distributed import logs  # noqa: E402

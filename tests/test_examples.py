@@ -89,6 +89,20 @@ def test_digits_batches_have_contract_shapes_and_dtypes():
     assert len(test_x["image"]) == len(test_y) == 1797 - digits.NUM_TRAIN
 
 
+def test_digits_read_without_sklearn_equal_load_digits(monkeypatch):
+    from sklearn.datasets import load_digits
+    expected = load_digits()
+    images, labels = digits._load_digits.__wrapped__()
+    np.testing.assert_array_equal(images, (expected.data / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(labels, expected.target)
+    assert digits._bundled_digits_csv() is not None
+    # Where the CSV is not found, scikit-learn's own loader gives the same.
+    monkeypatch.setattr(digits, "_bundled_digits_csv", lambda: None)
+    fallback_images, fallback_labels = digits._load_digits.__wrapped__()
+    np.testing.assert_array_equal(fallback_images, images)
+    np.testing.assert_array_equal(fallback_labels, labels)
+
+
 @pytest.mark.parametrize("num_workers", [1, 3, 7])
 def test_digits_shards_are_disjoint_and_cover_the_train_split(num_workers):
     epochs = []

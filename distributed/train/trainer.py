@@ -43,10 +43,13 @@ def connect_ray() -> bool:
         ray.init(log_to_driver=True)
         _handle_sigterm()
         return False
+    # A local Ray's worker processes inherit this environment, so the actors
+    # need no runtime_env of their own and can use the workers Ray prestarts.
     cwd = os.getcwd()
-    path = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
-    ray.init(runtime_env={"env_vars": {**_ACTOR_ENV, "PYTHONPATH": path}},
-             include_dashboard=False, log_to_driver=True)
+    os.environ.update(_ACTOR_ENV)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
+    ray.init(include_dashboard=False, log_to_driver=True)
     _handle_sigterm()
     return True
 
@@ -124,7 +127,8 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
     try:
         _check_resources(config)
         failures: list[str] = []
-        run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0)
+        run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0,
+                        actor_env=None if started else {"env_vars": dict(_ACTOR_ENV)})
         while True:
             try:
                 summary = run.attempt(restarting=bool(failures))
@@ -166,8 +170,10 @@ _PEER_ERRORS = {"DeadlineExceededError", "UnavailableError", "AbortedError",
 class _GroupRun:
     """Starts one group of actors (coordinator + workers) per attempt."""
 
-    def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float):
+    def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float,
+                 actor_env: dict | None):
         self.config = config
+        self.actor_env = actor_env  # None: the actors inherit the driver's
         self.status = StatusLine()
         self.echo = self.status.wrap(echo)
         self.waiting_for = "starting the actors"
@@ -188,12 +194,12 @@ class _GroupRun:
         self.waiting_for = ("restarting the actors" if restarting else
                             "starting the actors and building the graphs")
         cfg = config.to_dict()
-        env = {"env_vars": dict(_ACTOR_ENV)}
+        env = {} if self.actor_env is None else {"runtime_env": self.actor_env}
         coordinator = ray.remote(self.coordinator_cls).options(
-            num_cpus=COORDINATOR_CPUS, runtime_env=env).remote(cfg, restarting)
+            num_cpus=COORDINATOR_CPUS, **env).remote(cfg, restarting)
         workers = [ray.remote(Worker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
-            runtime_env=env).remote(cfg, rank) for rank in range(config.workers)]
+            **env).remote(cfg, rank) for rank in range(config.workers)]
         names = ["the coordinator"] + [f"worker {r}" for r in range(config.workers)]
         self.actors = dict(zip(names, [coordinator] + workers))
         try:
