@@ -231,6 +231,31 @@ def test_restore_job_exports_the_keras_model(storage, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def forgetful_keras_model_fn(features, labels, mode, params):
+    """The Keras CNN without its batch-norm updates in ``UPDATE_OPS``: the
+    mistake that leaves the moving statistics at their initial values."""
+    model = keras_digits._build_cnn(tf_keras, params or {})
+    logits = model(features["image"], training=mode == TRAIN)
+    if mode == PREDICT:
+        return ModelSpec(predictions={"logits": logits})
+    loss = tf.reduce_mean(tf_keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True))
+    return ModelSpec(loss=loss, predictions={"logits": logits})
+
+
+def test_moving_statistics_nothing_updates_are_a_warning_naming_the_fix(storage):
+    from distributed.train.coordinator import Coordinator
+    cfg = make_config(model=f"{__name__}:forgetful_keras_model_fn", storage=storage,
+                      run="forgetful", selection={"policy": "inference"})
+    coord = Coordinator(cfg.to_dict())
+    coord.prepare()
+    coord.sess.close()
+    (warning,) = [w for w in coord.warnings if "UPDATE_OPS" in w]
+    for name in KERAS_BN_STATS:
+        assert name in warning
+    assert "model.updates" in warning and "initial values" in warning
+
+
 def test_l2_param_adds_keras_regularization_losses():
     def initial_loss(l2):
         graph = tf.Graph()

@@ -55,7 +55,8 @@ class Coordinator:
         from distributed.checkpoint.writer import CheckpointWriter, session_config
         from distributed.model import load_function
         from distributed.train.graph import (InputSpec, VariableLoader,
-                                             build_train_graph, predict_reads)
+                                             build_train_graph,
+                                             never_updated_statistics, predict_reads)
 
         cfg = self.config
         input_fn = load_function(cfg.input, "input", 4)
@@ -70,6 +71,15 @@ class Coordinator:
             selection = select(describe_variables(self.tg.variables),
                                cfg.selection_spec(), reads)
         self.warnings = [str(w.message) for w in caught]
+        stale = never_updated_statistics(self.tg, reads)
+        if stale:
+            self.warnings.append(
+                f"the predict outputs read {', '.join(stale)}, but no op in "
+                "UPDATE_OPS updates them, so they keep their initial values and "
+                "serving would use those. A Keras model keeps its batch-norm "
+                "updates on the model: add model.updates to "
+                "tf.compat.v1.GraphKeys.UPDATE_OPS in model_fn (README: Keras 2 "
+                "layers). Ignore this if they are frozen on purpose.")
         chosen = set(selection.names)
         serving_vars = [v for v in self.tg.variables if v.op.name in chosen]
         self.serving_names = [v.op.name for v in serving_vars]

@@ -15,6 +15,7 @@ those of the global batch statistics' mean.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -170,6 +171,25 @@ def _variables_written_by(ops) -> set[str]:
     from distributed.checkpoint.selection import variables_read_by, walk_back
     writes = walk_back(ops, lambda op: op.type in _WRITE_OPS)
     return variables_read_by([op.inputs[0] for op in writes])
+
+
+# Names of moving statistics (batch norm, EMA) that a train step should update.
+_MOVING_STATISTIC = re.compile(r"moving_(mean|variance|average)|ExponentialMovingAverage")
+
+
+def never_updated_statistics(tg: TrainGraph, reads: set[str]) -> list[str]:
+    """Moving statistics the predict outputs read that no train step updates.
+
+    Non-trainable variables named like moving statistics (``moving_mean``,
+    ``moving_variance``, ``ExponentialMovingAverage``) that nothing in
+    ``UPDATE_OPS`` writes keep their initial values, and serving would use
+    those: the usual cause is a Keras model whose ``model.updates`` were not
+    added to ``UPDATE_OPS``.
+    """
+    trainable = {v.op.name for v in tg.variables if v.trainable}
+    updated = {v.op.name for v in tg.model_state}
+    return sorted(n for n in reads if n not in trainable and n not in updated
+                  and _MOVING_STATISTIC.search(n))
 
 
 def predict_reads(config: TrainConfig, input_spec: InputSpec) -> set[str]:
