@@ -60,6 +60,9 @@ class CheckpointConfig:
         shards: ``.data`` files per checkpoint; ``null`` picks from the size.
         on_busy: What a checkpoint step does when the previous save is still
             being written: ``wait`` for it, or ``skip`` this checkpoint.
+            ``wait`` waits at most half of ``collective_timeout`` (the other
+            workers wait in the next all-reduce meanwhile), then skips; the
+            last step's checkpoints always queue behind the save in flight.
     """
 
     serving_every: int = 100

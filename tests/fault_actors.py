@@ -30,3 +30,19 @@ class CrashingCoordinator(Coordinator):
                 f.flush()
                 os.fsync(f.fileno())
             os._exit(1)
+
+
+class SlowSavingCoordinator(Coordinator):
+    """A coordinator whose saves of some steps take long (slow storage).
+
+    ``<storage>/slow_saves.json`` maps a step to the seconds its save sleeps
+    before writing.
+    """
+
+    def save(self, step, tier, values, metrics):
+        import time
+        path = os.path.join(self.config.storage_path, "slow_saves.json")
+        with open(path) as f:
+            delay = json.load(f).get(str(step), 0)
+        time.sleep(delay)
+        return super().save(step, tier, values, metrics)

@@ -31,7 +31,7 @@ from distributed.checkpoint.verify import verify_checkpoint
 from distributed.errors import TrainingFailedError
 from distributed.train import trainer
 from tests.conftest import REPO_ROOT, start_local_ray
-from tests.fault_actors import CrashingCoordinator
+from tests.fault_actors import CrashingCoordinator, SlowSavingCoordinator
 from tests.test_train import MLP
 from tests.test_train import make_config as train_config
 
@@ -324,3 +324,30 @@ def test_driver_stopped_by_sigterm_cleans_up_and_rerun_resumes(tmp_path):
     assert f"resuming run 'stopped' from its full checkpoint at step {stopped_at}" in out, out
     assert (stopped_at + 10, "full") in committed_and_sound(storage, "stopped")
     assert leftovers(storage, "stopped") == []
+
+
+def test_slow_save_is_waited_for_at_most_half_the_collective_timeout(local_ray, tmp_path):
+    """``on_busy: wait`` must not stall rank 0 until the other workers'
+    all-reduce times out: past half of ``collective_timeout`` the checkpoint is
+    skipped and said so. At the last step the final saves queue behind the
+    slow one instead, and are committed."""
+    storage = str(tmp_path / "storage")
+    os.makedirs(storage)
+    with open(os.path.join(storage, "slow_saves.json"), "w") as f:
+        json.dump({"10": 14, "35": 4}, f)
+    config = make_config(storage, "slow-save", steps=40, log_every=40,
+                         collective_timeout=10.0,
+                         checkpoint={"serving_every": 5, "full_every": 0,
+                                     "on_busy": "wait"})
+    lines = []
+    summary = trainer.train(config, echo=lines.append,
+                            coordinator_cls=SlowSavingCoordinator)
+    text = "\n".join(lines)
+    assert summary["steps"] == 40 and summary["failures"] == [], text
+    skipped = re.findall(r"skipped checkpoint at step (\d+): the previous save was "
+                         r"still being written after 5s \(half of collective_timeout",
+                         text)
+    assert "15" in skipped, text
+    keys = committed_and_sound(storage, "slow-save")
+    assert (10, "serving") in keys and (35, "serving") in keys, text
+    assert (40, "serving") in keys and (40, "full") in keys, text

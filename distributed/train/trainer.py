@@ -373,8 +373,9 @@ def _describe(event: dict) -> str:
                 f"({event['num_bytes'] / 2**20:.2f} MiB, {event['num_shards']} shard(s), "
                 f"{event['save_seconds']:.2f}s{extra})")
     if event["event"] == "skipped":
-        return (f"  skipped checkpoint at step {event['step']}: the previous save "
-                "was still in flight (checkpoint.on_busy: skip)")
+        reason = event.get("reason") or ("the previous save was still in flight "
+                                         "(checkpoint.on_busy: skip)")
+        return f"  skipped checkpoint at step {event['step']}: {reason}"
     return f"  checkpoint save FAILED: {event['error']} (training goes on)"
 
 

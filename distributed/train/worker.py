@@ -55,6 +55,9 @@ class _AsyncCheckpointer:
         self._schedule = CheckpointSchedule(config.checkpoint.serving_every,
                                             config.checkpoint.full_every, config.steps)
         self._policy = BusyPolicy(config.checkpoint.on_busy)
+        # While rank 0 waits, the other workers wait in the next all-reduce;
+        # waiting longer than this would time it out and restart the group.
+        self._max_wait = config.collective_timeout / 2
         self._thread: threading.Thread | None = None
         self._thread_error: str | None = None
         self._refs: list = []
@@ -72,6 +75,22 @@ class _AsyncCheckpointer:
                 return False
             return True
         return False
+
+    def _wait(self, seconds: float) -> bool:
+        """Waits up to ``seconds`` for the saves in flight; True if all are done."""
+        import ray
+        deadline = time.monotonic() + seconds
+        if self._thread is not None:
+            self._thread.join(seconds)
+            if self._thread.is_alive():
+                return False
+        if self._refs:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(self._refs, num_returns=len(self._refs), timeout=left)
+            if len(ready) < len(self._refs):
+                return False
+        self._collect()
+        return True
 
     def _collect(self) -> None:
         import ray
@@ -101,8 +120,20 @@ class _AsyncCheckpointer:
         if decision == "skip":
             self.events.append({"event": "skipped", "step": step, "tiers": list(tiers)})
             return
-        if decision == "wait":
-            self._collect()
+        if decision == "wait" and final:
+            # The other workers are done; the last saves queue behind the one
+            # in flight and finish() collects them all.
+            if self._thread is not None:
+                self._thread.join()
+        elif decision == "wait" and not self._wait(self._max_wait):
+            self.events.append({
+                "event": "skipped", "step": step, "tiers": list(tiers),
+                "reason": f"the previous save was still being written after "
+                          f"{self._max_wait:.0f}s (half of collective_timeout; "
+                          "waiting longer would time out the other workers' "
+                          "all-reduce)"})
+            self.stall_seconds += time.perf_counter() - start
+            return
         group = "full" if "full" in tiers else "serving"
         self._snapshot.take(self._sess, group, self._run_options)
         refs = self._refs
