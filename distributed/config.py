@@ -316,6 +316,9 @@ OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 
 
 DEFAULT_STAGING = os.path.join(tempfile.gettempdir(), "dtr-staging")
+# Readers (the restore job, the CLI) keep their own mirror: syncing a reader's
+# catalog down in the writer's staging mirror would drop rows not uploaded yet.
+DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "dtr-cache")
 
 
 def staging_path(storage: str, staging: str | None = None) -> str:

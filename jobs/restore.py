@@ -15,6 +15,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from distributed import logs  # noqa: E402
+from distributed.argtypes import key_value  # noqa: E402
 from distributed.serving.job import restore_once, watch  # noqa: E402
 from distributed.train.trainer import main_guard  # noqa: E402
 
@@ -32,15 +33,6 @@ def _number(kind, ok, expected: str):
     return parse
 
 
-def _key_value(text: str) -> tuple[str, str]:
-    """argparse type: ``KEY=VALUE``."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE; use e.g. "
-                                         "endpoint_override=localhost:9000")
-    return key, value
-
-
 def _metric_mode(text: str) -> str:
     """argparse type: ``METRIC`` or ``METRIC:min`` or ``METRIC:max``."""
     metric, _, mode = text.partition(":")
@@ -56,13 +48,14 @@ def parse_args(argv):
     p.add_argument("--storage", required=True,
                    help="storage of the run: a directory or an object store URI "
                         "(s3://bucket/prefix)")
-    p.add_argument("--storage-option", action="append", default=[], type=_key_value,
+    p.add_argument("--storage-option", action="append", default=[], type=key_value,
                    metavar="KEY=VALUE", dest="storage_options",
                    help="object store option, e.g. endpoint_override=host:9000, "
                         "region=us-east-1, scheme=http (credentials: the usual "
                         "AWS_* environment variables)")
     p.add_argument("--cache", help="local cache for an object store run "
-                                   "(default: the temp dir's dtr-staging/)")
+                                   "(default: the temp dir's dtr-cache/; never a training job's "
+                                   "staging directory)")
     p.add_argument("--run", required=True, help="run name")
     p.add_argument("--export", required=True, help="export base directory (TF Serving's model dir)")
     which = p.add_mutually_exclusive_group()

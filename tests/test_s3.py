@@ -5,6 +5,7 @@ fetched back to resume on a fresh node and to export for serving."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -12,6 +13,7 @@ import shutil
 import pytest
 
 from distributed import config as config_lib
+from distributed.errors import ConfigError
 from distributed.serving.job import restore_once
 from distributed.train import trainer
 from tests import s3_server
@@ -49,7 +51,7 @@ def remote_rows(s3, bucket) -> list[str]:
                   for k in s3.objects(bucket) if "/catalog/step-" in k)
 
 
-def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path):
+def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
     bucket = s3.make_bucket(f"b-{secrets.token_hex(4)}")
     lines: list[str] = []
     summary = trainer.train(make_config(s3, bucket, tmp_path / "staging", 40),
@@ -86,3 +88,35 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path):
     import tensorflow as tf
     loaded = tf.saved_model.load(str(tmp_path / "export" / "60"))
     assert "serving_default" in loaded.signatures
+
+    # The checkpoint CLI reads the same run through a cache of its own.
+    from distributed.ckpt.cli import main as ckpt_main
+    opts = [f"--storage-option={k}={v}" for k, v in s3.options().items()]
+    base = ["--storage", f"s3://{bucket}/runs", "--run", "exp", *opts,
+            "--cache", str(tmp_path / "cli-cache")]
+    capsys.readouterr()
+    assert ckpt_main(["ls", *base, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert {(c["tier"], c["step"]) for c in listed} == {
+        ("full", 40), ("full", 60), ("serving", 50), ("serving", 60)}
+    assert ckpt_main(["show", "60", *base, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["checkpoint"]["step"] == 60 and shown["tensors"]
+    # show downloads the manifest alone, into a temporary directory.
+    assert not os.path.exists(os.path.join(
+        config_lib.staging_path(f"s3://{bucket}/runs", str(tmp_path / "cli-cache")),
+        "exp", "checkpoints", "serving", "step-000000060"))
+    assert ckpt_main(["verify", *base, "--tier", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "OK   full    step 40" in out and "0 of 2 checkpoint(s) bad" in out, out
+    assert ckpt_main(["diff", "40", "60", "--tier", "full", *base]) == 0
+    assert "A = full step 40, B = full step 60" in capsys.readouterr().out
+    assert ckpt_main(["gc", *base]) == 2
+    assert "is an object store" in capsys.readouterr().err
+
+    # A reader's cache must never be the writer's staging mirror: syncing the
+    # catalog there would drop rows the coordinator has not uploaded yet.
+    with pytest.raises(ConfigError, match="staging mirror that the training job"):
+        restore_once(f"s3://{bucket}/runs", "exp", str(tmp_path / "export2"),
+                     echo=lambda line: None, storage_options=s3.options(),
+                     cache=str(tmp_path / "staging"))

@@ -478,6 +478,11 @@ def _checkpoint_rel(run: str, tier: str, step: int) -> str:
     return f"{run}/" + layout.RunLayout(".", run).relative_checkpoint_path(tier, step)
 
 
+def manifest_rel(run: str, tier: str, step: int) -> str:
+    """The object path of a checkpoint's manifest, relative to the storage root."""
+    return f"{_checkpoint_rel(run, tier, step)}/{layout.MANIFEST_FILE}"
+
+
 def _local_row(local_run_root: str, run: str, tier: str, step: int) -> str:
     """The local catalog row name of a locally committed checkpoint."""
     catalog_dir = os.path.join(local_run_root, layout.CATALOG_DIR)

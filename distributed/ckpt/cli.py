@@ -6,8 +6,9 @@
     python -m distributed.ckpt diff   200 300 --run digits-cnn [--all]
     python -m distributed.ckpt gc     --run digits-cnn [--keep-last 3] [--dry-run]
 
-Every command takes --storage (default: runs, as the train job) and --run, and
-prints a table, or with --json one JSON document; ls, show, verify and diff
+Every command takes --storage (default: runs, as the train job; an object
+store URI such as s3://bucket/prefix is read through a local cache, see
+--cache, for every command but gc) and --run, and prints a table, or with --json one JSON document; ls, show, verify and diff
 with --parquet FILE also write their table as Parquet. None imports TensorFlow.
 Exit status: 0 ok, 1 verify found a bad checkpoint, 2 a usage, storage or
 catalog error (one line on stderr). gc must not run while the run trains: see
@@ -20,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from typing import Sequence
 
@@ -27,8 +29,9 @@ from distributed.checkpoint.catalog import CorruptCatalogRowWarning
 from distributed.checkpoint.layout import STEP_DIGITS, TIERS
 from distributed.ckpt import cleanup, commands, diff
 from distributed.ckpt.output import Report, emit
-from distributed.ckpt.run import resolve_run
-from distributed.errors import DistributedError
+from distributed.argtypes import key_value
+from distributed.ckpt.run import open_remote_run, resolve_run
+from distributed.errors import ConfigError, DistributedError
 
 PROG = "python -m distributed.ckpt"
 
@@ -83,8 +86,15 @@ def _metric_mode(text: str) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--storage", default="runs",
-                     help="storage directory (default: runs, as the train job)")
+                     help="storage directory, or object store URI such as "
+                          "s3://bucket/prefix (default: runs, as the train job)")
     run.add_argument("--run", required=True, help="run name")
+    run.add_argument("--storage-option", action="append", default=[], type=key_value,
+                     metavar="KEY=VALUE", dest="storage_options",
+                     help="object store option, e.g. endpoint_override=host:9000 "
+                          "(credentials: the usual AWS_* environment variables)")
+    run.add_argument("--cache", help="local cache for an object store run (default: "
+                                     "the temp dir's dtr-cache/)")
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="print one JSON document")
     out.add_argument("--parquet", metavar="FILE", help="also write the table to FILE")
@@ -150,6 +160,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run_command(args: argparse.Namespace) -> Report:
     """Runs the parsed command; returns its report."""
+    from distributed.checkpoint.remote import is_remote
+    if is_remote(args.storage):
+        return _run_remote(args)
     run_layout = resolve_run(args.storage, args.run)
     if args.command == "ls":
         return commands.ls(run_layout, args.tier)
@@ -163,6 +176,25 @@ def run_command(args: argparse.Namespace) -> Report:
     retention = cleanup.retention_from_flags(
         {"keep_last": args.keep_last, "keep_every": args.keep_every, "keep_best": best})
     return cleanup.gc(run_layout, retention, args.tier, args.dry_run, args.force)
+
+
+def _run_remote(args: argparse.Namespace) -> Report:
+    """The read-only commands on an object store run, through a local cache."""
+    if args.command == "gc":
+        raise ConfigError(
+            f"gc: {args.storage} is an object store; there the training job's "
+            "retention deletes checkpoints (catalog row first) and a restarted run "
+            "removes interrupted uploads. gc works on a directory")
+    run = open_remote_run(args.storage, args.run, dict(args.storage_options), args.cache)
+    if args.command == "ls":
+        return commands.ls(run.layout, args.tier)
+    if args.command == "show":  # the manifest alone, not the tensors
+        with tempfile.TemporaryDirectory(prefix="dtr-show-") as tmp:
+            return commands.show(run.layout, args.step, args.tier, args.depth,
+                                 lambda tier, step: run.fetch_manifest(tier, step, tmp))
+    if args.command == "verify":
+        return commands.verify(run.layout, args.step, args.tier, run.fetch)
+    return diff.diff(run.layout, args.a, args.b, args.tier, args.all, run.fetch)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import pyarrow as pa
 
@@ -48,17 +49,20 @@ def scope_of(name: str, depth: int) -> str:
     return "/".join(name.split("/")[:depth])
 
 
-def show(run_layout: RunLayout, step: int, tier: str | None, depth: int) -> Report:
+def show(run_layout: RunLayout, step: int, tier: str | None, depth: int,
+         manifest_dir: Callable[[str, int], str] | None = None) -> Report:
     """One checkpoint's manifest: every tensor, and bytes per scope.
 
     The manifest is read down the checksum chain (row file, then the manifest
     against the CRC the row records); the tensors' bytes are not read.
+    ``manifest_dir(tier, step)`` says where the manifest is when it is not in
+    the checkpoint's directory (an object store run's, downloaded alone).
     """
     catalog = Catalog(run_layout)
     tier = resolve_tier(catalog, step, tier)
     entry = catalog.get(step, tier)
-    manifest = read_manifest(run_layout.checkpoint_dir(tier, step),
-                             entry.manifest_crc32c)
+    where = (manifest_dir or run_layout.checkpoint_dir)(tier, step)
+    manifest = read_manifest(where, entry.manifest_crc32c)
     tensors = [dataclasses.asdict(t) for t in manifest.tensors]
     scopes = _scopes(manifest, depth)
     total = manifest.num_bytes
@@ -111,9 +115,11 @@ VERIFY_SCHEMA = pa.schema([
 ])
 
 
-def verify(run_layout: RunLayout, step: int | None, tier: str | None) -> Report:
+def verify(run_layout: RunLayout, step: int | None, tier: str | None,
+           fetch: Callable[[str, int], None] | None = None) -> Report:
     """Verifies one committed checkpoint (``step``) or all of them, down the
-    whole checksum chain; exit code 1 if any is bad.
+    whole checksum chain; exit code 1 if any is bad. ``fetch(tier, step)``
+    first brings a checkpoint into ``run_layout`` (an object store run's cache).
 
     Raises:
         CheckpointNotFoundError: ``step`` is given and not committed.
@@ -128,6 +134,8 @@ def verify(run_layout: RunLayout, step: int | None, tier: str | None) -> Report:
     for t, s in keys:
         with reading(run_layout, t, s):
             try:
+                if fetch is not None:
+                    fetch(t, s)
                 report = store.verify(s, t, raise_on_error=False)
             except CheckpointNotFoundError:
                 if step is not None:

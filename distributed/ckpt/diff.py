@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -66,8 +68,11 @@ def change(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def diff(run_layout: RunLayout, step_a: int, step_b: int, tier: str | None,
-         show_all: bool = False) -> Report:
+         show_all: bool = False,
+         fetch: Callable[[str, int], None] | None = None) -> Report:
     """Compares checkpoint A (``step_a``) with B (``step_b``) tensor by tensor.
+    ``fetch(tier, step)`` first brings each into ``run_layout`` (an object
+    store run's cache).
 
     Raises:
         CheckpointNotFoundError: Either step is not committed.
@@ -77,6 +82,9 @@ def diff(run_layout: RunLayout, step_a: int, step_b: int, tier: str | None,
     tier_a = resolve_tier(catalog, step_a, tier)
     tier_b = resolve_tier(catalog, step_b, tier)
     with reading(run_layout, tier_a, step_a), reading(run_layout, tier_b, step_b):
+        if fetch is not None:
+            fetch(tier_a, step_a)
+            fetch(tier_b, step_b)
         dir_a, man_a = read_committed_manifest(run_layout, step_a, tier_a)
         dir_b, man_b = read_committed_manifest(run_layout, step_b, tier_b)
         a = {t.name: t for t in man_a.tensors}

@@ -8,9 +8,10 @@ not committed is one clear error, and nothing is created under a mistyped
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from distributed import config as config_lib
 from distributed.checkpoint import layout
@@ -54,6 +55,45 @@ def resolve_run(storage: str, run: str) -> RunLayout:
             f"{RUN_CONFIG_FILE} in {run_layout.root}); runs there: "
             f"{', '.join(there) if there else 'none'}. Check --storage and --run")
     return run_layout
+
+
+@dataclasses.dataclass
+class RemoteRun:
+    """A run on an object store, read through a local cache mirror.
+
+    The catalog is synced into the mirror when the run is opened; checkpoints
+    are downloaded on demand by :meth:`fetch` (kept in the cache, so a second
+    look is local).
+    """
+
+    layout: RunLayout  # of the mirror
+    remote: Any
+
+    def fetch(self, tier: str, step: int) -> None:
+        from distributed.checkpoint.remote import fetch_checkpoint
+        fetch_checkpoint(self.remote, self.layout.run, tier, step, self.layout.root)
+
+    def fetch_manifest(self, tier: str, step: int, into: str) -> str:
+        """Downloads only the checkpoint's manifest into directory ``into``."""
+        from distributed.checkpoint.remote import manifest_rel
+        self.remote.download_file(manifest_rel(self.layout.run, tier, step),
+                                  os.path.join(into, layout.MANIFEST_FILE))
+        return into
+
+
+def open_remote_run(storage: str, run: str, options: Mapping[str, str],
+                    cache: str | None) -> RemoteRun:
+    """Syncs an object store run's record and catalog into the local cache.
+
+    Raises:
+        ConfigError: ``run`` is not a valid run name, or ``cache`` is a
+            training job's staging mirror.
+        CheckpointNotFoundError: No such run in ``storage``.
+        StorageError: The object store is unreachable or refuses access.
+    """
+    from distributed.serving.export import open_storage
+    local, remote = open_storage(storage, run, options, cache)
+    return RemoteRun(RunLayout(local, run), remote)
 
 
 def _runs_under(root: str, limit: int = 10) -> list[str]:

@@ -96,21 +96,27 @@ def open_storage(storage: str, run: str, options: Mapping[str, Any] | None = Non
 
     A directory is used as is (``remote`` is ``None``). For an object store
     the run record and the catalog are synced into a local cache mirror (one
-    directory per storage URI under ``cache``); checkpoints are fetched into
+    directory per storage URI under ``cache``, by default the temp dir's
+    ``dtr-cache/``; never a training job's staging mirror); checkpoints are fetched into
     it on demand by :func:`export_checkpoint`. Call :func:`sync_catalog`
     before each new look at the catalog.
     """
     from distributed.checkpoint.remote import is_remote, open_remote
-    from distributed.config import staging_path
-    from distributed.train.coordinator import RUN_CONFIG_FILE
+    from distributed.config import DEFAULT_CACHE, staging_path
+    from distributed.train.coordinator import RUN_CONFIG_FILE, TENSORBOARD_DIR
     if not is_remote(storage):
         return storage, None
     remote = open_remote(storage, options)
-    local = staging_path(storage, cache)
+    local = staging_path(storage, cache or DEFAULT_CACHE)
     try:
         root = layout.RunLayout(local, run).root
     except ValueError as e:
         raise ConfigError(f"--run: {e}") from None
+    if os.path.isdir(os.path.join(root, TENSORBOARD_DIR)):  # only writers make it
+        raise ConfigError(
+            f"--cache: {local} holds the staging mirror that the training job of "
+            f"run {run!r} writes; a reader's cache must be a directory of its own "
+            "(leave --cache out for the default)")
     if not remote.exists(f"{run}/{RUN_CONFIG_FILE}"):
         raise CheckpointNotFoundError(
             f"run {run!r} not found in {storage} (no {RUN_CONFIG_FILE}); check "
