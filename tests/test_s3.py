@@ -67,6 +67,12 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
     ckpt40 = [k for k in keys if "serving/step-000000040/" in k]
     assert {os.path.basename(k) for k in ckpt40} >= {"manifest.parquet", "model.ckpt.index"}
     assert not [k for k in keys if ".tmp-" in k]
+    # TensorBoard's event file is uploaded too, complete at the end of the run.
+    (events,) = [k for k in keys if "runs/exp/tensorboard/events.out.tfevents." in k]
+    local_events = os.path.join(
+        config_lib.staging_path(f"s3://{bucket}/runs", str(tmp_path / "staging")),
+        "exp", "tensorboard", os.path.basename(events))
+    assert keys[events] == os.path.getsize(local_events) > 0
 
     # A fresh node (empty staging) resumes from the full checkpoint in S3.
     shutil.rmtree(tmp_path / "staging")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"
 TENSORBOARD_DIR = "tensorboard"
+EVENTS_UPLOAD_SECONDS = 30.0
 
 
 class Coordinator:
@@ -42,6 +43,7 @@ class Coordinator:
         from distributed.checkpoint.store import CheckpointStore
         self.store = CheckpointStore(self.config.storage_path, self.config.run)
         self._summary_writer = None
+        self._events_uploaded_at = 0.0
         self.remote = None
         if self.config.remote:
             from distributed.checkpoint.remote import open_remote
@@ -257,6 +259,28 @@ class Coordinator:
             log.warning("could not write TensorBoard events (%s); retrying with a "
                         "new event file next time", e)
             self._summary_writer = None
+        self._upload_events()
+
+    def _upload_events(self, force: bool = False) -> None:
+        """Object-store runs: copies the event file to ``<run>/tensorboard/``
+        at most every :data:`EVENTS_UPLOAD_SECONDS` (and when ``force``)."""
+        import time
+        writer = self._summary_writer
+        if self.remote is None or writer is None or not os.path.exists(writer.path):
+            return
+        if not force and time.monotonic() - self._events_uploaded_at < EVENTS_UPLOAD_SECONDS:
+            return
+        self._events_uploaded_at = time.monotonic()
+        try:
+            self.remote.upload_file(writer.path, f"{self.config.run}/{TENSORBOARD_DIR}/"
+                                                 f"{os.path.basename(writer.path)}")
+        except Exception as e:  # metrics must never fail a save or the run
+            log.warning("could not upload the TensorBoard event file (%s); "
+                        "retrying later", e)
+
+    def close(self) -> None:
+        """The end of a run: the last TensorBoard events reach the object store."""
+        self._upload_events(force=True)
 
     def entries(self) -> list[dict[str, Any]]:
         return [e.to_json_dict() for e in self.store.catalog.entries()]

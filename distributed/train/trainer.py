@@ -280,6 +280,7 @@ class _GroupRun:
             coordinator.record.remote(step, scalars)  # fire and forget
         self.waiting_for = "waiting for the last checkpoint saves"
         self._report(self._get(workers[0].finish.remote(), "worker 0")["events"])
+        coordinator.close.remote()  # ordered before entries(): an actor's calls run in turn
         entries = self._get(coordinator.entries.remote(), "the coordinator")
         echo(format_summary(config, entries))
         return {"run": config.run, "steps": step, "entries": entries,
