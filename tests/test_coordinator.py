@@ -13,14 +13,19 @@ from distributed.checkpoint.verify import verify_checkpoint
 from distributed.train.coordinator import Coordinator
 
 
-def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(tmp_path):
+def prepared(tmp_path, model: str, **checkpoint) -> tuple[Coordinator, dict]:
+    """A run's first coordinator, prepared; returns it and its initial values."""
     cfg = config_lib.from_dict({
         "storage": str(tmp_path), "run": "r", "steps": 100,
-        "model": "distributed.examples.digits:cnn_bn_model_fn",
-        "checkpoint": {"serving_every": 10, "full_every": 20}})
+        "model": f"distributed.examples.digits:{model}", "checkpoint": checkpoint})
     first = Coordinator(cfg.to_dict())
     first.prepare()
-    values = first.initial_values()
+    return first, first.initial_values()
+
+
+def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(tmp_path):
+    first, values = prepared(tmp_path, "cnn_bn_model_fn", serving_every=10, full_every=20)
+    cfg = first.config
     values["global_step"] = np.int64(20)
     first.save(20, "full", values, {"loss": 0.5})  # rank 0 died before "serving"
     first.sess.close()
@@ -48,13 +53,8 @@ def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(t
 
 
 def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tmp_path):
-    cfg = config_lib.from_dict({
-        "storage": str(tmp_path), "run": "r", "steps": 100,
-        "model": "distributed.examples.digits:mlp_model_fn",
-        "checkpoint": {"serving_every": 0, "full_every": 20}})
-    first = Coordinator(cfg.to_dict())
-    first.prepare()
-    values = first.initial_values()
+    first, values = prepared(tmp_path, "mlp_model_fn", serving_every=0, full_every=20)
+    cfg = first.config
     for step in (20, 40):
         values["global_step"] = np.int64(step)
         assert not first.save(step, "full", values, {"loss": 0.5}).get("already_committed")
