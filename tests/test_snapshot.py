@@ -12,16 +12,16 @@ import tensorflow as tf
 from distributed.train.snapshot import VariableSnapshot
 
 
-def _graph(optimizer):
+def _graph(optimizer, use_resource=True):
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.set_random_seed(0)
         x = tf.compat.v1.placeholder(tf.float32, (None, 32))
-        w = tf.compat.v1.get_variable("dense/kernel", (32, 64), use_resource=True)
-        b = tf.compat.v1.get_variable("dense/bias", (64,), use_resource=True,
+        w = tf.compat.v1.get_variable("dense/kernel", (32, 64), use_resource=use_resource)
+        b = tf.compat.v1.get_variable("dense/bias", (64,), use_resource=use_resource,
                                       initializer=tf.compat.v1.ones_initializer())
         ema = tf.compat.v1.get_variable("stats/mean", (64,), trainable=False,
-                                        use_resource=True,
+                                        use_resource=use_resource,
                                         initializer=tf.compat.v1.zeros_initializer())
         h = tf.matmul(x, w) + b
         loss = tf.reduce_mean(tf.square(h))
@@ -39,8 +39,12 @@ def _graph(optimizer):
     lambda: tf.compat.v1.train.AdamOptimizer(0.01),
     lambda: tf.compat.v1.train.GradientDescentOptimizer(0.1),
 ], ids=["momentum", "adam", "sgd"])
-def test_snapshot_keeps_the_values_of_its_step_while_training_goes_on(optimizer):
-    graph, x, train, init, variables = _graph(optimizer)
+@pytest.mark.parametrize("use_resource", [True, False], ids=["resource", "ref"])
+def test_snapshot_keeps_the_values_of_its_step_while_training_goes_on(optimizer,
+                                                                      use_resource):
+    """Resource variables are copy-on-write; TF1 reference variables are
+    updated in place, so the snapshot copies them."""
+    graph, x, train, init, variables = _graph(optimizer, use_resource)
     names = [v.op.name for v in variables]
     trainable = [v.op.name for v in variables if v.trainable]
     snap = VariableSnapshot(variables, {"full": names, "serving": trainable})

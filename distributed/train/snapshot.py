@@ -8,7 +8,8 @@ nothing: TensorFlow's resource variables are copy-on-write, so the shadow and
 the variable share one buffer, and the next training step's update ops give
 the variable a fresh buffer and leave the old one (the snapshot) untouched.
 On GPU the shadow lives in host memory, so taking it is one device-to-host
-copy, done by TensorFlow's own executor.
+copy, done by TensorFlow's own executor. Reference variables (TF1's
+``use_resource=False``) are updated in place, so theirs is one copy too.
 
 :meth:`VariableSnapshot.fetch` then reads the shadows into numpy arrays and
 destroys them in the same ``Session.run``, so a snapshot holds memory only
@@ -52,6 +53,10 @@ class VariableSnapshot:
             for name in wanted:
                 v = by_name[name]
                 value = v.read_value()  # placed with the variable
+                if v.op.type != "VarHandleOp":
+                    # A reference variable is updated in place, not
+                    # copy-on-write: the snapshot needs its own copy.
+                    value = tf.raw_ops.DeepCopy(x=value)
                 # Shadows live in host memory: on CPU that is the variable's
                 # own buffer (copy-on-write), on GPU a device-to-host copy.
                 with tf.device("/device:CPU:0"):
