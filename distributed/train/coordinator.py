@@ -44,6 +44,7 @@ class Coordinator:
         self.store = CheckpointStore(self.config.storage_path, self.config.run)
         self._summary_writer = None
         self._events_uploaded_at = 0.0
+        self._events_uploaded: dict[str, int] = {}  # event file -> size uploaded
         self.remote = None
         if self.config.remote:
             from distributed.checkpoint.remote import open_remote
@@ -262,20 +263,27 @@ class Coordinator:
         self._upload_events()
 
     def _upload_events(self, force: bool = False) -> None:
-        """Object-store runs: copies the event file to ``<run>/tensorboard/``
-        at most every :data:`EVENTS_UPLOAD_SECONDS` (and when ``force``)."""
+        """Object-store runs: copies the run's event files to
+        ``<run>/tensorboard/`` at most every :data:`EVENTS_UPLOAD_SECONDS`
+        (and when ``force``). Every file in the local directory goes, so the
+        last events of a coordinator that a failure stopped go up too."""
         import time
-        writer = self._summary_writer
-        if self.remote is None or writer is None or not os.path.exists(writer.path):
+        if self.remote is None or self._summary_writer is None:
             return
         if not force and time.monotonic() - self._events_uploaded_at < EVENTS_UPLOAD_SECONDS:
             return
         self._events_uploaded_at = time.monotonic()
+        local = os.path.dirname(self._summary_writer.path)
         try:
-            self.remote.upload_file(writer.path, f"{self.config.run}/{TENSORBOARD_DIR}/"
-                                                 f"{os.path.basename(writer.path)}")
+            for name in sorted(os.listdir(local)):
+                path = os.path.join(local, name)
+                size = os.path.getsize(path)
+                if name.startswith("events.out.tfevents.") and \
+                        self._events_uploaded.get(name) != size:
+                    self.remote.upload_file(path, f"{self.config.run}/{TENSORBOARD_DIR}/{name}")
+                    self._events_uploaded[name] = size
         except Exception as e:  # metrics must never fail a save or the run
-            log.warning("could not upload the TensorBoard event file (%s); "
+            log.warning("could not upload the TensorBoard event files (%s); "
                         "retrying later", e)
 
     def close(self) -> None:
