@@ -290,13 +290,16 @@ class ObjectStore:
 
     def delete_file(self, rel_path: str) -> bool:
         """Deletes one object; False if it was not there."""
+        return self._delete(rel_path, self.fs.delete_file)
+
+    def _delete(self, rel: str, delete: Callable[[str], None]) -> bool:
         try:
-            self.fs.delete_file(self.path(rel_path))
+            delete(self.path(rel))
             return True
         except FileNotFoundError:
             return False
         except (OSError, pa.ArrowException) as e:
-            raise self._error(f"deleting {rel_path!r}", e) from e
+            raise self._error(f"deleting {rel!r}", e) from e
 
     # -- directories (prefixes) ---------------------------------------------
 
@@ -322,13 +325,7 @@ class ObjectStore:
         """Deletes every object under ``rel_dir``; False if there were none."""
         if not rel_dir:
             raise ValueError(f"refusing to delete everything under {self.uri}")
-        try:
-            self.fs.delete_dir(self.path(rel_dir))
-            return True
-        except FileNotFoundError:
-            return False
-        except (OSError, pa.ArrowException) as e:
-            raise self._error(f"deleting {rel_dir!r}", e) from e
+        return self._delete(rel_dir, self.fs.delete_dir)
 
     def upload_dir(self, local_dir: str, rel_dir: str,
                    threads: int = DEFAULT_THREADS) -> int:
