@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -12,3 +15,27 @@ def key_value(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE; use e.g. "
                                          "endpoint_override=localhost:9000")
     return key, value
+
+
+def number(kind: Callable[[str], T], ok: Callable[[T], bool],
+           expected: str) -> Callable[[str], T]:
+    """An argparse type: ``kind(text)`` if ``ok`` of it, else a usage error
+    saying what was ``expected``."""
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+def metric_mode(text: str) -> str:
+    """``METRIC``, ``METRIC:min`` or ``METRIC:max`` (returned as given)."""
+    metric, _, mode = text.partition(":")
+    if not metric or mode not in ("", "min", "max"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not METRIC[:min|max]; use e.g. loss or accuracy:max")
+    return text

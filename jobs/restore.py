@@ -15,31 +15,9 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from distributed import logs  # noqa: E402
-from distributed.argtypes import key_value  # noqa: E402
+from distributed.argtypes import key_value, metric_mode, number  # noqa: E402
 from distributed.serving.job import restore_once, watch  # noqa: E402
 from distributed.train.trainer import main_guard  # noqa: E402
-
-
-def _number(kind, ok, expected: str):
-    """An argparse type: ``kind(text)`` if ``ok`` of it, else a usage error."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-def _metric_mode(text: str) -> str:
-    """argparse type: ``METRIC`` or ``METRIC:min`` or ``METRIC:max``."""
-    metric, _, mode = text.partition(":")
-    if not metric or mode not in ("", "min", "max"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not METRIC[:min|max]; use e.g. loss or accuracy:max")
-    return text
 
 
 def parse_args(argv):
@@ -59,17 +37,17 @@ def parse_args(argv):
     p.add_argument("--run", required=True, help="run name")
     p.add_argument("--export", required=True, help="export base directory (TF Serving's model dir)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--step", type=_number(int, lambda v: v >= 0, "a step >= 0"),
+    which.add_argument("--step", type=number(int, lambda v: v >= 0, "a step >= 0"),
                        help="export this step (fails if it is corrupt)")
-    which.add_argument("--best", type=_metric_mode, metavar="METRIC[:min|max]",
+    which.add_argument("--best", type=metric_mode, metavar="METRIC[:min|max]",
                        help="export the best by a metric")
     p.add_argument("--map", action="append", default=[], metavar="CKPT_PREFIX=GRAPH_PREFIX",
                    help="restore checkpoint scope CKPT_PREFIX into graph scope GRAPH_PREFIX")
     p.add_argument("--model", help="serving model_fn (module:function) if not the run's")
     p.add_argument("--watch", action="store_true", help="keep exporting new checkpoints")
-    p.add_argument("--keep", type=_number(int, lambda v: v >= 1, "an integer >= 1"), default=3,
+    p.add_argument("--keep", type=number(int, lambda v: v >= 1, "an integer >= 1"), default=3,
                    help="versions kept in --watch mode")
-    p.add_argument("--poll", type=_number(float, lambda v: v > 0, "seconds > 0"), default=10.0,
+    p.add_argument("--poll", type=number(float, lambda v: v > 0, "seconds > 0"), default=10.0,
                    help="seconds between polls in --watch")
     args = p.parse_args(argv)
     if args.watch and (args.step is not None or args.best):

@@ -29,7 +29,7 @@ from distributed.checkpoint.catalog import CorruptCatalogRowWarning
 from distributed.checkpoint.layout import STEP_DIGITS, TIERS
 from distributed.ckpt import cleanup, commands, diff
 from distributed.ckpt.output import Report, emit
-from distributed.argtypes import key_value
+from distributed.argtypes import key_value, metric_mode, number
 from distributed.ckpt.run import open_remote_run, resolve_run
 from distributed.errors import ConfigError, DistributedError
 
@@ -56,31 +56,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def _step(text: str) -> int:
-    return _int(text, 0, 10**STEP_DIGITS - 1, f"a step in [0, {10**STEP_DIGITS})")
-
-
-def _positive(text: str) -> int:
-    return _int(text, 1, None, "an integer >= 1")
-
-
-def _int(text: str, low: int, high: int | None, expected: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < low or (high is not None and value > high):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def _metric_mode(text: str) -> dict:
-    """``METRIC[:min|max]`` as the ``keep_best`` mapping of a retention config."""
-    metric, _, mode = text.partition(":")
-    if not metric or mode not in ("", "min", "max"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not METRIC[:min|max]; use e.g. loss or accuracy:max")
-    return {"metric": metric, "mode": mode or "min"}
+_step = number(int, lambda v: 0 <= v < 10**STEP_DIGITS,
+               f"a step in [0, {10**STEP_DIGITS})")
+_positive = number(int, lambda v: v >= 1, "an integer >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the N newest checkpoints")
     g.add_argument("--keep-every", type=_positive, metavar="K",
                    help="keep steps that are multiples of K")
-    g.add_argument("--keep-best", type=_metric_mode, metavar="METRIC[:min|max]")
+    g.add_argument("--keep-best", type=metric_mode, metavar="METRIC[:min|max]")
     g.add_argument("--keep-best-n", type=_positive, metavar="N",
                    help="how many --keep-best keeps (default 1)")
     g.add_argument("--dry-run", action="store_true", help="only say what would go")
@@ -172,7 +150,10 @@ def run_command(args: argparse.Namespace) -> Report:
         return commands.verify(run_layout, args.step, args.tier)
     if args.command == "diff":
         return diff.diff(run_layout, args.a, args.b, args.tier, args.all)
-    best = args.keep_best and {**args.keep_best, "n": args.keep_best_n or 1}
+    best = None
+    if args.keep_best:
+        metric, _, mode = args.keep_best.partition(":")
+        best = {"metric": metric, "mode": mode or "min", "n": args.keep_best_n or 1}
     retention = cleanup.retention_from_flags(
         {"keep_last": args.keep_last, "keep_every": args.keep_every, "keep_best": best})
     return cleanup.gc(run_layout, retention, args.tier, args.dry_run, args.force)
