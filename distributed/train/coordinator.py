@@ -125,12 +125,21 @@ class Coordinator:
                                  cfg.steps).due(step)
         if "serving" not in due or (step, "serving") in self.store.catalog.committed_keys():
             return None
-        self.store.save(self.writers["serving"], self.sess, step, "serving",
-                        cfg.selection_spec().to_json())
+        self._commit(step, "serving")
+        return step
+
+    def _commit(self, step: int, tier: str, metrics: Mapping[str, float] | None = None):
+        """Writes and commits the chief Session's values as the tier's
+        checkpoint; on an object store also publishes it (and any an earlier
+        failed upload left behind). Returns the catalog entry."""
+        selection = (self.config.selection_spec().to_json() if tier == "serving"
+                     else '{"policy": "all"}')
+        entry = self.store.save(self.writers[tier], self.sess, step, tier, selection,
+                                metrics)
         if self.remote is not None:
             from distributed.checkpoint.remote import publish_pending
-            publish_pending(self.remote, self.store.layout.root, cfg.run)
-        return step
+            publish_pending(self.remote, self.store.layout.root, self.config.run)
+        return entry
 
     def _sync_remote(self) -> None:
         """Object-store runs: the local staging mirror and the remote agree.
@@ -220,14 +229,7 @@ class Coordinator:
             return result
         self.loader.load(self.sess, values)
         try:
-            entry = self.store.save(self.writers[tier], self.sess, step, tier,
-                                    self.config.selection_spec().to_json()
-                                    if tier == "serving" else '{"policy": "all"}',
-                                    metrics)
-            if self.remote is not None:
-                # This checkpoint, and any an earlier failed upload left behind.
-                from distributed.checkpoint.remote import publish_pending
-                publish_pending(self.remote, self.store.layout.root, self.config.run)
+            entry = self._commit(step, tier, metrics)
         except StorageError:
             self.record(step, {f"checkpoint/{tier}/failed_saves": 1.0})
             raise

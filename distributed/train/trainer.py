@@ -200,19 +200,17 @@ class _GroupRun:
         workers = [ray.remote(Worker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
             **env).remote(cfg, rank) for rank in range(config.workers)]
-        names = ["the coordinator"] + [f"worker {r}" for r in range(config.workers)]
-        self.actors = dict(zip(names, [coordinator] + workers))
         try:
             return self._run(coordinator, workers, restarting)
         finally:
-            for actor in self.actors.values():
+            for actor in [coordinator] + workers:
                 ray.kill(actor, no_restart=True)
 
     def _run(self, coordinator, workers, restarting: bool) -> dict[str, Any]:
         config, echo = self.config, self.echo
+        worker_names = [f"worker {r}" for r in range(len(workers))]
         plan_ref = coordinator.prepare.remote()
-        addresses = self._get([w.address.remote() for w in workers],
-                              [f"worker {r}" for r in range(len(workers))])
+        addresses = self._get([w.address.remote() for w in workers], worker_names)
         if len(set(addresses)) != len(addresses):
             raise GroupFailure(f"two workers picked the same TF server address "
                                f"({addresses})")
@@ -241,7 +239,6 @@ class _GroupRun:
             echo(f"resuming run {config.run!r} from its full checkpoint at step "
                  f"{plan['resumed_from']} (optimizer state and step included)")
         self.step = step
-        worker_names = [f"worker {r}" for r in range(len(workers))]
         for rank, (_, spec) in enumerate(self._get(setups, worker_names)):
             if spec != plan["input_spec"]:
                 raise ConfigError(
