@@ -137,19 +137,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_command(args: argparse.Namespace) -> Report:
-    """Runs the parsed command; returns its report."""
+    """Runs the parsed command; returns its report.
+
+    An object store run is read through a local cache (see
+    :class:`~distributed.ckpt.run.RemoteRun`): checkpoints are fetched into it
+    before they are read, and ``show`` fetches the manifest alone.
+    """
     from distributed.checkpoint.remote import is_remote
-    if is_remote(args.storage):
-        return _run_remote(args)
-    run_layout = resolve_run(args.storage, args.run)
+    if not is_remote(args.storage):
+        return _dispatch(args, resolve_run(args.storage, args.run))
+    if args.command == "gc":
+        raise ConfigError(
+            f"gc: {args.storage} is an object store; there the training job's "
+            "retention deletes checkpoints (catalog row first) and a restarted run "
+            "removes interrupted uploads. gc works on a directory")
+    run = open_remote_run(args.storage, args.run, dict(args.storage_options), args.cache)
+    with tempfile.TemporaryDirectory(prefix="dtr-show-") as tmp:
+        return _dispatch(args, run.layout, run.fetch,
+                         lambda tier, step: run.fetch_manifest(tier, step, tmp))
+
+
+def _dispatch(args: argparse.Namespace, run_layout, fetch=None,
+              manifest_dir=None) -> Report:
     if args.command == "ls":
         return commands.ls(run_layout, args.tier)
     if args.command == "show":
-        return commands.show(run_layout, args.step, args.tier, args.depth)
+        return commands.show(run_layout, args.step, args.tier, args.depth, manifest_dir)
     if args.command == "verify":
-        return commands.verify(run_layout, args.step, args.tier)
+        return commands.verify(run_layout, args.step, args.tier, fetch)
     if args.command == "diff":
-        return diff.diff(run_layout, args.a, args.b, args.tier, args.all)
+        return diff.diff(run_layout, args.a, args.b, args.tier, args.all, fetch)
     best = None
     if args.keep_best:
         metric, _, mode = args.keep_best.partition(":")
@@ -157,25 +174,6 @@ def run_command(args: argparse.Namespace) -> Report:
     retention = cleanup.retention_from_flags(
         {"keep_last": args.keep_last, "keep_every": args.keep_every, "keep_best": best})
     return cleanup.gc(run_layout, retention, args.tier, args.dry_run, args.force)
-
-
-def _run_remote(args: argparse.Namespace) -> Report:
-    """The read-only commands on an object store run, through a local cache."""
-    if args.command == "gc":
-        raise ConfigError(
-            f"gc: {args.storage} is an object store; there the training job's "
-            "retention deletes checkpoints (catalog row first) and a restarted run "
-            "removes interrupted uploads. gc works on a directory")
-    run = open_remote_run(args.storage, args.run, dict(args.storage_options), args.cache)
-    if args.command == "ls":
-        return commands.ls(run.layout, args.tier)
-    if args.command == "show":  # the manifest alone, not the tensors
-        with tempfile.TemporaryDirectory(prefix="dtr-show-") as tmp:
-            return commands.show(run.layout, args.step, args.tier, args.depth,
-                                 lambda tier, step: run.fetch_manifest(tier, step, tmp))
-    if args.command == "verify":
-        return commands.verify(run.layout, args.step, args.tier, run.fetch)
-    return diff.diff(run.layout, args.a, args.b, args.tier, args.all, run.fetch)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
