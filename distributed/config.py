@@ -24,6 +24,7 @@ from distributed.errors import ConfigError, SelectionError
 
 OPTIMIZERS = ("adam", "sgd", "momentum")
 ON_BUSY = ("wait", "skip")
+RAY_INPUT_KEYS = ("ray_dataset", "label")
 
 
 @dataclasses.dataclass
@@ -85,8 +86,14 @@ class TrainConfig:
     Attributes:
         model: ``package.module:function`` of the ``model_fn``.
         model_params: Passed to the ``model_fn`` as ``params``.
-        input: ``package.module:function`` of the ``input_fn``.
-        input_params: Passed to the ``input_fn`` as ``params``.
+        input: ``package.module:function`` of the ``input_fn`` (it returns a
+            ``tf.data.Dataset`` or yields numpy batches), or
+            ``{ray_dataset: package.module:function, label: COLUMN}`` for a
+            Ray Data dataset (see README: Your input).
+        input_params: Passed to the ``input_fn`` (or the ``ray_dataset``
+            function) as ``params``.
+        input_prefetch: Batches a Python input (generator, Ray Data) reads
+            ahead on a background thread; 0 reads on the training thread.
         optimizer: See :class:`OptimizerConfig`.
         batch_size: Examples per worker per step.
         steps: Total training steps (including steps done before a resume).
@@ -120,8 +127,9 @@ class TrainConfig:
 
     model: str = "distributed.examples.digits:cnn_bn_model_fn"
     model_params: dict = dataclasses.field(default_factory=dict)
-    input: str = "distributed.examples.digits:digits_input_fn"
+    input: Any = "distributed.examples.digits:digits_input_fn"
     input_params: dict = dataclasses.field(default_factory=dict)
+    input_prefetch: int = 2
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     batch_size: int = 64
     steps: int = 500
@@ -145,13 +153,9 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Checks every field; returns self. Raises :class:`ConfigError`."""
-        for field in ("model", "input"):
-            ref = getattr(self, field)
-            if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
-                raise ConfigError(
-                    f"{field}: expected 'package.module:function', got {ref!r}; "
-                    "write the module's dotted path, a colon, then the function's "
-                    "name (e.g. 'distributed.examples.digits:mlp_model_fn')")
+        _check_ref(self.model, "model")
+        self._check_input()
+        _non_negative_int(self.input_prefetch, "input_prefetch")
         self.optimizer.validate("optimizer")
         self.checkpoint.validate("checkpoint")
         for field in ("batch_size", "steps", "workers", "log_every"):
@@ -178,6 +182,41 @@ class TrainConfig:
             raise ConfigError(f"retention: unknown tier(s) {sorted(unknown)}; use "
                               "serving and/or full")
         return self
+
+    def _check_input(self) -> None:
+        if not isinstance(self.input, Mapping):
+            _check_ref(self.input, "input")
+            return
+        unknown = sorted(set(self.input) - set(RAY_INPUT_KEYS), key=str)
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), RAY_INPUT_KEYS, n=1)
+            raise ConfigError(
+                f"input.{unknown[0]}: unknown key; "
+                f"{f'did you mean {close[0]!r}? ' if close else ''}a Ray Data input "
+                "is {ray_dataset: 'package.module:function', label: COLUMN}")
+        if "ray_dataset" not in self.input:
+            raise ConfigError("input.ray_dataset: missing; a Ray Data input is "
+                              "{ray_dataset: 'package.module:function', label: COLUMN}")
+        _check_ref(self.input["ray_dataset"], "input.ray_dataset")
+        label = self.input.get("label")
+        if not isinstance(label, str) or not label:
+            raise ConfigError(f"input.label: expected the name of the dataset's label "
+                              f"column, got {label!r}")
+
+    @property
+    def ray_input(self) -> bool:
+        """Whether the input is a Ray Data dataset (``input: {ray_dataset: ...}``)."""
+        return isinstance(self.input, Mapping)
+
+    @property
+    def input_ref(self) -> str:
+        """The ``package.module:function`` the input names."""
+        return self.input["ray_dataset"] if self.ray_input else self.input
+
+    @property
+    def input_label(self) -> str | None:
+        """Ray Data input: the label column."""
+        return self.input["label"] if self.ray_input else None
 
     @property
     def remote(self) -> bool:
@@ -361,6 +400,14 @@ def _check_storage(value: Any) -> None:
     if not rest.split("/", 1)[0].split("?", 1)[0]:
         raise ConfigError(f"storage: {value!r} names no bucket; use "
                           f"{scheme}://bucket/prefix")
+
+
+def _check_ref(ref: Any, field: str) -> None:
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+        raise ConfigError(
+            f"{field}: expected 'package.module:function', got {ref!r}; "
+            "write the module's dotted path, a colon, then the function's "
+            "name (e.g. 'distributed.examples.digits:mlp_model_fn')")
 
 
 def _choice(value: Any, choices: tuple[str, ...], path: str) -> None:

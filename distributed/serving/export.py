@@ -137,7 +137,7 @@ def load_run_record(storage: str, run: str):
     """Reads the config and input spec the run recorded at its start."""
     from distributed import config as config_lib
     from distributed.train.coordinator import RUN_CONFIG_FILE
-    from distributed.train.graph import InputSpec
+    from distributed.inputs.spec import InputSpec
     try:
         root = layout.RunLayout(os.path.abspath(storage), run).root
     except ValueError as e:
@@ -152,10 +152,8 @@ def load_run_record(storage: str, run: str):
             "check --storage and --run") from None
     except (OSError, ValueError) as e:
         raise ManifestError(f"{path}: unreadable run record ({e})") from None
-    spec = record["input_spec"]
-    input_spec = InputSpec({k: (d, tuple(s)) for k, (d, s) in spec["features"].items()},
-                           (spec["labels"][0], tuple(spec["labels"][1])))
-    return RunRecord(config_lib.from_dict(record["config"]), input_spec)
+    return RunRecord(config_lib.from_dict(record["config"]),
+                     InputSpec.from_json(record["input_spec"]))
 
 
 def candidate_checkpoints(catalog: Catalog, step: int | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 from distributed import logs
 from distributed.checkpoint import layout
 from distributed.config import TrainConfig, from_dict
-from distributed.errors import ConfigError, user_code
+from distributed.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,29 @@ class Coordinator:
             from distributed.checkpoint.remote import open_remote
             self.remote = open_remote(self.config.storage, self.config.storage_options)
 
-    def prepare(self) -> dict[str, Any]:
-        """Builds the chief graph, initializes or resumes; returns the plan."""
+    def prepare(self, input_spec=None) -> dict[str, Any]:
+        """Builds the chief graph, initializes or resumes; returns the plan
+        (:meth:`build` then :meth:`open_run`)."""
+        plan = self.build(input_spec)
+        plan.update(self.open_run())
+        return plan
+
+    def build(self, input_spec=None) -> dict[str, Any]:
+        """Builds the chief graph, the selection and the writers; writes nothing.
+
+        ``input_spec`` is given for a Ray Data input (worker 0's); otherwise
+        the coordinator learns it from the input function itself.
+        """
         import tensorflow as tf
 
         from distributed.checkpoint.selection import describe_variables, select
         from distributed.checkpoint.writer import CheckpointWriter, session_config
-        from distributed.model import load_function
-        from distributed.train.graph import (InputSpec, VariableLoader,
-                                             build_train_graph,
+        from distributed.inputs import probe_spec
+        from distributed.train.graph import (VariableLoader, build_train_graph,
                                              never_updated_statistics, predict_reads)
 
         cfg = self.config
-        input_fn = load_function(cfg.input, "input", 4)
-        with user_code("input", cfg.input):
-            features, labels = next(iter(input_fn(0, cfg.workers, cfg.batch_size,
-                                                  dict(cfg.input_params))))
-        self.input_spec = InputSpec.from_batch(features, labels, f"input {cfg.input}")
+        self.input_spec = input_spec if input_spec is not None else probe_spec(cfg)
         self.tg = build_train_graph(cfg, self.input_spec)
         reads = predict_reads(cfg, self.input_spec)
         with warnings.catch_warnings(record=True) as caught:
@@ -94,8 +100,19 @@ class Coordinator:
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
                                          config=session_config(shards))
         self.loader = VariableLoader(self.tg.variables)
-        # Only now that the user's functions built a graph: a run whose model
-        # or input fails leaves nothing in storage.
+        return {"input_spec": self.input_spec, "serving_names": self.serving_names,
+                "num_variables": len(self.tg.variables), "warnings": self.warnings,
+                "serving_bytes": self.writers["serving"].total_bytes,
+                "full_bytes": self.writers["full"].total_bytes}
+
+    def open_run(self) -> dict[str, Any]:
+        """Opens the run's storage, initializes or resumes the variables and
+        records the run; returns where training starts.
+
+        NOTE: called only after :meth:`build` and the trainer's check of every
+        worker's input, so a run whose model or input is wrong leaves nothing
+        in storage.
+        """
         self.removed = self.store.open()
         if self.remote is not None:
             self._sync_remote()
@@ -103,12 +120,8 @@ class Coordinator:
         recreated = self._recreate_serving(start_step) if resumed is not None else None
         self._write_run_config()
         return {"start_step": start_step, "resumed_from": resumed,
-                "recreated_serving": recreated,
-                "input_spec": self.input_spec, "serving_names": self.serving_names,
-                "num_variables": len(self.tg.variables), "warnings": self.warnings,
-                "removed": self.removed,
-                "serving_bytes": self.writers["serving"].total_bytes,
-                "full_bytes": self.writers["full"].total_bytes}
+                "recreated_serving": recreated, "warnings": self.warnings,
+                "removed": self.removed}
 
     def _recreate_serving(self, step: int) -> int | None:
         """Writes the serving checkpoint due at the resume step if it is missing.
@@ -201,10 +214,7 @@ class Coordinator:
 
     def _write_run_config(self) -> None:
         record = {"config": self.config.to_dict(),
-                  "input_spec": {"features": {k: [d, list(s)] for k, (d, s) in
-                                              self.input_spec.features.items()},
-                                 "labels": [self.input_spec.labels[0],
-                                            list(self.input_spec.labels[1])]}}
+                  "input_spec": self.input_spec.to_json()}
         path = os.path.join(self.store.layout.root, RUN_CONFIG_FILE)
         layout.atomic_write_bytes(path, json.dumps(record, indent=2).encode())
         if self.remote is not None:

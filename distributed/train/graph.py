@@ -23,49 +23,10 @@ import tensorflow as tf
 
 from distributed.config import OptimizerConfig, TrainConfig
 from distributed.errors import ConfigError, user_code
+from distributed.inputs.spec import InputSpec
 from distributed.model import PREDICT, TRAIN, ModelSpec, load_function
 
 ReduceFn = Callable[[list], list]
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """Dtypes and per-example shapes of the input, learned from its first batch.
-
-    Attributes:
-        features: Feature name -> (dtype name, shape without the batch dim).
-        labels: (dtype name, shape without the batch dim).
-    """
-
-    features: Mapping[str, tuple[str, tuple[int, ...]]]
-    labels: tuple[str, tuple[int, ...]]
-
-    @classmethod
-    def from_batch(cls, features: Any, labels: Any, where: str) -> "InputSpec":
-        if not isinstance(features, Mapping) or not features:
-            raise ConfigError(
-                f"{where}: features must be a non-empty dict of name -> numpy array, "
-                f"got {type(features).__name__}")
-        spec = {}
-        for name, value in features.items():
-            arr = np.asarray(value)
-            if arr.ndim < 1:
-                raise ConfigError(f"{where}: feature {name!r} has no batch dimension")
-            spec[str(name)] = (arr.dtype.name, tuple(int(d) for d in arr.shape[1:]))
-        lab = np.asarray(labels)
-        if lab.ndim < 1:
-            raise ConfigError(f"{where}: labels have no batch dimension")
-        return cls(spec, (lab.dtype.name, tuple(int(d) for d in lab.shape[1:])))
-
-    def placeholders(self) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-        features = {
-            name: tf.compat.v1.placeholder(tf.as_dtype(dtype), (None,) + tuple(shape),
-                                           name=f"input/{name}")
-            for name, (dtype, shape) in sorted(self.features.items())}
-        ldtype, lshape = self.labels
-        labels = tf.compat.v1.placeholder(tf.as_dtype(ldtype), (None,) + tuple(lshape),
-                                          name="input/labels")
-        return features, labels
 
 
 def make_optimizer(cfg: OptimizerConfig):
@@ -101,6 +62,7 @@ class TrainGraph:
     graph: tf.Graph
     features: dict[str, tf.Tensor]
     labels: tf.Tensor
+    source: Any  # the input source (InputSpec: placeholders only)
     loss: tf.Tensor
     train_op: Any
     global_step: tf.Variable
@@ -109,22 +71,29 @@ class TrainGraph:
     init_op: Any
 
 
-def build_train_graph(config: TrainConfig, input_spec: InputSpec,
+def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any],
                       reduce_fn: ReduceFn | None = None,
                       device: str | None = None) -> TrainGraph:
-    """Builds model, loss, (reduced) gradients and optimizer in a new graph.
+    """Builds input, model, loss, (reduced) gradients and optimizer in a new graph.
 
     Args:
         config: The run's config.
-        input_spec: Input dtypes and shapes.
+        inputs: An :class:`InputSpec` (the model reads placeholders), or a
+            function called inside the new graph that returns an input source
+            (:func:`distributed.inputs.open_source`) whose tensors it reads.
         reduce_fn: Averages a list of ``(tensor, variable)`` pairs across
             workers; ``None`` on the coordinator (which never steps).
         device: Device for the model's ops (e.g. ``/device:GPU:0``).
     """
     graph = tf.Graph()
-    with graph.as_default(), tf.device(device):
+    with graph.as_default():
         tf.compat.v1.set_random_seed(config.seed)
-        features, labels = input_spec.placeholders()
+        source = inputs if isinstance(inputs, InputSpec) else inputs()
+    with graph.as_default(), tf.device(device):
+        if isinstance(source, InputSpec):
+            features, labels = source.placeholders()
+        else:
+            features, labels = source.tensors()
         before = set(v.op.name for v in tf.compat.v1.global_variables())
         spec = call_model_fn(config, features, labels, TRAIN)
         created = [v for v in tf.compat.v1.global_variables()
@@ -154,7 +123,7 @@ def build_train_graph(config: TrainConfig, input_spec: InputSpec,
         train_op = tf.group(apply, *assigns, name="train_op")
         init_op = tf.compat.v1.global_variables_initializer()
         variables = list(tf.compat.v1.global_variables())
-    return TrainGraph(graph, features, labels, loss, train_op, global_step,
+    return TrainGraph(graph, features, labels, source, loss, train_op, global_step,
                       variables, model_state, init_op)
 
 

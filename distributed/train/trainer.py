@@ -73,6 +73,13 @@ def _check_resources(config: TrainConfig) -> None:
             "cpus_per_worker")
 
 
+def _free_cpus(config: TrainConfig) -> float:
+    """CPUs of the cluster the run's actors leave for other tasks."""
+    import ray
+    return ray.cluster_resources().get("CPU", 0) - (
+        config.workers * config.cpus_per_worker + COORDINATOR_CPUS)
+
+
 def check_storage(config: TrainConfig) -> None:
     """Fails fast, before Ray starts, when the storage directory is not writable.
 
@@ -98,7 +105,10 @@ def check_storage(config: TrainConfig) -> None:
 def check_functions(config: TrainConfig) -> None:
     """Imports the model and input functions in the driver, before any actor."""
     load_function(config.model, "model", 4)
-    load_function(config.input, "input", 4)
+    if config.ray_input:
+        load_function(config.input_ref, "input.ray_dataset", 1)
+    else:
+        load_function(config.input_ref, "input", 4)
 
 
 def train(config: TrainConfig, echo: Callable[[str], None] = print,
@@ -126,9 +136,16 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
     started = connect_ray()
     try:
         _check_resources(config)
+        dataset = None
+        if config.ray_input:
+            from distributed.inputs import raydata
+            dataset = raydata.load_dataset(config.input_ref, config.input_label,
+                                           config.input_params)
+            raydata.check_cpus(dataset, _free_cpus(config), config.input_ref)
         failures: list[str] = []
         run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0,
-                        actor_env=None if started else {"env_vars": dict(_ACTOR_ENV)})
+                        actor_env=None if started else {"env_vars": dict(_ACTOR_ENV)},
+                        dataset=dataset)
         while True:
             try:
                 summary = run.attempt(restarting=bool(failures))
@@ -153,6 +170,11 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
             ray_shutdown()
 
 
+def raydata_split(dataset, num_workers: int) -> list:
+    from distributed.inputs import raydata
+    return raydata.split(dataset, num_workers)
+
+
 def ray_shutdown() -> None:
     import ray
     ray.shutdown()
@@ -171,8 +193,9 @@ class _GroupRun:
     """Starts one group of actors (coordinator + workers) per attempt."""
 
     def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float,
-                 actor_env: dict | None):
+                 actor_env: dict | None, dataset=None):
         self.config = config
+        self.dataset = dataset  # Ray Data input: split anew for every group
         self.actor_env = actor_env  # None: the actors inherit the driver's
         self.status = StatusLine()
         self.echo = self.status.wrap(echo)
@@ -209,13 +232,26 @@ class _GroupRun:
     def _run(self, coordinator, workers, restarting: bool) -> dict[str, Any]:
         config, echo = self.config, self.echo
         worker_names = [f"worker {r}" for r in range(len(workers))]
-        plan_ref = coordinator.prepare.remote()
+        # The coordinator learns the input spec from the input function while
+        # the workers set up; a Ray Data input's spec comes from worker 0.
+        plan_ref = None if self.dataset is not None else coordinator.build.remote()
         addresses = self._get([w.address.remote() for w in workers], worker_names)
         if len(set(addresses)) != len(addresses):
             raise GroupFailure(f"two workers picked the same TF server address "
                                f"({addresses})")
-        setups = [w.setup.remote(addresses) for w in workers]  # overlaps prepare
+        splits = ([None] * len(workers) if self.dataset is None else
+                  raydata_split(self.dataset, len(workers)))
+        setups = [w.setup.remote(addresses, s) for w, s in zip(workers, splits)]
+        if plan_ref is None:
+            plan_ref = coordinator.build.remote(self._get(setups[0], "worker 0")[1])
         plan = self._get(plan_ref, "the coordinator")
+        for rank, (_, spec) in enumerate(self._get(setups, worker_names)):
+            if spec != plan["input_spec"]:
+                raise ConfigError(
+                    f"input: {config.input_ref} gives {spec} on worker {rank} but "
+                    f"{plan['input_spec']} on worker 0; every worker's input must "
+                    "have the same feature names, dtypes and shapes")
+        plan.update(self._get(coordinator.open_run.remote(), "the coordinator"))
         if not restarting:
             for message in plan["warnings"]:
                 echo(f"WARNING: {message}")
@@ -229,22 +265,17 @@ class _GroupRun:
             source = (f"the full checkpoint at step {plan['resumed_from']}"
                       if plan["resumed_from"] is not None else
                       "the initial values (no full checkpoint yet)")
-            echo(f"restarted: resuming from {source}; steps {step + 1}.."
-                 f"{self.step} are redone ({max(0, self.step - step)} steps)")
+            redone = max(0, self.step - step)
+            echo(f"restarted: resuming from {source}; "
+                 + (f"steps {step + 1}..{self.step} are redone ({redone} steps)"
+                    if redone else "no step is redone"))
             self.restarts += 1
             coordinator.record.remote(step, {"train/group_restarts": self.restarts,
-                                             "train/steps_redone":
-                                                 max(0, self.step - step)})
+                                             "train/steps_redone": redone})
         elif plan["resumed_from"] is not None:
             echo(f"resuming run {config.run!r} from its full checkpoint at step "
                  f"{plan['resumed_from']} (optimizer state and step included)")
         self.step = step
-        for rank, (_, spec) in enumerate(self._get(setups, worker_names)):
-            if spec != plan["input_spec"]:
-                raise ConfigError(
-                    f"input: {config.input} yields {spec} on worker {rank} but "
-                    f"{plan['input_spec']} on worker 0; every worker's batches must "
-                    "have the same dtypes and shapes")
         values = coordinator.initial_values.remote()
         self._get([w.load.remote(values, step, plan["serving_names"], coordinator)
                    for w in workers], worker_names)

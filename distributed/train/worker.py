@@ -26,8 +26,7 @@ import numpy as np
 
 from distributed import logs
 from distributed.config import TrainConfig, from_dict
-from distributed.errors import ConfigError, LossDivergedError, last_line, user_code
-from distributed.model import load_function
+from distributed.errors import LossDivergedError, last_line
 from distributed.train.schedule import BusyPolicy, CheckpointSchedule
 
 log = logging.getLogger(__name__)
@@ -184,28 +183,24 @@ class Worker:
     def address(self) -> str:
         return self._address
 
-    def setup(self, addresses: list[str]):
-        """Starts the TF server and builds the graph and Session.
+    def setup(self, addresses: list[str], split: Any = None):
+        """Starts the TF server and builds the input, graph and Session.
 
-        The input spec comes from this worker's own first batch, so setup runs
-        while the coordinator prepares. Returns ``(pid, input_spec)``.
+        The input spec comes from this worker's own input (its first batch, or
+        its dataset's element spec), so setup runs while the coordinator
+        prepares. ``split`` is this worker's Ray Data split (Ray Data input
+        only). Returns ``(pid, input_spec)``.
         """
         import functools
-        import itertools
 
         import tensorflow as tf
 
+        from distributed import inputs
         from distributed.train import collective
-        from distributed.train.graph import InputSpec, VariableLoader, build_train_graph
+        from distributed.train.graph import VariableLoader, build_train_graph
 
         cfg = self.config
-        input_fn = load_function(cfg.input, "input", 4)
-        with user_code("input", cfg.input):
-            batches = iter(input_fn(self.rank, cfg.workers, cfg.batch_size,
-                                    dict(cfg.input_params)))
-            first = next(batches)
-        self._batches = itertools.chain([first], batches)
-        input_spec = InputSpec.from_batch(*first, f"input {cfg.input}")
+        gpu = cfg.gpus_per_worker > 0
         self.spec = collective.GroupSpec(
             addresses=tuple(addresses), rank=self.rank,
             timeout_seconds=cfg.collective_timeout)
@@ -215,15 +210,18 @@ class Worker:
         self.server = collective.start_server(self.spec, base)
         reduce_fn = functools.partial(collective.allreduce_gradients, spec=self.spec,
                                       bucket_bytes=int(cfg.bucket_mib * 2**20))
-        device = "/device:GPU:0" if cfg.gpus_per_worker > 0 else None
-        self.tg = build_train_graph(cfg, input_spec, reduce_fn=reduce_fn, device=device)
+        self.tg = build_train_graph(
+            cfg, lambda: inputs.open_source(cfg, self.rank, split, gpu=gpu),
+            reduce_fn=reduce_fn, device="/device:GPU:0" if gpu else None)
+        self.source = self.tg.source
         self.sess = tf.compat.v1.Session(
             self.server.target, graph=self.tg.graph,
             config=collective.session_config(self.spec, base))
         self.run_options = collective.run_options(self.spec)
         self.sess.run(self.tg.init_op)
+        self.source.start(self.sess)
         self.loader = VariableLoader(self.tg.variables)
-        return os.getpid(), input_spec
+        return os.getpid(), self.source.spec
 
     def load(self, values: Mapping[str, np.ndarray], step: int,
              serving_names: list[str] | None = None, coordinator=None) -> None:
@@ -241,16 +239,18 @@ class Worker:
 
     def train(self, until_step: int) -> dict[str, Any]:
         """Runs steps up to ``until_step``; returns rank 0's progress report."""
+        import tensorflow as tf
         tg = self.tg
         losses = []
         start = time.perf_counter()
         first = self.step
+        fetches = [tg.train_op, tg.loss]
         while self.step < until_step:
-            features, labels = self._next_batch()
-            feed = {tg.features[k]: v for k, v in features.items()}
-            feed[tg.labels] = labels
-            _, loss = self.sess.run([tg.train_op, tg.loss], feed,
-                                    options=self.run_options)
+            feed = self.source.feed(self.step)
+            try:
+                _, loss = self.sess.run(fetches, feed, options=self.run_options)
+            except tf.errors.OutOfRangeError:
+                raise self.source.ended(self.step) from None
             self.step += 1
             logs.set_step(self.step)
             if not np.isfinite(loss):
@@ -280,17 +280,6 @@ class Worker:
             return {"events": []}
         self._checkpointer.flush()
         return {"events": self._checkpointer.drain_events()}
-
-    def _next_batch(self):
-        cfg = self.config
-        with user_code("input", cfg.input):
-            try:
-                return next(self._batches)
-            except StopIteration:
-                raise ConfigError(
-                    f"input: {cfg.input} ran out of batches on worker {self.rank} "
-                    f"after step {self.step}; an input function must yield batches "
-                    "forever (loop over the data in epochs)") from None
 
     def variables(self) -> dict[str, np.ndarray]:
         """Every variable's value (for tests of replica identity)."""

@@ -1,0 +1,117 @@
+"""Ray Data input: a ``ray.data.Dataset`` streamed to the workers.
+
+The config names a function ``ray_dataset_fn(params)`` that returns the
+dataset (e.g. ``ray.data.read_parquet(...)``); the driver calls it once. Each
+worker group gets fresh splits (``streaming_split(num_workers, equal=True)``),
+and each worker reads its split in batches: every column but ``label`` is a
+feature, and list-valued columns (fixed-length lists, tensor columns) become
+``[batch, ...]`` arrays. The batches enter the graph through a
+:class:`~distributed.inputs.sources.PythonSource`, read ahead on a thread.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from distributed.errors import ConfigError, user_code
+
+FIELD = "input.ray_dataset"
+
+
+def load_dataset(ref: str, label: str, params: Mapping[str, Any]):
+    """Calls the config's dataset function in the driver and checks what it
+    returns: a ``ray.data.Dataset`` with the ``label`` column and at least one
+    feature column.
+
+    NOTE: only the driver calls this, after Ray is up.
+    """
+    import ray.data
+
+    from distributed.model import load_function
+    fn = load_function(ref, FIELD, 1)
+    with user_code(FIELD, ref):
+        dataset = fn(dict(params))
+    if not isinstance(dataset, ray.data.Dataset):
+        raise ConfigError(
+            f"{FIELD}: {ref} returned {type(dataset).__name__}, not a "
+            "ray.data.Dataset; return e.g. ray.data.read_parquet(path)")
+    quiet()
+    with user_code(FIELD, ref):
+        schema = dataset.schema()
+    if schema is None or not list(schema.names):
+        raise ConfigError(f"{FIELD}: {ref} returned an empty dataset (no rows, no "
+                          "columns); check the path or query it reads")
+    names = list(schema.names)
+    if label not in names:
+        close = difflib.get_close_matches(label, names, n=1)
+        raise ConfigError(
+            f"input.label: the dataset of {ref} has no column {label!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; its columns are {', '.join(names)}")
+    if len(names) < 2:
+        raise ConfigError(f"input.label: {label!r} is the only column of the dataset "
+                          f"of {ref}; the other columns are the features")
+    return dataset
+
+
+def check_cpus(dataset, free_cpus: float, ref: str) -> None:
+    """A dataset that reads or maps each epoch runs Ray tasks (1 CPU each by
+    default) next to the actors; with less than a CPU left they never start
+    and the first step waits forever."""
+    import ray.data
+    if free_cpus < 1 and not isinstance(dataset, ray.data.MaterializedDataset):
+        raise ConfigError(
+            f"cpus_per_worker: the actors leave {free_cpus:g} of the cluster's CPUs "
+            f"free, but the dataset of {ref} reads its files each epoch in Ray tasks "
+            "that need 1 CPU; lower cpus_per_worker, add CPUs, or return "
+            "dataset.materialize() when the data fits in the object store")
+
+
+def split(dataset, num_workers: int) -> list:
+    """One streaming split per worker, equal in rows (a new set per worker
+    group, so a restarted group starts fresh splits)."""
+    return dataset.streaming_split(num_workers, equal=True)
+
+
+def quiet() -> None:
+    """No progress bars or per-execution banners in the job's output (the
+    splits' executor takes the driver's context)."""
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def split_batches(data_iterator, batch_size: int, label: str, ref: str,
+                  rank: int, prefetch: int = 2) -> Iterator:
+    """``(features, labels)`` numpy batches of one split, epoch after epoch."""
+    while True:
+        n = 0
+        for batch in data_iterator.iter_batches(
+                batch_size=batch_size, batch_format="numpy", drop_last=True,
+                prefetch_batches=prefetch):
+            batch = dict(batch)
+            labels = _column(batch.pop(label), label, ref)
+            yield {k: _column(v, k, ref) for k, v in batch.items()}, labels
+            n += 1
+        if n == 0:
+            raise ConfigError(
+                f"{FIELD}: {ref} gave worker {rank} no full batch of {batch_size} "
+                "rows; the dataset is empty or has fewer than workers x batch_size "
+                "rows")
+
+
+def _column(values: np.ndarray, name: str, ref: str) -> np.ndarray:
+    """A column as one array: lists of equal length are stacked to [batch, ...]."""
+    if values.dtype != object or not len(values) or \
+            isinstance(values[0], (str, bytes)):
+        return values
+    try:
+        return np.stack([np.asarray(v) for v in values])
+    except ValueError:
+        raise ConfigError(
+            f"{FIELD}: column {name!r} of {ref}'s dataset holds lists of different "
+            "lengths; pad them to one length (or drop the column)") from None

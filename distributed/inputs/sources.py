@@ -1,0 +1,254 @@
+"""The kinds of input, each turned into the tensors a worker's model reads.
+
+* :class:`DatasetSource`: the ``input_fn`` returned a ``tf.data.Dataset``. It is
+  built inside the worker's graph; the iterator's tensors are the model's
+  ``features``/``labels``, so a step feeds nothing from Python.
+* :class:`PythonSource`: a Python iterator of numpy batches (a generator
+  ``input_fn``, or a Ray Data split). A background thread reads it a few
+  batches ahead into a small bounded queue, so the step only waits for Python
+  when the data is truly late; each step feeds the next ready batch.
+
+Both have ``spec`` (:class:`InputSpec`), ``tensors()`` (called once, inside the
+graph), ``start(sess)`` and ``feed(step)`` (the step's ``feed_dict`` or
+``None``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from distributed.errors import ConfigError, DistributedError, user_code
+from distributed.inputs.spec import InputSpec
+
+
+def is_dataset(value: Any) -> bool:
+    """Whether ``value`` is a ``tf.data.Dataset`` (without importing TF for
+    a plain generator)."""
+    import sys
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(value, tf.data.Dataset)
+
+
+class DatasetSource:
+    """A ``tf.data`` input inside the worker's graph.
+
+    A dataset without a final ``prefetch`` gets ``prefetch(AUTOTUNE)``; on a
+    GPU worker the batches are prefetched to the GPU
+    (``tf.data.experimental.prefetch_to_device``), so the next batch is
+    already there when the step needs it.
+
+    NOTE: construct inside the graph the dataset was built in.
+    """
+
+    kind = "tf.data"
+
+    def __init__(self, dataset, ref: str, rank: int, gpu: bool = False):
+        import tensorflow as tf
+        self.ref, self.rank = ref, rank
+        self.spec = InputSpec.from_element_spec(dataset.element_spec, f"input {ref}")
+        if not ends_with_prefetch(dataset):
+            dataset = dataset.prefetch(tf.data.AUTOTUNE)
+        self._device = "/device:GPU:0" if gpu else "/device:CPU:0"
+        if gpu:
+            dataset = dataset.apply(
+                tf.data.experimental.prefetch_to_device(self._device, buffer_size=2))
+        with tf.device(self._device):
+            self._iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
+
+    def tensors(self) -> tuple[dict[str, Any], Any]:
+        import tensorflow as tf
+        with tf.device(self._device):
+            features, labels = self._iterator.get_next(name="input")
+        return dict(features), labels
+
+    def start(self, sess) -> None:
+        sess.run(self._iterator.initializer)
+
+    def feed(self, step: int) -> None:
+        return None
+
+    def ended(self, step: int) -> ConfigError:
+        """The error for a dataset that ran out (``OutOfRangeError`` in a step)."""
+        return ConfigError(
+            f"input: the tf.data dataset of {self.ref} ended on worker {self.rank} "
+            f"after step {step}; the run needs batches for every step: add "
+            ".repeat() before .batch() in input_fn (or lower steps)")
+
+    def close(self) -> None:
+        pass
+
+
+def ends_with_prefetch(dataset) -> bool:
+    """Whether the dataset's last transformation is a prefetch."""
+    try:
+        return dataset._variant_tensor.op.type == "PrefetchDataset"
+    except AttributeError:  # an eager dataset: look at its Python class
+        return type(dataset).__name__ == "PrefetchDataset"
+
+
+_END = object()  # the iterator ended
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class PythonSource:
+    """A Python iterator of ``(features dict, labels)`` numpy batches, read on
+    a background thread ``prefetch`` batches ahead (0: on the training thread).
+
+    Errors keep the user-code form: the reader thread wraps what the user's
+    iterator raises exactly as the training thread would, and the next
+    :meth:`feed` raises it.
+
+    Args:
+        batches: The iterator; its first batch gives the spec.
+        ref: The input's name in messages (the config's reference).
+        field: The config field naming the input (``input``, ``input.ray_dataset``).
+        rank: This worker's index.
+        prefetch: Batches read ahead.
+        ended_hint: How to fix an iterator that ends.
+    """
+
+    kind = "python"
+
+    def __init__(self, batches: Iterator, ref: str, field: str, rank: int,
+                 prefetch: int = 2,
+                 ended_hint: str = "an input function must yield batches forever "
+                                   "(loop over the data in epochs)"):
+        self.ref, self.field, self.rank = ref, field, rank
+        self._ended_hint = ended_hint
+        self._iter = iter(batches)
+        try:
+            with user_code(field, ref):
+                first = next(self._iter)
+        except StopIteration:
+            raise ConfigError(f"{field}: {ref} yielded no batch on worker {rank}; "
+                              f"{ended_hint}") from None
+        self.spec = InputSpec.from_batch(*first, f"{field} {ref}")
+        self._first = first
+        self._prefetch = prefetch
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._features: dict[str, Any] = {}
+        self._labels = None
+
+    def tensors(self) -> tuple[dict[str, Any], Any]:
+        self._features, self._labels = self.spec.placeholders()
+        self._dtypes = {name: np.dtype(object) if d == "string" else np.dtype(d)
+                        for name, (d, _) in self.spec.features.items()}
+        d = self.spec.labels[0]
+        self._label_dtype = np.dtype(object) if d == "string" else np.dtype(d)
+        return dict(self._features), self._labels
+
+    def start(self, sess=None) -> None:
+        if self._prefetch > 0 and self._thread is None:
+            self._queue = queue.Queue(maxsize=self._prefetch)
+            self._queue.put(self._convert(self._first))
+            self._thread = threading.Thread(target=self._fill, daemon=True,
+                                            name=f"input-reader-{self.rank}")
+            self._thread.start()
+        else:
+            self._iter = itertools.chain([self._first], self._iter)
+        self._first = None
+
+    def feed(self, step: int) -> dict:
+        if self._queue is not None:
+            item = self._queue.get()
+        else:
+            item = self._read()
+            if item is not _END and not isinstance(item, _Failure):
+                item = self._convert(item)
+        if item is _END:
+            raise ConfigError(
+                f"{self.field}: {self.ref} ran out of batches on worker {self.rank} "
+                f"after step {step}; {self._ended_hint}")
+        if isinstance(item, _Failure):
+            raise item.error
+        features, labels = item
+        feed = {self._features[k]: v for k, v in features.items()}
+        feed[self._labels] = labels
+        return feed
+
+    def ended(self, step: int) -> ConfigError:
+        """The error for an ``OutOfRangeError`` in a step (a dataset the
+        model itself reads ended)."""
+        return ConfigError(
+            f"model: a tf.data iterator the graph reads ended at step {step + 1} on "
+            f"worker {self.rank} (OutOfRangeError); repeat() that dataset")
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _read(self):
+        """The next batch, ``_END``, or a :class:`_Failure` (never raises)."""
+        try:
+            with user_code(self.field, self.ref):
+                return next(self._iter)
+        except StopIteration:
+            return _END
+        except DistributedError as e:
+            return _Failure(e)
+
+    def _convert(self, batch) -> Any:
+        """The batch as arrays of the spec's dtypes (off the training thread)."""
+        try:
+            features, labels = batch
+            if not isinstance(features, Mapping) or set(features) != set(self._features):
+                names = sorted(features) if isinstance(features, Mapping) else \
+                    type(features).__name__
+                raise ConfigError(
+                    f"{self.field}: {self.ref} yielded features {names} on worker "
+                    f"{self.rank}, but its first batch had "
+                    f"{sorted(self._features)}; every batch needs the same features")
+            out = {k: np.asarray(v, dtype=self._dtypes[k]) for k, v in features.items()}
+            return out, np.asarray(labels, dtype=self._label_dtype)
+        except DistributedError as e:
+            return _Failure(e)
+        except (TypeError, ValueError) as e:
+            return _Failure(ConfigError(
+                f"{self.field}: {self.ref} yielded a batch that does not match its "
+                f"first one on worker {self.rank} ({e}); every batch needs the "
+                f"spec {self.spec}"))
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            item = self._read()
+            if item is not _END and not isinstance(item, _Failure):
+                item = self._convert(item)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if item is _END or isinstance(item, _Failure):
+                return
+
+
+def call_input_fn(input_fn: Callable, ref: str, worker_index: int, num_workers: int,
+                  batch_size: int, params: Mapping[str, Any]):
+    """Calls the user's ``input_fn``: a ``tf.data.Dataset`` or an iterator."""
+    with user_code("input", ref):
+        result = input_fn(worker_index, num_workers, batch_size, dict(params))
+        if is_dataset(result):
+            return result
+        try:
+            return iter(result)
+        except TypeError:
+            pass
+    raise ConfigError(
+        f"input: {ref} returned {type(result).__name__}; an input_fn returns a "
+        "tf.data.Dataset of (features dict, labels) batches or yields "
+        "(features dict, labels) numpy batches")
+
+
+__all__ = ["DatasetSource", "PythonSource", "call_input_fn", "ends_with_prefetch",
+           "is_dataset"]
