@@ -206,5 +206,74 @@ def _warn_ignored(name: str, fields: list[str], dropped: list[str]) -> None:
         stacklevel=3)
 
 
+_INPUT_ARGS = ("mode", "params", "config", "input_context")
+
+
+def from_estimator_input(input_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adapts an Estimator ``input_fn`` to ``input_fn(worker_index, num_workers,
+    batch_size, params)``.
+
+    The wrapped function is called as an Estimator calls it, with ``mode``
+    (``ModeKeys.TRAIN``), ``params``, ``config`` (``None``) and
+    ``input_context`` by keyword, each only if its signature names it.
+    ``params`` is the config's ``input_params`` plus ``batch_size`` (the
+    per-worker batch). ``input_context`` is a real
+    ``tf.distribute.InputContext``: ``num_input_pipelines`` is the number of
+    workers, ``input_pipeline_id`` this worker's index, and
+    ``get_per_replica_batch_size(global_batch)`` divides by the workers.
+
+    A function that takes ``input_context`` shards its data itself (the fast
+    way: each worker reads only its files). One that does not sees all of it;
+    its dataset is then sharded by batch (``dataset.shard(num_workers,
+    worker_index)``, what ``MultiWorkerMirroredStrategy``'s auto-shard by data
+    does), so every worker builds every batch and keeps its own.
+
+    Args:
+        input_fn: ``input_fn(params)``, ``input_fn(input_context)``,
+            ``input_fn(mode, params, config, input_context)`` or any subset,
+            returning a ``tf.data.Dataset`` of ``(features dict, labels)``.
+    """
+    name = getattr(input_fn, "__qualname__", None) or repr(input_fn)
+    try:
+        parameters = list(inspect.signature(input_fn).parameters.values())
+    except (TypeError, ValueError):
+        parameters = []
+    accepted = ({p.name for p in parameters} & set(_INPUT_ARGS)
+                if not any(p.kind == p.VAR_KEYWORD for p in parameters)
+                else set(_INPUT_ARGS))
+    unknown = [p.name for p in parameters if p.name not in _INPUT_ARGS
+               and p.default is p.empty and p.kind not in (p.VAR_KEYWORD,
+                                                            p.VAR_POSITIONAL)]
+    if unknown:
+        raise ConfigError(
+            f"input: {name} takes {', '.join(unknown)}, which an Estimator never "
+            f"passes; an Estimator input_fn takes some of {', '.join(_INPUT_ARGS)}")
+
+    def adapted(worker_index: int, num_workers: int, batch_size: int,
+                params: Mapping[str, Any]):
+        import tensorflow as tf
+        context = tf.distribute.InputContext(num_input_pipelines=num_workers,
+                                             input_pipeline_id=worker_index,
+                                             num_replicas_in_sync=num_workers)
+        kwargs = {"mode": ModeKeys.TRAIN,
+                  "params": {**dict(params or {}), "batch_size": batch_size},
+                  "config": None, "input_context": context}
+        result = input_fn(**{k: v for k, v in kwargs.items() if k in accepted})
+        if not isinstance(result, tf.data.Dataset):
+            raise ConfigError(
+                f"input: {name} returned {type(result).__name__}; adapted Estimator "
+                "input functions must return a tf.data.Dataset of (features dict, "
+                "labels) batches")
+        if "input_context" not in accepted and num_workers > 1:
+            result = result.shard(num_workers, worker_index)
+        return result
+
+    adapted.__name__ = getattr(input_fn, "__name__", "input_fn")
+    adapted.__qualname__ = f"from_estimator_input({name})"
+    adapted.__doc__ = input_fn.__doc__
+    adapted.__module__ = getattr(input_fn, "__module__", __name__)
+    return adapted
+
+
 __all__ = ["EstimatorSpec", "IgnoredTrainOpWarning", "ModeKeys", "from_estimator",
-           "to_estimator_mode"]
+           "from_estimator_input", "to_estimator_mode"]

@@ -5,17 +5,20 @@ A model is named in the config as ``"package.module:function"``.
 ``model_fn(features, labels, mode, params) -> ModelSpec``
     Builds a ``tf.compat.v1`` graph (variable scopes, ``get_variable``, ``tf.nn``
     ops) in the current default graph. ``features`` is a dict of name -> tensor
-    (placeholders the framework made from the input's first batch), ``labels`` a
+    (an iterator's tensors, or placeholders made from the input spec), ``labels`` a
     tensor or ``None`` in predict mode, ``mode`` one of :data:`MODES`, ``params``
     the config's ``model_params`` dict. Train mode must return ``loss``; predict
     mode must return ``predictions`` (the named outputs an inference server gets).
     Batch-norm and other update ops go in ``tf.compat.v1.GraphKeys.UPDATE_OPS`` as
     usual; the framework runs them with the train op.
 
-``input_fn(worker_index, num_workers, batch_size, params) -> iterator``
-    Yields ``(features, labels)`` numpy batches forever: ``features`` a dict of
-    name -> array with a leading batch dimension, ``labels`` an array. Each worker
-    reads its own shard of the data, chosen by ``worker_index``/``num_workers``.
+``input_fn(worker_index, num_workers, batch_size, params) -> Dataset | iterator``
+    Returns a ``tf.data.Dataset`` of ``(features dict, labels)`` batches (built
+    inside the worker's graph, never fed from Python), or yields ``(features,
+    labels)`` numpy batches forever: ``features`` a dict of name -> array with a
+    leading batch dimension, ``labels`` an array. Each worker reads its own shard
+    of the data, chosen by ``worker_index``/``num_workers``. Ray Data input and
+    the kinds in detail: :mod:`distributed.inputs`.
 """
 
 from __future__ import annotations

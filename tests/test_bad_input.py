@@ -49,6 +49,56 @@ def raising_model_fn(features, labels, mode, params):
 
 NOT_A_FUNCTION = 42
 
+
+def _digits_dataset(features_of):
+    import numpy as np
+    import tensorflow as tf
+    x = np.zeros((64, 64), np.float32)
+    return tf.data.Dataset.from_tensor_slices((features_of(x), np.zeros(64, np.int64)))
+
+
+def unpaired_input_fn(worker_index, num_workers, batch_size, params):
+    """A dataset of bare tensors, not (features dict, labels) pairs."""
+    import tensorflow as tf
+    return tf.data.Dataset.range(1000).batch(batch_size).repeat()
+
+
+def unknown_rank_input_fn(worker_index, num_workers, batch_size, params):
+    """A generator dataset that declares no shape for its feature."""
+    import numpy as np
+    import tensorflow as tf
+    return tf.data.Dataset.from_generator(
+        lambda: iter([]), output_signature=(
+            {"image": tf.TensorSpec(None, tf.float32)},
+            tf.TensorSpec([None], tf.int64))).repeat()
+
+
+def per_worker_shape_input_fn(worker_index, num_workers, batch_size, params):
+    """Worker 1's images are half as wide as worker 0's."""
+    width = 64 if worker_index == 0 else 32
+    return _digits_dataset(lambda x: {"image": x[:, :width]}).repeat().batch(batch_size)
+
+
+def ending_input_fn(worker_index, num_workers, batch_size, params):
+    """Ends after a few batches; a filter hides its length from the probe."""
+    return _digits_dataset(lambda x: {"image": x}).filter(
+        lambda f, y: True).batch(batch_size)
+
+
+def list_ray_dataset(params):
+    return [{"image": [0.0] * 64, "label": 1}]
+
+
+def empty_ray_dataset(params):
+    import ray.data
+    return ray.data.from_items([])
+
+
+def digits_ray_dataset(params):
+    import numpy as np
+    import ray.data
+    return ray.data.from_items([{"image": np.zeros(64, np.float32), "label": 1}] * 64)
+
 # ------------------------------------------------------------ the table -----
 
 # A case names files to write into its tmp dir first; "{tmp}" in them and in
@@ -350,6 +400,32 @@ RAY_CASES = [
     pytest.param(BASE_YAML + f"model: {HERE}:raising_model_fn\n",
                  r"model: tests\.test_bad_input:raising_model_fn raised ValueError: "
                  r"boom from raising_model_fn", True, id="model-fn-raises"),
+    pytest.param(BASE_YAML + MLP + f"input: {HERE}:unpaired_input_fn\n",
+                 r"input tests\.test_bad_input:unpaired_input_fn: the dataset's elements "
+                 r"must be \(features dict, labels\) pairs", True, id="tfdata-not-pairs"),
+    pytest.param(BASE_YAML + MLP + f"input: {HERE}:unknown_rank_input_fn\n",
+                 r"feature 'image' has unknown rank; give it a static rank", True,
+                 id="tfdata-unknown-rank"),
+    pytest.param(BASE_YAML + MLP + f"input: {HERE}:per_worker_shape_input_fn\n",
+                 r"input: \S+ gives features \{image: float32\[batch, 32\]\}.* on "
+                 r"worker 1 but features \{image: float32\[batch, 64\]\}.* on worker 0",
+                 True, id="tfdata-specs-differ-across-workers"),
+    pytest.param(BASE_YAML + MLP + f"input: {HERE}:ending_input_fn\n",
+                 r"the tf\.data dataset of \S+ ended on worker \d after step \d+; .*"
+                 r"add \.repeat\(\)", False, id="tfdata-dataset-ends"),
+    pytest.param(BASE_YAML + MLP + f"input: {{ray_dataset: {HERE}:digits_ray_dataset, "
+                 "label: labels}\n",
+                 r"input\.label: the dataset of \S+ has no column 'labels' \(did you mean "
+                 r"'label'\?\); its columns are image, label", True,
+                 id="raydata-no-such-label"),
+    pytest.param(BASE_YAML + MLP + f"input: {{ray_dataset: {HERE}:empty_ray_dataset, "
+                 "label: label}\n",
+                 r"input\.ray_dataset: \S+ returned an empty dataset", True,
+                 id="raydata-empty"),
+    pytest.param(BASE_YAML + MLP + f"input: {{ray_dataset: {HERE}:list_ray_dataset, "
+                 "label: label}\n",
+                 r"input\.ray_dataset: \S+ returned list, not a ray\.data\.Dataset", True,
+                 id="raydata-not-a-dataset"),
     pytest.param(BASE_YAML + MLP + "optimizer: {name: sgd, learning_rate: 1.0e+30}\n",
                  r"loss became (nan|-?inf)\b.*step \d+.*learning_rate", False,
                  id="loss-becomes-nan"),

@@ -294,13 +294,61 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
     assert [e.step for e in catalog.entries("full")] == [40, 70]
 
 
+def recording_input_fn(worker_index, num_workers, batch_size, params):
+    """The digits generator; logs each call and the first batches it yields."""
+    log = params["log"]
+    with open(log, "a") as f:
+        f.write(f"call {worker_index}\n")
+    for i, batch in enumerate(digits.digits_input_fn(
+            worker_index, num_workers, batch_size, {"seed": 0})):
+        if i < 3:
+            with open(log, "a") as f:
+                f.write(f"yield {worker_index} {i} {int(batch[1][0])}\n")
+        yield batch
+
+
+@pytest.mark.slow
+def test_resumed_run_reads_its_input_from_the_beginning(local_ray, storage, tmp_path):
+    """README: a resumed run calls every worker's input_fn again and reads it
+    from its start; the step and the model continue from the full checkpoint."""
+    log = tmp_path / "input.log"
+    common = dict(model=MLP, input=f"{__name__}:recording_input_fn",
+                  input_params={"log": str(log)},
+                  checkpoint={"serving_every": 0, "full_every": 20})
+    run_train(make_config(storage, "input-resume", steps=20, **common))
+    first = log.read_text().splitlines()
+    log.write_text("")
+    summary, lines = run_train(make_config(storage, "input-resume", steps=40, **common))
+    second = log.read_text().splitlines()
+    assert summary["steps"] == 40
+    assert any("resuming run 'input-resume' from its full checkpoint at step 20" in line
+               for line in lines), lines
+    # Each worker's input was called again (worker 0's also by the coordinator,
+    # which reads its spec) and yielded its batches from the first one: the
+    # same labels, in the same order, as the first run.
+    for text in (first, second):
+        calls = sorted(line for line in text if line.startswith("call"))
+        assert calls == ["call 0", "call 0", "call 1"], text
+    for rank in (0, 1):
+        starts = [line for line in first if line.startswith(f"yield {rank} ")]
+        assert starts[:3] == [line for line in second
+                              if line.startswith(f"yield {rank} ")][:3], (first, second)
+        assert starts[0].split()[2] == "0"
+
+
 # ------------------------------------------------------------ replicas -----
 
-@pytest.mark.parametrize("model", [CNN, "tests.scoped_models:ref_variables_model_fn"],
-                         ids=["cnn", "tf1-reference-variables"])
-def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage, model):
+TFDATA = "distributed.examples.digits_inputs:digits_dataset_input_fn"
+
+
+@pytest.mark.parametrize("model,input_fn", [
+    (CNN, digits.__name__ + ":digits_input_fn"),
+    ("tests.scoped_models:ref_variables_model_fn", digits.__name__ + ":digits_input_fn"),
+    (CNN, TFDATA)], ids=["cnn", "tf1-reference-variables", "cnn-tfdata"])
+def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage, model,
+                                                              input_fn):
     """Drives the actors as ``train()`` does, to read every worker's variables."""
-    config = make_config(storage, "replicas", steps=30, model=model,
+    config = make_config(storage, "replicas", steps=30, model=model, input=input_fn,
                          checkpoint={"serving_every": 0, "full_every": 10})
     cfg = config.to_dict()
     env = {"env_vars": dict(trainer._ACTOR_ENV)}

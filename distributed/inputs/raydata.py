@@ -31,6 +31,7 @@ def load_dataset(ref: str, label: str, params: Mapping[str, Any]):
     import ray.data
 
     from distributed.model import load_function
+    quiet()
     fn = load_function(ref, FIELD, 1)
     with user_code(FIELD, ref):
         dataset = fn(dict(params))
@@ -38,7 +39,6 @@ def load_dataset(ref: str, label: str, params: Mapping[str, Any]):
         raise ConfigError(
             f"{FIELD}: {ref} returned {type(dataset).__name__}, not a "
             "ray.data.Dataset; return e.g. ray.data.read_parquet(path)")
-    quiet()
     with user_code(FIELD, ref):
         schema = dataset.schema()
     if schema is None or not list(schema.names):
@@ -79,7 +79,14 @@ def split(dataset, num_workers: int) -> list:
 def quiet() -> None:
     """No progress bars or per-execution banners in the job's output (the
     splits' executor takes the driver's context)."""
+    import logging
+    import os
+
     import ray.data
+    logging.getLogger("ray.data").setLevel(os.environ.get("RAY_DATA_LOG_LEVEL",
+                                                          "WARNING"))
+    # ... and not the warning that says the bars are off.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -125,12 +125,11 @@ class PythonSource:
         self.ref, self.field, self.rank = ref, field, rank
         self._ended_hint = ended_hint
         self._iter = iter(batches)
-        try:
-            with user_code(field, ref):
-                first = next(self._iter)
-        except StopIteration:
+        with user_code(field, ref):
+            first = next(self._iter, _END)
+        if first is _END:
             raise ConfigError(f"{field}: {ref} yielded no batch on worker {rank}; "
-                              f"{ended_hint}") from None
+                              f"{ended_hint}")
         self.spec = InputSpec.from_batch(*first, f"{field} {ref}")
         self._first = first
         self._prefetch = prefetch
@@ -191,9 +190,10 @@ class PythonSource:
         """The next batch, ``_END``, or a :class:`_Failure` (never raises)."""
         try:
             with user_code(self.field, self.ref):
-                return next(self._iter)
-        except StopIteration:
-            return _END
+                try:
+                    return next(self._iter)
+                except StopIteration:
+                    return _END
         except DistributedError as e:
             return _Failure(e)
 

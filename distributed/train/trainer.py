@@ -131,6 +131,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
     # Every actor error is handled here; refs abandoned when a group is torn
     # down must not print "Unhandled error" tracebacks later.
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    # Ray Data's per-epoch execution banners are not the run's news (set
+    # before Ray starts, so a local Ray's split coordinators inherit it).
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     check_functions(config)
     check_storage(config)
     started = connect_ray()
