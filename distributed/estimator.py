@@ -130,10 +130,15 @@ def from_estimator(model_fn: Callable[..., Any]) -> Callable[..., ModelSpec]:
             _warn_ignored(name, ignored, dropped)
         return converted
 
-    adapted.__name__ = getattr(model_fn, "__name__", "model_fn")
-    adapted.__qualname__ = f"from_estimator({name})"
-    adapted.__doc__ = model_fn.__doc__
-    adapted.__module__ = getattr(model_fn, "__module__", __name__)
+    return _named_like(adapted, model_fn, f"from_estimator({name})")
+
+
+def _named_like(adapted: Callable, fn: Callable, qualname: str) -> Callable:
+    """Gives an adapter the wrapped function's name, docstring and module."""
+    adapted.__name__ = getattr(fn, "__name__", adapted.__name__)
+    adapted.__qualname__ = qualname
+    adapted.__doc__ = fn.__doc__
+    adapted.__module__ = getattr(fn, "__module__", __name__)
     return adapted
 
 
@@ -268,11 +273,7 @@ def from_estimator_input(input_fn: Callable[..., Any]) -> Callable[..., Any]:
             result = result.shard(num_workers, worker_index)
         return result
 
-    adapted.__name__ = getattr(input_fn, "__name__", "input_fn")
-    adapted.__qualname__ = f"from_estimator_input({name})"
-    adapted.__doc__ = input_fn.__doc__
-    adapted.__module__ = getattr(input_fn, "__module__", __name__)
-    return adapted
+    return _named_like(adapted, input_fn, f"from_estimator_input({name})")
 
 
 __all__ = ["EstimatorSpec", "IgnoredTrainOpWarning", "ModeKeys", "from_estimator",
