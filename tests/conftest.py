@@ -93,6 +93,20 @@ def storage(tmp_path):
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def in_ci() -> bool:
+    """Whether the tests run under CI (``CI=true``, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_or_fail_in_ci(reason: str) -> None:
+    """Skips the calling test for a missing part, with ``reason``; under CI
+    fails it instead, so a part the CI setup should provide cannot go missing
+    unnoticed behind a skip."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: this must not be skipped in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
 @contextlib.contextmanager
 def start_local_ray(num_cpus: int, **init_kwargs):
     """A fresh local Ray (never a cluster named by RAY_ADDRESS), shut down and

@@ -6,6 +6,34 @@ import json
 import os
 
 from distributed.train.coordinator import Coordinator
+from distributed.train.worker import Worker
+
+WORKER_PIDS_DIR = "worker_pids"
+
+
+def worker_pids_dir(storage_path: str) -> str:
+    """Where :class:`PidRecordingWorker` records its process ids."""
+    return os.path.join(storage_path, WORKER_PIDS_DIR)
+
+
+class PidRecordingWorker(Worker):
+    """A worker that records its process id once set up, so a fault test
+    kills this run's own workers and never another Ray's (other test
+    sessions on the machine run ``ray::Worker`` processes too).
+
+    ``<storage>/worker_pids/rank-<r>`` holds the pid of rank ``r`` of the
+    latest group (a restarted group overwrites it).
+    """
+
+    def setup(self, *args, **kwargs):
+        result = super().setup(*args, **kwargs)
+        directory = worker_pids_dir(self.config.storage_path)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"rank-{self.rank}")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(path + ".tmp", path)
+        return result
 
 
 class CrashingCoordinator(Coordinator):
@@ -46,3 +74,40 @@ class SlowSavingCoordinator(Coordinator):
             delay = json.load(f).get(str(step), 0)
         time.sleep(delay)
         return super().save(step, tier, values, metrics)
+
+
+class FailingSaveCoordinator(Coordinator):
+    """A coordinator whose saves of chosen checkpoints fail like a full disk.
+
+    ``<storage>/fail_saves.json`` lists ``[tier, step]`` pairs; the save of
+    each fails once (``OSError(ENOSPC)`` after the tensors are written) and is
+    taken off the list, so a restarted coordinator does not fail it again.
+    """
+
+    def __init__(self, config_dict, restarting: bool = False):
+        super().__init__(config_dict, restarting)
+        self._plan_path = os.path.join(self.config.storage_path, "fail_saves.json")
+        self._saving: tuple[str, int] | None = None
+        self.store._on_phase = self._maybe_fail
+        real_save = self.store.save
+
+        def save(writer, sess, step, tier, *args, **kwargs):
+            self._saving = (tier, step)
+            try:
+                return real_save(writer, sess, step, tier, *args, **kwargs)
+            finally:
+                self._saving = None
+
+        self.store.save = save
+
+    def _maybe_fail(self, phase: str) -> None:
+        if phase != "tensors_written" or self._saving is None:
+            return
+        with open(self._plan_path) as f:
+            plan = [tuple(p) for p in json.load(f)]
+        if self._saving in plan:
+            plan.remove(self._saving)
+            with open(self._plan_path, "w") as f:
+                json.dump(plan, f)
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")

@@ -199,7 +199,9 @@ def test_peer_that_does_not_step_fails_the_step_after_the_timeout(local_ray, joi
                        ray.get([w.step.remote(5) for w in workers]))
     error, seconds = ray.get(workers[0].step.remote())  # rank 1 does not run this step
     assert error == "DeadlineExceededError"
-    assert 2.5 < seconds < 10.0
+    # It waited for the 3 s timeout, and then did not hang: the upper bound is
+    # a generous margin for a loaded machine, not a performance claim.
+    assert 2.5 < seconds < 60.0
     for w in workers:
         ray.kill(w)
 
@@ -211,5 +213,5 @@ def test_killed_peer_fails_the_next_step(local_ray):
                    ray.get([w.step.remote() for w in workers]))
     ray.kill(workers[1])
     error, seconds = ray.get(workers[0].step.remote())
-    assert error in ("UnavailableError", "DeadlineExceededError") and seconds < 10.0
+    assert error in ("UnavailableError", "DeadlineExceededError") and seconds < 60.0
     ray.kill(workers[0])

@@ -30,9 +30,11 @@ from distributed.checkpoint.store import PHASES
 from distributed.checkpoint.verify import verify_checkpoint
 from distributed.errors import TrainingFailedError
 from distributed.train import trainer
-from tests.conftest import REPO_ROOT, start_local_ray
-from tests.fault_actors import CrashingCoordinator, SlowSavingCoordinator
-from tests.test_train import MLP
+from tests.conftest import REPO_ROOT, skip_or_fail_in_ci, start_local_ray
+from tests.fault_actors import (CrashingCoordinator, FailingSaveCoordinator,
+                                PidRecordingWorker, SlowSavingCoordinator,
+                                worker_pids_dir)
+from tests.test_train import MLP, tensorboard_scalars
 from tests.test_train import make_config as train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -73,29 +75,64 @@ def leftovers(storage: str, run: str) -> list[str]:
             for n in dirs + files if TMP_MARKER in n]
 
 
-def worker_processes() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if cmd and cmd[0].startswith("ray::Worker"):
-            found.append(p)
-    return found
+def own_worker_pids(storage: str) -> list[int]:
+    """The live worker processes of this test's run, as
+    :class:`~tests.fault_actors.PidRecordingWorker` recorded them, and only
+    those that descend from this test process (its own local Ray): never a
+    ``ray::`` process of another Ray on the machine."""
+    directory = worker_pids_dir(storage)
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    pids = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+        with open(os.path.join(directory, name)) as f:
+            pid = int(f.read())
+        if pid in ours:
+            pids.append(pid)
+    return pids
 
 
-def kill_a_worker_soon(rng: random.Random, sig=signal.SIGKILL) -> threading.Thread:
-    """Sends ``sig`` to one worker process at a random moment of the next round."""
-    def kill():
-        time.sleep(rng.uniform(0.05, 0.3))
-        victims = worker_processes()
-        assert victims, ("no ray::Worker process found among "
-                         f"{[p.info['cmdline'][:1] for p in psutil.process_iter(['cmdline'])]}")
-        rng.choice(victims).send_signal(sig)
-    thread = threading.Thread(target=kill, daemon=True)
-    thread.start()
-    return thread
+class Killer:
+    """Sends ``sig`` to one of this run's own workers at a random moment of
+    the next round, from a thread. :meth:`check` joins the thread and
+    re-raises in the test whatever failed in it (an ``assert`` included)."""
+
+    def __init__(self, storage: str, rng: random.Random, sig=signal.SIGKILL):
+        self.victim: int | None = None
+        self._error: BaseException | None = None
+
+        def kill():
+            try:
+                time.sleep(rng.uniform(0.05, 0.3))  # when in the round: random
+                victims = own_worker_pids(storage)
+                assert victims, (f"no live worker of this run recorded under "
+                                 f"{worker_pids_dir(storage)}")
+                self.victim = rng.choice(victims)
+                os.kill(self.victim, sig)
+            except BaseException as e:  # noqa: BLE001 - re-raised by check()
+                self._error = e
+
+        self._thread = threading.Thread(target=kill, daemon=True)
+        self._thread.start()
+
+    def check(self) -> int:
+        """Returns the pid signalled; raises what went wrong in the thread."""
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "the killer thread hung"
+        if self._error is not None:
+            raise self._error
+        return self.victim
 
 
-def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, tmp_path):
+@pytest.fixture
+def own_workers(monkeypatch):
+    """The trainer starts :class:`PidRecordingWorker` actors instead of plain
+    workers (it looks ``Worker`` up when it starts each group)."""
+    from distributed.train import worker as worker_module
+    monkeypatch.setattr(worker_module, "Worker", PidRecordingWorker)
+
+
+def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, tmp_path,
+                                                                    own_workers):
     storage = str(tmp_path / "storage")
     config = make_config(storage, "kill-worker", steps=200)
     rng = random.Random(7)
@@ -104,10 +141,10 @@ def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, t
     def echo(line):
         lines.append(line)
         if not killers and "committed full checkpoint at step 20" in line:
-            killers.append(kill_a_worker_soon(rng))
+            killers.append(Killer(storage, rng))
 
     summary = trainer.train(config, echo=echo)
-    killers[0].join()
+    killers[0].check()
     text = "\n".join(lines)
     assert summary["steps"] == 200
     assert len(summary["failures"]) == 1, text
@@ -127,7 +164,8 @@ def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, t
     assert final.get_tensor("global_step") == 200
 
 
-def test_stalled_worker_collective_times_out_and_group_restarts(local_ray, tmp_path):
+def test_stalled_worker_collective_times_out_and_group_restarts(local_ray, tmp_path,
+                                                                own_workers):
     """A worker that stops answering (SIGSTOP: alive, silent) must not hang the
     job: its peer's step fails after collective_timeout and the group restarts."""
     storage = str(tmp_path / "storage")
@@ -138,10 +176,11 @@ def test_stalled_worker_collective_times_out_and_group_restarts(local_ray, tmp_p
     def echo(line):
         lines.append(line)
         if not stoppers and "committed full checkpoint at step 20" in line:
-            stoppers.append(kill_a_worker_soon(rng, signal.SIGSTOP))
+            stoppers.append(Killer(storage, rng, signal.SIGSTOP))
 
     start = time.monotonic()
     summary = trainer.train(config, echo=echo)
+    stoppers[0].check()
     text = "\n".join(lines)
     assert summary["steps"] == 200 and len(summary["failures"]) == 1, text
     # Stopped inside a collective, the peer's step times out; stopped between
@@ -154,7 +193,8 @@ def test_stalled_worker_collective_times_out_and_group_restarts(local_ray, tmp_p
     assert (200, "full") in keys and (200, "serving") in keys
 
 
-def test_more_failures_than_allowed_fails_clearly_and_keeps_checkpoints(local_ray, tmp_path):
+def test_more_failures_than_allowed_fails_clearly_and_keeps_checkpoints(local_ray, tmp_path,
+                                                                        own_workers):
     storage = str(tmp_path / "storage")
     config = make_config(storage, "give-up", max_failures=0, steps=200)
     rng = random.Random(11)
@@ -162,13 +202,63 @@ def test_more_failures_than_allowed_fails_clearly_and_keeps_checkpoints(local_ra
 
     def echo(line):
         if not killers and "committed full checkpoint at step 20" in line:
-            killers.append(kill_a_worker_soon(rng))
+            killers.append(Killer(storage, rng))
 
     with pytest.raises(TrainingFailedError, match=r"failed 1 times, more than "
                        r"max_failures=0.*are intact.*same --run to resume"):
         trainer.train(config, echo=echo)
+    killers[0].check()
     keys = committed_and_sound(storage, "give-up")
     assert (20, "full") in keys and (10, "serving") in keys
+
+
+def readme_tensorboard_tags() -> list[str]:
+    """The tags README.md's "Watching a run" lists, ``<tier>`` expanded."""
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("- **TensorBoard**"):text.index("- **Logs**")]
+    listed = section[section.index("Tags:"):section.index("On an object store")]
+    tags = []
+    for tag in re.findall(r"`([\w<>]+(?:/[\w<>]+)+)`", listed):
+        tags += [tag.replace("<tier>", t) for t in ("serving", "full")] \
+            if "<tier>" in tag else [tag]
+    assert len(tags) >= 10, f"the README's tag list did not parse: {listed!r}"
+    return tags
+
+
+def test_every_tensorboard_tag_the_readme_lists_is_written(local_ray, tmp_path,
+                                                           own_workers):
+    """A run with a failed save of each tier and a group restart writes every
+    tag README.md lists, so README and code cannot drift apart unnoticed."""
+    storage = str(tmp_path / "storage")
+    os.makedirs(storage)
+    with open(os.path.join(storage, "fail_saves.json"), "w") as f:
+        json.dump([["serving", 10], ["full", 20]], f)
+    config = make_config(storage, "tags", steps=100, max_failures=1)
+    rng = random.Random(5)
+    lines, killers = [], []
+
+    def echo(line):
+        lines.append(line)
+        if not killers and "committed full checkpoint at step 40" in line:
+            killers.append(Killer(storage, rng))
+
+    summary = trainer.train(config, echo=echo, coordinator_cls=FailingSaveCoordinator)
+    killers[0].check()
+    text = "\n".join(lines)
+    assert summary["steps"] == 100 and len(summary["failures"]) == 1, text
+    failed = sorted(re.search(r"saving (\w+) checkpoint of run 'tags' at step (\d+) "
+                              r"failed: the disk is full", e["error"]).groups()
+                    for e in summary["events"] if e["event"] == "failed")
+    assert failed == [("full", "20"), ("serving", "10")], text
+    scalars = tensorboard_scalars(os.path.join(storage, "tags", "tensorboard"))
+    tags = readme_tensorboard_tags()
+    missing = [t for t in tags if t not in scalars]
+    assert not missing, (f"README lists TensorBoard tags the run never wrote: {missing}; "
+                         f"written: {sorted(scalars)}")
+    assert [s for s, _ in scalars["checkpoint/serving/failed_saves"]] == [10]
+    assert [s for s, _ in scalars["checkpoint/full/failed_saves"]] == [20]
+    assert [v for _, v in scalars["train/group_restarts"]] == [1.0]
 
 
 def test_coordinator_dies_at_every_commit_phase_nothing_partial_visible(local_ray, tmp_path):
@@ -219,7 +309,8 @@ def _read_only(mount: str) -> None:
     coordinator holds its TensorBoard event file open)."""
     target = os.path.join(mount, "storage", "fault", "checkpoints")
     subprocess.run(["mount", "--bind", target, target], check=True, capture_output=True)
-    for _ in range(100):  # EBUSY while a save in flight has a file open for writing
+    deadline = time.monotonic() + 60  # a generous margin, not a timing claim
+    while time.monotonic() < deadline:  # EBUSY while a save in flight has a file open
         if subprocess.run(["mount", "-o", "remount,bind,ro", target],
                           capture_output=True).returncode == 0:
             return
@@ -244,8 +335,8 @@ def test_storage_fault_mid_training_save_fails_cleanly_and_next_save_retries(
         local_ray, tmp_path, fault):
     mount = str(tmp_path / "small")
     if not _mount_tmpfs(mount, "8m"):
-        pytest.skip("cannot mount a tmpfs here (not root); the injected write "
-                    "failure of test_commit_protocol covers the store")
+        skip_or_fail_in_ci("cannot mount a tmpfs here (not root); the injected write "
+                           "failure of test_commit_protocol covers the store")
     break_storage, repair_storage = STORAGE_FAULTS[fault]
     try:
         storage = os.path.join(mount, "storage")
@@ -283,22 +374,37 @@ def test_storage_fault_mid_training_save_fails_cleanly_and_next_save_retries(
         subprocess.run(["umount", "-R", "-l", mount], capture_output=True)
 
 
-def _job(args, storage, run, **kw):
+def _job(args, storage, run, ray_tmp, **kw):
+    """``python -m jobs.train`` in local dev mode. Its Ray lives under its own
+    ``RAY_TMPDIR``: a plain ``ray.init()`` joins any Ray that advertises itself
+    in the machine's ``/tmp/ray`` (another test session's, say) instead of
+    starting its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PYTHONPATH"] = REPO_ROOT
+    env["RAY_TMPDIR"] = ray_tmp
     return subprocess.Popen(
         [sys.executable, "-m", "jobs.train", "--storage", storage, "--run", run, *args],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, **kw)
 
 
-def test_driver_stopped_by_sigterm_cleans_up_and_rerun_resumes(tmp_path):
+@pytest.fixture
+def ray_tmp():
+    """A private Ray temp dir, short (Ray's unix sockets live under it)."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_driver_stopped_by_sigterm_cleans_up_and_rerun_resumes(tmp_path, ray_tmp):
     """What `ray job stop` does to the driver (SIGTERM), in local dev mode."""
     storage = str(tmp_path / "storage")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {MLP}\nsteps: 100000\nworkers: 2\nlog_every: 10\n"
                    "batch_size: 32\ncheckpoint: {serving_every: 10, full_every: 10}\n")
-    job = _job(["--config", str(cfg)], storage, "stopped")
+    job = _job(["--config", str(cfg)], storage, "stopped", ray_tmp)
     catalog = Catalog(RunLayout(storage, "stopped"))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and job.poll() is None:
@@ -318,7 +424,7 @@ def test_driver_stopped_by_sigterm_cleans_up_and_rerun_resumes(tmp_path):
     committed_and_sound(storage, "stopped")
 
     cfg.write_text(cfg.read_text().replace("steps: 100000", f"steps: {stopped_at + 10}"))
-    rerun = _job(["--config", str(cfg)], storage, "stopped")
+    rerun = _job(["--config", str(cfg)], storage, "stopped", ray_tmp)
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out
     assert f"resuming run 'stopped' from its full checkpoint at step {stopped_at}" in out, out

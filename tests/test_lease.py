@@ -53,7 +53,7 @@ def test_a_crashed_readers_lease_lapses(store_and_writer):
     os.makedirs(lease.leases_dir(store.layout), exist_ok=True)
     stale = os.path.join(lease.leases_dir(store.layout), "serving.step-000000001.dead.json")
     with open(stale, "w") as f:
-        json.dump({"holder": "gone:1", "expires": time.time() - 1}, f)
+        json.dump({"holder": "gone:1", "expires": time.time() - 3600}, f)
     garbage = os.path.join(lease.leases_dir(store.layout), "serving.step-000000001.bad.json")
     with open(garbage, "w") as f:
         f.write("{not json")
@@ -65,15 +65,52 @@ def test_a_crashed_readers_lease_lapses(store_and_writer):
     assert os.listdir(lease.leases_dir(store.layout)) == []
 
 
+class FakeClock:
+    """A wall clock the test moves; :meth:`wait_for_read` waits (on an event,
+    not a sleep) until the lease reads it again, i.e. until it renews."""
+
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+        self._reads = threading.Condition()
+        self._count = 0
+
+    def __call__(self) -> float:
+        with self._reads:
+            self._count += 1
+            self._reads.notify_all()
+            return self.now
+
+    def reads(self) -> int:
+        with self._reads:
+            return self._count
+
+    def wait_for_read(self, after: int, timeout: float = 60.0) -> bool:
+        with self._reads:
+            return self._reads.wait_for(lambda: self._count > after, timeout)
+
+
 def test_lease_is_renewed_while_held_and_removed_on_release(tmp_path):
     from distributed.checkpoint.layout import RunLayout
     run = RunLayout(str(tmp_path), "run")
-    with lease.Lease(run, "full", 7, ttl=0.3) as held:
+    clock = FakeClock()
+    # ttl only sets the renewal cadence here (every ttl/3 s of real time);
+    # whether the lease is live is decided on the fake clock.
+    with lease.Lease(run, "full", 7, ttl=0.3, clock=clock) as held:
         first = json.load(open(held.path))["expires"]
-        time.sleep(0.5)  # longer than the ttl: only renewal keeps it live
-        assert lease.live_leases(run, "full", 7) == [held.path]
-        assert json.load(open(held.path))["expires"] > first
-    assert lease.live_leases(run, "full", 7) == []
+        assert first == clock.now + 0.3
+        assert lease.live_leases(run, "full", 7, now=clock.now) == [held.path]
+        reads = clock.reads()
+        clock.now += 3600.0  # an hour later: lapsed, unless renewed
+        assert lease.live_leases(run, "full", 7, now=clock.now) == []
+        assert clock.wait_for_read(reads), "the lease was never renewed"
+        for _ in range(2):  # the read precedes the write: wait for one more
+            reads = clock.reads()
+            assert clock.wait_for_read(reads), "the lease stopped renewing"
+        assert json.load(open(held.path))["expires"] == clock.now + 0.3
+        assert lease.live_leases(run, "full", 7, now=clock.now) == [held.path]
+        # A crashed holder stops renewing: ttl after its last renewal it lapses.
+        assert lease.live_leases(run, "full", 7, now=clock.now + 0.31) == []
+    assert lease.live_leases(run, "full", 7, now=clock.now) == []
     assert not os.path.exists(held.path)
     with pytest.raises(ValueError, match="ttl"):
         lease.Lease(run, "full", 7, ttl=0)
@@ -107,8 +144,11 @@ def test_reader_never_sees_a_partial_or_vanishing_checkpoint(store_and_writer):
     for t in threads:
         t.start()
     step = 1
-    deadline = time.monotonic() + 4.0
-    while time.monotonic() < deadline and not errors:
+    # Counts, not a time budget: at least 20 commits and 10 reads under way
+    # (the bound only stops a broken reader from hanging the test).
+    deadline = time.monotonic() + 300.0
+    while (step < 21 or stats["read"] < 10) and not errors:
+        assert time.monotonic() < deadline, (stats, step)
         step += 1
         store.save(writer, sess, step, "serving", "{}")
         store.apply_retention(KEEP_ONE)
@@ -116,7 +156,6 @@ def test_reader_never_sees_a_partial_or_vanishing_checkpoint(store_and_writer):
     for t in threads:
         t.join()
     assert errors == [], errors
-    assert stats["read"] > 10 and step > 10, (stats, step)
     store.apply_retention(KEEP_ONE)  # readers gone: deferred deletions finish
     assert os.listdir(store.layout.tier_dir("serving")) == [f"step-{step:09d}"]
     assert lease.deferred(store.layout) == []

@@ -338,9 +338,10 @@ def test_publish_pending_catches_up_after_a_crash(remote, staging, tmp_path):
     assert sorted(remote.catalog_rows(RUN)) == [(10, "serving"), (20, "serving"),
                                                 (30, "serving")]
     assert rmt.publish_pending(remote, staging.layout.root, RUN) == []
+    # A different row for step 10 is already in the store: publishing must refuse.
+    assert rmt.unpublish_checkpoint(remote, RUN, "serving", 10)
+    remote.write_bytes(f"{RUN}/catalog/step-000000010.serving.0badc0de.parquet", b"x")
     with pytest.raises(CheckpointExistsError, match="different serving checkpoint"):
-        rmt.unpublish_checkpoint(remote, RUN, "serving", 10)
-        remote.write_bytes(f"{RUN}/catalog/step-000000010.serving.0badc0de.parquet", b"x")
         rmt.publish_checkpoint(remote, staging.layout.root, RUN, "serving", 10)
     with pytest.raises(CheckpointNotFoundError, match="no locally committed"):
         rmt.publish_checkpoint(remote, staging.layout.root, RUN, "full", 10)

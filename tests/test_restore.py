@@ -1,10 +1,13 @@
 """Restore for inference: checkpoint -> SavedModel, checked with stock TF."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
@@ -142,11 +145,93 @@ def test_scope_map_restores_into_a_differently_scoped_graph(storage, tmp_path):
 
 
 def test_best_by_metric(storage, tmp_path):
-    coord, _ = train_run(storage, "r", MLP, steps=(10, 20, 30))
-    best = coord.store.catalog.best("loss", "max").step
-    result = job.restore_once(storage, "r", str(tmp_path / "e"), best="loss:max",
+    train_run(storage, "r", MLP, steps=(10, 20, 30))
+    # The expected answer comes from the catalog's Parquet rows read with plain
+    # pyarrow, not from the Catalog.best the restore job uses.
+    rows = pq.read_table(os.path.join(storage, "r", "catalog")).to_pylist()
+    losses = {r["step"]: dict(r["metrics"])["loss"] for r in rows if r["tier"] == "serving"}
+    assert sorted(losses) == [10, 20, 30] and len(set(losses.values())) == 3
+    for mode, pick in (("max", max), ("min", min)):
+        want = pick(losses, key=losses.get)
+        result = job.restore_once(storage, "r", str(tmp_path / mode), best=f"loss:{mode}",
+                                  echo=lambda s: None)
+        assert result.step == want, (mode, losses)
+    # Not the newest by accident: the max-loss checkpoint is an older one.
+    assert max(losses, key=losses.get) != 30, losses
+
+
+def test_export_reads_under_a_lease_that_retention_respects(storage, tmp_path, monkeypatch):
+    """The restore job takes its lease before it re-checks the catalog row, and
+    holds it while it reads: retention run in the middle of the read drops the
+    row but leaves the files, and the export completes."""
+    from distributed.checkpoint import CheckpointStore, KeepLastN, Retention, lease
+    from distributed.checkpoint.layout import RunLayout
+    from distributed.serving import export as export_module
+
+    train_run(storage, "r", MLP)
+    run_layout = RunLayout(storage, "r")
+    step20 = run_layout.checkpoint_dir("serving", 20)
+    seen = {}
+    real_read_committed = export_module._read_committed
+    real_read_verified = export_module.read_verified
+
+    def read_committed(layout_, entry):
+        seen["at_row_check"] = lease.live_leases(run_layout, entry.tier, entry.step)
+        return real_read_committed(layout_, entry)
+
+    def read_verified(ckpt_dir, *args, **kwargs):
+        held = lease.live_leases(run_layout, "serving", 20)
+        seen["while_reading"] = [json.load(open(p)) for p in held]
+        # The writer's retention runs now: only step 40 may stay.
+        store = CheckpointStore(storage, "r")
+        seen["deleted"] = [e.step for e in store.apply_retention(Retention((KeepLastN(1),)))]
+        seen["dir_after_retention"] = os.path.isdir(step20)
+        return real_read_verified(ckpt_dir, *args, **kwargs)
+
+    monkeypatch.setattr(export_module, "_read_committed", read_committed)
+    monkeypatch.setattr(export_module, "read_verified", read_verified)
+    result = job.restore_once(storage, "r", str(tmp_path / "e"), step=20,
                               echo=lambda s: None)
-    assert result.step == best
+    assert result.step == 20 and list_versions(str(tmp_path / "e")) == [20]
+    assert len(seen["at_row_check"]) == 1, seen  # leased before the row re-check
+    (record,) = seen["while_reading"]
+    assert record["holder"].endswith(f":{os.getpid()}") and record["expires"] > time.time()
+    assert seen["deleted"] == [20] and seen["dir_after_retention"], seen
+    # Released after the export; the next retention pass deletes the files.
+    assert lease.live_leases(run_layout, "serving", 20) == []
+    assert lease.deferred(run_layout) == [("serving", 20)]
+    CheckpointStore(storage, "r").apply_retention(Retention((KeepLastN(1),)))
+    assert not os.path.exists(step20) and lease.deferred(run_layout) == []
+
+
+def test_saved_model_is_written_under_a_hidden_tmp_name_then_renamed(storage, tmp_path,
+                                                                     monkeypatch):
+    """What TF Serving watching <export> sees while the SavedModel is written:
+    only a hidden tmp directory, never a half-written <version>/."""
+    from distributed.checkpoint import layout as layout_module
+
+    train_run(storage, "r", MLP)
+    export = str(tmp_path / "export")
+    seen = []
+    real_fsync_tree = layout_module.fsync_tree
+
+    def fsync_tree(path):  # the last write before the rename
+        if path.startswith(export):
+            seen.append((path, sorted(os.listdir(export)), list_versions(export),
+                         sorted(os.listdir(path))))
+        return real_fsync_tree(path)
+
+    monkeypatch.setattr(layout_module, "fsync_tree", fsync_tree)
+    result = job.restore_once(storage, "r", export, echo=lambda s: None)
+    assert len(seen) == 1, seen
+    path, listing, versions, contents = seen[0]
+    name = os.path.basename(path)
+    assert name.startswith(".40") and layout_module.TMP_MARKER in name, name
+    assert listing == [name] and versions == [], listing  # nothing a server would load
+    assert "saved_model.pb" in contents and "variables" in contents
+    assert result.export_dir == os.path.join(export, "40")
+    assert os.listdir(export) == ["40"]  # renamed: the tmp name is gone
+    assert "saved_model.pb" in os.listdir(result.export_dir)
 
 
 def test_bad_inputs(storage, tmp_path):

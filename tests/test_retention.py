@@ -1,8 +1,10 @@
 """Retention decisions as tables of cases (pure), and carrying them out."""
 
+import os
+
 import pytest
 
-from distributed.checkpoint import (CheckpointStore, CheckpointWriter, KeepBestN,
+from distributed.checkpoint import (Catalog, CheckpointStore, CheckpointWriter, KeepBestN,
                                     KeepEveryKSteps, KeepLastN, Retention, SelectionSpec,
                                     select_variables)
 from distributed.errors import ConfigError
@@ -59,15 +61,72 @@ def test_from_dict():
     assert r.rules == (KeepLastN(3), KeepBestN(2, "loss", "min"))
 
 
-def test_apply_deletes_row_then_data(tiny_model, storage):
+def _store_with_steps(tiny_model, storage, steps=(1, 2, 3)):
     vs, _ = select_variables(tiny_model.graph, SelectionSpec("all"))
     writer = CheckpointWriter(vs)
     store = CheckpointStore(storage, "run")
     store.open()
-    for step in (1, 2, 3):
+    for step in steps:
         store.save(writer, tiny_model.sess, step, "serving", "{}")
+    return store
+
+
+def _observe_deletions(monkeypatch, store, crash_at_step=None):
+    """Records, at the moment each deletion happens, what a fresh reader of
+    the run would see: ``("row", step, dir_exists)`` when a catalog row is
+    removed, ``("data", step, row_listed)`` when a checkpoint directory is.
+    The real operations run (the store module's ``shutil.rmtree`` and the
+    catalog's ``remove`` are wrapped, not replaced); ``crash_at_step`` makes
+    the data deletion of that step die instead, like a crashed writer."""
+    import types
+
+    from distributed.checkpoint import store as store_module
+
+    events = []
+    real_rmtree, real_remove = store_module.shutil.rmtree, store.catalog.remove
+    dirs = {store.layout.checkpoint_dir("serving", s): s for s in range(1, 10)}
+
+    def rmtree(path, *args, **kwargs):
+        step = dirs.get(path)
+        if step is not None:
+            listed = (step, "serving") in Catalog(store.layout).committed_keys()
+            events.append(("data", step, listed))
+            if step == crash_at_step:
+                raise SystemExit("writer crashed between the row and the data")
+        return real_rmtree(path, *args, **kwargs)
+
+    def remove(step, tier):
+        events.append(("row", step, os.path.isdir(store.layout.checkpoint_dir(tier, step))))
+        return real_remove(step, tier)
+
+    monkeypatch.setattr(store_module, "shutil", types.SimpleNamespace(rmtree=rmtree))
+    monkeypatch.setattr(store.catalog, "remove", remove)
+    return events
+
+
+def test_apply_deletes_row_then_data(tiny_model, storage, monkeypatch):
+    store = _store_with_steps(tiny_model, storage)
+    events = _observe_deletions(monkeypatch, store)
     deleted = store.apply_retention(Retention((KeepLastN(1),)))
     assert [e.step for e in deleted] == [1, 2]
+    # Each row went while its data was still there, and each directory went
+    # only once a reader could no longer list its row.
+    assert events == [("row", 1, True), ("data", 1, False),
+                      ("row", 2, True), ("data", 2, False)]
     assert [e.step for e in store.catalog.entries()] == [3]
-    import os
     assert os.listdir(store.layout.tier_dir("serving")) == ["step-000000003"]
+
+
+def test_a_crash_between_row_and_data_leaves_an_orphan_never_a_dangling_row(
+        tiny_model, storage, monkeypatch):
+    store = _store_with_steps(tiny_model, storage)
+    _observe_deletions(monkeypatch, store, crash_at_step=1)
+    with pytest.raises(SystemExit):
+        store.apply_retention(Retention((KeepLastN(1),)))
+    monkeypatch.undo()
+    step1 = store.layout.checkpoint_dir("serving", 1)
+    assert os.path.isdir(step1)  # the data outlived the crash ...
+    fresh = CheckpointStore(storage, "run")
+    assert [e.step for e in fresh.catalog.entries()] == [2, 3]  # ... but not its row
+    assert step1 in fresh.open()  # the next start removes the orphan
+    assert not os.path.exists(step1)

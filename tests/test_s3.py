@@ -126,3 +126,19 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
         restore_once(f"s3://{bucket}/runs", "exp", str(tmp_path / "export2"),
                      echo=lambda line: None, storage_options=s3.options(),
                      cache=str(tmp_path / "staging"))
+    # The checkpoint CLI refuses it too, with one error line, and leaves the
+    # mirror's catalog as the coordinator wrote it.
+    mirror_catalog = os.path.join(
+        config_lib.staging_path(f"s3://{bucket}/runs", str(tmp_path / "staging")),
+        "exp", "catalog")
+    rows = sorted(os.listdir(mirror_catalog))
+    assert rows
+    on_staging = ["--storage", f"s3://{bucket}/runs", "--run", "exp", *opts,
+                  "--cache", str(tmp_path / "staging")]
+    for command in (["ls"], ["verify"], ["show", "60"]):
+        capsys.readouterr()
+        assert ckpt_main([*command, *on_staging]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: --cache: ") and err.count("\n") == 1, err
+        assert "staging mirror that the training job of run 'exp' writes" in err, err
+    assert sorted(os.listdir(mirror_catalog)) == rows
