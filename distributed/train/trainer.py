@@ -49,7 +49,9 @@ def connect_ray() -> bool:
     os.environ.update(_ACTOR_ENV)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
-    ray.init(include_dashboard=False, log_to_driver=True)
+    # address="local": a new Ray even when /tmp/ray names a running one (another
+    # user's `ray start`); joining a cluster is what RAY_ADDRESS is for.
+    ray.init(address="local", include_dashboard=False, log_to_driver=True)
     _handle_sigterm()
     return True
 
