@@ -22,7 +22,7 @@ from distributed.checkpoint.retention import Retention
 from distributed.checkpoint.selection import SelectionSpec
 from distributed.errors import ConfigError, SelectionError
 
-OPTIMIZERS = ("adam", "sgd", "momentum")
+SCHEDULES = ("constant", "piecewise", "exponential", "cosine", "polynomial")
 ON_BUSY = ("wait", "skip")
 RAY_INPUT_KEYS = ("ray_dataset", "label")
 
@@ -31,22 +31,114 @@ RAY_INPUT_KEYS = ("ray_dataset", "label")
 class OptimizerConfig:
     """The optimizer (built identically on every worker and the coordinator).
 
+    In YAML a mapping ``{name: rmsprop, learning_rate: 0.01, decay: 0.9}``:
+    every key but ``name``, ``learning_rate`` and ``clip_global_norm`` is a
+    keyword argument of the optimizer's constructor (checked against its
+    signature when the graph is built, see :mod:`distributed.train.optimizers`).
+    Or a string ``"package.module:function"``: ``fn(learning_rate, params)``
+    returns a ``tf.compat.v1.train.Optimizer``, given the learning-rate tensor
+    and ``model_params`` (``{name: "package.module:function", learning_rate:
+    ...}`` gives it a schedule).
+
     Attributes:
-        name: ``adam``, ``sgd`` or ``momentum`` (SGD with momentum).
-        learning_rate: Step size.
-        momentum: Momentum coefficient (``momentum`` only).
+        name: A ``tf.compat.v1.train`` optimizer in snake case (``adam``,
+            ``sgd``, ``momentum``, ``rmsprop``, ``adagrad``, ``adadelta``,
+            ``ftrl``, ``adagrad_da``, ``proximal_adagrad``,
+            ``proximal_gradient_descent``), or ``package.module:function``.
+        learning_rate: A positive number, or a schedule on the global step:
+            ``{schedule: constant|piecewise|exponential|cosine|polynomial,
+            initial: LR, warmup_steps: N, ...}``; the other keys are the
+            arguments of ``tf.compat.v1.train.piecewise_constant``
+            (``boundaries``, ``values``; no ``initial``),
+            ``exponential_decay`` (``decay_steps``, ``decay_rate``,
+            ``staircase``), ``cosine_decay`` (``decay_steps``, ``alpha``) or
+            ``polynomial_decay`` (``decay_steps``, ``end_learning_rate``,
+            ``power``, ``cycle``). ``warmup_steps`` scales the schedule's value
+            linearly from 0 at step 0 to 1 at step N.
+        clip_global_norm: Clip the all-reduced gradients to this global norm
+            (``null``: no clipping).
+        kwargs: The constructor's other keyword arguments (``momentum``
+            defaults to 0.9 for ``momentum``).
     """
 
     name: str = "adam"
-    learning_rate: float = 0.001
-    momentum: float = 0.9
+    learning_rate: Any = 0.001
+    clip_global_norm: float | None = None
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    OWN_KEYS = ("name", "learning_rate", "clip_global_norm")
+
+    @classmethod
+    def from_value(cls, value: Any, path: str) -> "OptimizerConfig":
+        """From YAML: a mapping, or a ``package.module:function`` string."""
+        if isinstance(value, str) and ":" in value:
+            _check_ref(value, path)
+            return cls(name=value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"{path}: expected a mapping such as {{name: adam, learning_rate: "
+                f"0.001}} or a 'package.module:function' string, got {value!r}")
+        own = {k: v for k, v in value.items() if k in cls.OWN_KEYS}
+        if "clip_global_norm" in own:
+            own["clip_global_norm"] = _coerce(own["clip_global_norm"], float | None,
+                                              f"{path}.clip_global_norm")
+        if "name" in own and not isinstance(own["name"], str):
+            raise ConfigError(f"{path}.name: expected a string, got {own['name']!r}")
+        kwargs = {k: v for k, v in value.items() if k not in cls.OWN_KEYS}
+        return cls(**own, kwargs=kwargs)
+
+    @property
+    def function(self) -> str | None:
+        """The ``package.module:function`` the name gives, or ``None``."""
+        return self.name if ":" in self.name else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (a flat mapping) that :meth:`from_value` reads back."""
+        return {"name": self.name, "learning_rate": self.learning_rate,
+                "clip_global_norm": self.clip_global_norm, **self.kwargs}
 
     def validate(self, path: str) -> None:
-        _choice(self.name, OPTIMIZERS, f"{path}.name")
-        _positive(self.learning_rate, f"{path}.learning_rate")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"{path}.momentum: expected a value in [0, 1), "
-                              f"got {self.momentum!r}")
+        """Checks the form; names and keys are checked against TensorFlow's
+        signatures by :func:`distributed.train.optimizers.check`."""
+        if not self.name:
+            raise ConfigError(f"{path}.name: expected an optimizer name such as adam")
+        if self.function:
+            _check_ref(self.function, f"{path}.name")
+            if self.kwargs:
+                raise ConfigError(
+                    f"{path}.{sorted(self.kwargs, key=str)[0]}: an optimizer function "
+                    f"({self.function}) takes no constructor arguments; give them to "
+                    "it through model_params")
+        if self.clip_global_norm is not None:
+            _positive(self.clip_global_norm, f"{path}.clip_global_norm")
+        _check_learning_rate(self.learning_rate, f"{path}.learning_rate")
+
+
+def _check_learning_rate(value: Any, path: str) -> None:
+    if not isinstance(value, Mapping):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(
+                f"{path}: expected a number, got {value!r}{_unquote_hint(value)} "
+                f"(or a schedule: {{schedule: {'|'.join(SCHEDULES)}, ...}})")
+        _positive(value, path)
+        return
+    schedule = value.get("schedule")
+    if schedule not in SCHEDULES:
+        close = difflib.get_close_matches(str(schedule), SCHEDULES, n=1)
+        raise ConfigError(
+            f"{path}.schedule: {schedule!r} is not valid; "
+            f"{f'did you mean {close[0]!r}? ' if close else ''}use one of "
+            f"{', '.join(SCHEDULES)}")
+    _non_negative_int(value.get("warmup_steps", 0), f"{path}.warmup_steps")
+    if schedule == "piecewise":
+        if "initial" in value:
+            raise ConfigError(f"{path}.initial: a piecewise schedule takes no initial "
+                              "value; its values list gives every rate")
+    else:
+        if "initial" not in value:
+            raise ConfigError(f"{path}.initial: missing; the {schedule} schedule starts "
+                              "from initial: LR (a positive number)")
+        _positive(value["initial"], f"{path}.initial")
 
 
 @dataclasses.dataclass
@@ -246,7 +338,9 @@ class TrainConfig:
                                    field=f"retention.{tier}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["optimizer"] = self.optimizer.to_dict()
+        return data
 
 
 def from_dict(data: Mapping[str, Any] | None) -> TrainConfig:
@@ -301,6 +395,8 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
 
 
 def _coerce(value: Any, hint: Any, path: str) -> Any:
+    if hint is OptimizerConfig:
+        return OptimizerConfig.from_value(value, path)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{path}.")
     origin = typing.get_origin(hint)

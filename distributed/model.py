@@ -55,6 +55,7 @@ class ModelSpec:
 SIGNATURES = {
     "model": "model_fn(features, labels, mode, params)",
     "input": "input_fn(worker_index, num_workers, batch_size, params)",
+    "optimizer": "optimizer_fn(learning_rate, params)",
 }
 """The contract of each config field that names a function, for error messages."""
 

@@ -159,7 +159,8 @@ CASES = [
     train_yaml("learning-rate-string", "optimizer: {learning_rate: fast}\n",
                r"optimizer\.learning_rate: expected a number, got 'fast'"),
     train_yaml("optimizer-not-mapping", "optimizer: adam\n",
-               r"optimizer: expected a mapping, got 'adam'"),
+               r"optimizer: expected a mapping such as \{name: adam, learning_rate: "
+               r"0\.001\} or a 'package\.module:function' string, got 'adam'"),
     # -- zero and negative numbers
     train_yaml("steps-zero", "steps: 0\n", r"steps: expected a positive integer, got 0"),
     train_yaml("steps-negative", "steps: -5\n",
@@ -179,9 +180,27 @@ CASES = [
     train_yaml("collective-timeout-negative", "collective_timeout: -1\n",
                r"collective_timeout: expected a positive number, got -1"),
     # -- bad choices
-    train_yaml("optimizer-unknown", "optimizer: {name: rmsprop}\n",
-               r"optimizer\.name: 'rmsprop' is not valid; use one of adam, sgd, "
-               r"momentum"),
+    train_yaml("optimizer-unknown", "optimizer: {name: rmsprob}\n",
+               r"optimizer\.name: 'rmsprob' is not valid; did you mean 'rmsprop'\? use "
+               r"one of adadelta, adagrad, adagrad_da, adam, .*, rmsprop, sgd or "
+               r"'package\.module:function'"),
+    train_yaml("optimizer-unknown-kwarg", "optimizer: {name: rmsprop, decy: 0.9}\n",
+               r"optimizer\.decy: unknown key for rmsprop \(RMSPropOptimizer\); did you "
+               r"mean 'decay'\? valid keys are .*decay, momentum, epsilon"),
+    train_yaml("optimizer-unknown-schedule",
+               "optimizer: {learning_rate: {schedule: cosin, initial: 0.1}}\n",
+               r"optimizer\.learning_rate\.schedule: 'cosin' is not valid; did you "
+               r"mean 'cosine'\? use one of constant, piecewise, exponential, cosine, "
+               r"polynomial"),
+    train_yaml("optimizer-unknown-schedule-key",
+               "optimizer: {learning_rate: {schedule: exponential, initial: 0.1, "
+               "decay_steps: 100, decay_rat: 0.5}}\n",
+               r"optimizer\.learning_rate\.decay_rat: unknown key for the exponential "
+               r"schedule \(exponential_decay\); did you mean 'decay_rate'\?"),
+    train_yaml("optimizer-function-not-importable",
+               "optimizer: no_such_module_xyz.opts:make_optimizer\n",
+               r"optimizer: cannot import module 'no_such_module_xyz\.opts' .*check "
+               r"the spelling.*PYTHONPATH"),
     train_yaml("selection-policy-unknown", "selection: {policy: everything}\n",
                r"selection\.policy: .*'everything'.*trainable, inference, all"),
     train_yaml("selection-regex", "selection: {include: ['cnn/(conv']}\n",

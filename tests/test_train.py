@@ -294,6 +294,48 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
     assert [e.step for e in catalog.entries("full")] == [40, 70]
 
 
+def exponential_lr(step: int) -> float:
+    """LR_RESUME's learning rate at global step ``step`` (closed form)."""
+    return 0.05 * 0.5 ** (step / 10)
+
+
+LR_RESUME = {"name": "adagrad", "learning_rate": {
+    "schedule": "exponential", "initial": 0.05, "decay_steps": 10, "decay_rate": 0.5}}
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_learning_rate_schedule_and_slots(local_ray, storage):
+    """The schedule runs on the global step, which (with Adagrad's accumulators)
+    comes back from the full checkpoint; train/learning_rate records it."""
+    common = dict(model=MLP, optimizer=LR_RESUME, log_every=10,
+                  checkpoint={"serving_every": 0, "full_every": 20})
+    run_train(make_config(storage, "lr-resume", steps=20, **common))
+    full20 = tf.train.load_checkpoint(ckpt_prefix(storage, "lr-resume", "full", 20))
+    second = make_config(storage, "lr-resume", steps=40, **common)
+    coordinator = Coordinator(second.to_dict())
+    try:
+        assert coordinator.prepare()["resumed_from"] == 20
+        values = coordinator.initial_values()
+    finally:
+        coordinator.sess.close()
+    slots = [n for n in values if n.endswith("/Adagrad")]
+    assert slots and int(values["global_step"]) == 20
+    for name in slots:
+        np.testing.assert_array_equal(values[name], full20.get_tensor(name), err_msg=name)
+
+    summary, _ = run_train(second)
+    # Each round reports the rate its last step used: global step (round end - 1).
+    rates = {r["step"]: r["learning_rate"] for r in summary["rounds"]}
+    assert sorted(rates) == [30, 40]
+    assert [rates[s] for s in (30, 40)] == pytest.approx(
+        [exponential_lr(29), exponential_lr(39)], rel=1e-5)
+    logged = dict(tensorboard_scalars(os.path.join(storage, "lr-resume", "tensorboard"))
+                  ["train/learning_rate"])
+    assert sorted(logged) == [10, 20, 30, 40]
+    assert [logged[s] for s in sorted(logged)] == pytest.approx(
+        [exponential_lr(s - 1) for s in (10, 20, 30, 40)], rel=1e-5)
+
+
 def recording_input_fn(worker_index, num_workers, batch_size, params):
     """The digits generator; logs each call and the first batches it yields."""
     log = params["log"]
@@ -341,15 +383,29 @@ def test_resumed_run_reads_its_input_from_the_beginning(local_ray, storage, tmp_
 TFDATA = "distributed.examples.digits_inputs:digits_dataset_input_fn"
 
 
-@pytest.mark.parametrize("model,input_fn", [
-    (CNN, digits.__name__ + ":digits_input_fn"),
-    ("tests.scoped_models:ref_variables_model_fn", digits.__name__ + ":digits_input_fn"),
-    (CNN, TFDATA)], ids=["cnn", "tf1-reference-variables", "cnn-tfdata"])
+# RMSProp with a warmed-up cosine schedule and clipping after the all-reduce.
+CLIPPED_RMSPROP = {"name": "rmsprop", "clip_global_norm": 1.0, "learning_rate": {
+    "schedule": "cosine", "initial": 0.01, "decay_steps": 30, "warmup_steps": 5}}
+
+
+def cosine_warmup_lr(step: int) -> float:
+    """CLIPPED_RMSPROP's learning rate at global step ``step`` (closed form)."""
+    return 0.01 * 0.5 * (1 + np.cos(np.pi * min(step, 30) / 30)) * min(1.0, step / 5)
+
+
+@pytest.mark.parametrize("model,input_fn,optimizer", [
+    (CNN, digits.__name__ + ":digits_input_fn", None),
+    ("tests.scoped_models:ref_variables_model_fn", digits.__name__ + ":digits_input_fn",
+     None),
+    (CNN, TFDATA, None),
+    (CNN, digits.__name__ + ":digits_input_fn", CLIPPED_RMSPROP)],
+    ids=["cnn", "tf1-reference-variables", "cnn-tfdata", "cnn-rmsprop-clip-cosine"])
 def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage, model,
-                                                              input_fn):
+                                                              input_fn, optimizer):
     """Drives the actors as ``train()`` does, to read every worker's variables."""
     config = make_config(storage, "replicas", steps=30, model=model, input=input_fn,
-                         checkpoint={"serving_every": 0, "full_every": 10})
+                         checkpoint={"serving_every": 0, "full_every": 10},
+                         **({"optimizer": optimizer} if optimizer else {}))
     cfg = config.to_dict()
     env = {"env_vars": dict(trainer._ACTOR_ENV)}
     coordinator = ray.remote(Coordinator).options(
@@ -387,6 +443,10 @@ def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage
             assert not np.allclose(lead[name], initial[name]), name
     assert reports[0]["step"] == 30 and not [
         e for e in reports[0]["events"] if e["event"] != "committed"]
+    if optimizer:  # the rate of the round's last step (global step 29)
+        assert [r["learning_rate"] for r in reports] == pytest.approx(
+            [cosine_warmup_lr(29)] * 2, rel=1e-5)
+        assert {"cnn/logits/kernel/RMSProp", "cnn/logits/kernel/RMSProp_1"} <= set(at30[0])
 
     # Rank 0's async snapshots equal the variables at their step, although
     # training went on while the step-10 checkpoint was handed off and written.

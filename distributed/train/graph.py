@@ -25,17 +25,17 @@ from distributed.config import OptimizerConfig, TrainConfig
 from distributed.errors import ConfigError, user_code
 from distributed.inputs.spec import InputSpec
 from distributed.model import PREDICT, TRAIN, ModelSpec, load_function
+from distributed.train import optimizers
 
 ReduceFn = Callable[[list], list]
 
 
-def make_optimizer(cfg: OptimizerConfig):
-    """The ``tf.compat.v1.train`` optimizer the config names."""
-    if cfg.name == "adam":
-        return tf.compat.v1.train.AdamOptimizer(cfg.learning_rate)
-    if cfg.name == "momentum":
-        return tf.compat.v1.train.MomentumOptimizer(cfg.learning_rate, cfg.momentum)
-    return tf.compat.v1.train.GradientDescentOptimizer(cfg.learning_rate)
+def make_optimizer(cfg: OptimizerConfig, params: Mapping[str, Any] | None = None):
+    """The optimizer the config names, on the default graph's global step (for
+    callers that build their own graph; :mod:`distributed.train.optimizers`
+    also returns the learning-rate tensor)."""
+    step = tf.compat.v1.train.get_or_create_global_step()
+    return optimizers.make_optimizer(cfg, step, params or {})[0]
 
 
 def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec:
@@ -69,6 +69,7 @@ class TrainGraph:
     variables: list  # every global variable, graph order
     model_state: list  # non-trainable model variables averaged each step
     init_op: Any
+    learning_rate: Any = None  # the schedule's value at the global step
 
 
 def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any],
@@ -104,7 +105,8 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
         model_state = [v for v in created if v.op.name not in trainable
                        and v.op.name in updated and v.dtype.base_dtype.is_floating]
         global_step = tf.compat.v1.train.get_or_create_global_step()
-        optimizer = make_optimizer(config.optimizer)
+        optimizer, learning_rate = optimizers.make_optimizer(
+            config.optimizer, global_step, config.model_params)
         loss = tf.convert_to_tensor(spec.loss)
         grads_and_vars = [(g, v) for g, v in optimizer.compute_gradients(loss)
                           if g is not None]
@@ -117,6 +119,9 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
         if reduce_fn is not None:
             pairs = reduce_fn(pairs)
         grads_and_vars, state_pairs = pairs[:len(grads_and_vars)], pairs[len(grads_and_vars):]
+        # After the all-reduce: every replica clips the same gradients alike.
+        grads_and_vars = optimizers.clip_gradients(grads_and_vars,
+                                                   config.optimizer.clip_global_norm)
         with tf.control_dependencies(update_ops):
             apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
         assigns = [v.assign(value, read_value=False) for value, v in state_pairs]
@@ -124,7 +129,7 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
         init_op = tf.compat.v1.global_variables_initializer()
         variables = list(tf.compat.v1.global_variables())
     return TrainGraph(graph, features, labels, source, loss, train_op, global_step,
-                      variables, model_state, init_op)
+                      variables, model_state, init_op, learning_rate)
 
 
 _WRITE_OPS = frozenset({"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp",

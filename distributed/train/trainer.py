@@ -105,8 +105,11 @@ def check_storage(config: TrainConfig) -> None:
 
 
 def check_functions(config: TrainConfig) -> None:
-    """Imports the model and input functions in the driver, before any actor."""
+    """Imports the model and input functions in the driver, before any actor,
+    and builds the optimizer and its schedule in a throwaway graph."""
     load_function(config.model, "model", 4)
+    from distributed.train import optimizers
+    optimizers.check(config.optimizer, config.model_params)
     if config.ray_input:
         load_function(config.input_ref, "input.ray_dataset", 1)
     else:
@@ -308,6 +311,8 @@ class _GroupRun:
                        "train/steps_per_sec": lead["steps_per_sec"],
                        "train/examples_per_sec": lead["steps_per_sec"]
                        * config.batch_size * config.workers}
+            if lead.get("learning_rate") is not None:
+                scalars["train/learning_rate"] = lead["learning_rate"]
             if "stall_seconds" in lead:
                 scalars["checkpoint/rank0_stall_seconds_total"] = lead["stall_seconds"]
             coordinator.record.remote(step, scalars)  # fire and forget

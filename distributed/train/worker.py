@@ -245,10 +245,16 @@ class Worker:
         start = time.perf_counter()
         first = self.step
         fetches = [tg.train_op, tg.loss]
+        learning_rate = None
         while self.step < until_step:
             feed = self.source.feed(self.step)
+            # The round's last step also reads the learning rate it used.
+            last = self.step + 1 == until_step and tg.learning_rate is not None
             try:
-                _, loss = self.sess.run(fetches, feed, options=self.run_options)
+                out = self.sess.run(fetches + [tg.learning_rate] if last else fetches,
+                                    feed, options=self.run_options)
+                loss = out[1]
+                learning_rate = float(out[2]) if last else learning_rate
             except tf.errors.OutOfRangeError:
                 raise self.source.ended(self.step) from None
             self.step += 1
@@ -266,7 +272,8 @@ class Worker:
                 self._checkpointer.maybe_save(self.step, {"loss": float(loss)})
         seconds = time.perf_counter() - start
         report = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
-                  "steps_per_sec": (self.step - first) / seconds if seconds > 0 else 0.0}
+                  "steps_per_sec": (self.step - first) / seconds if seconds > 0 else 0.0,
+                  "learning_rate": learning_rate}
         if self._checkpointer is not None:
             report["events"] = self._checkpointer.drain_events()
             report["stall_seconds"] = self._checkpointer.stall_seconds
