@@ -61,8 +61,8 @@ def check_cpus(dataset, free_cpus: float, ref: str) -> None:
     """A dataset that reads or maps each epoch runs Ray tasks (1 CPU each by
     default) next to the actors; with less than a CPU left they never start
     and the first step waits forever."""
-    import ray.data
-    if free_cpus < 1 and not isinstance(dataset, ray.data.MaterializedDataset):
+    from ray.data.dataset import MaterializedDataset
+    if free_cpus < 1 and not isinstance(dataset, MaterializedDataset):
         raise ConfigError(
             f"cpus_per_worker: the actors leave {free_cpus:g} of the cluster's CPUs "
             f"free, but the dataset of {ref} reads its files each epoch in Ray tasks "
