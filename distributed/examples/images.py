@@ -228,6 +228,22 @@ def image_generator_input_fn(worker_index: int, num_workers: int, batch_size: in
     return batches()
 
 
+def _tfrecord_input(worker_index: int, num_workers: int, batch_size: int,
+                    params: Mapping[str, Any]):
+    """The TFRecord inputs' shared part: checked arguments, this run's files,
+    the worker's augmentation seed and the record's feature spec."""
+    import tensorflow as tf
+
+    from distributed.examples.digits import _check_shard_args
+    _check_shard_args(worker_index, num_workers, batch_size)
+    params = params or {}
+    files = tfrecord_files(params.get("path", ""))
+    seed = int(params.get("seed", 0)) * 1000 + int(worker_index) + 1
+    spec = {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+            LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    return files, seed, spec
+
+
 def image_dataset_input_fn(worker_index: int, num_workers: int, batch_size: int,
                            params: Mapping[str, Any]):
     """The same records and augmentation as a ``tf.data`` pipeline:
@@ -241,13 +257,7 @@ def image_dataset_input_fn(worker_index: int, num_workers: int, batch_size: int,
     """
     import tensorflow as tf
 
-    from distributed.examples.digits import _check_shard_args
-    _check_shard_args(worker_index, num_workers, batch_size)
-    params = params or {}
-    files = tfrecord_files(params.get("path", ""))
-    seed = int(params.get("seed", 0)) * 1000 + int(worker_index) + 1
-    spec = {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
-            LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    files, seed, spec = _tfrecord_input(worker_index, num_workers, batch_size, params)
 
     def parse(record):
         example = tf.io.parse_single_example(record, spec)
@@ -275,13 +285,7 @@ def image_dataset_vectorized_input_fn(worker_index: int, num_workers: int,
     """
     import tensorflow as tf
 
-    from distributed.examples.digits import _check_shard_args
-    _check_shard_args(worker_index, num_workers, batch_size)
-    params = params or {}
-    files = tfrecord_files(params.get("path", ""))
-    seed = int(params.get("seed", 0)) * 1000 + int(worker_index) + 1
-    spec = {IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
-            LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    files, seed, spec = _tfrecord_input(worker_index, num_workers, batch_size, params)
 
     def parse(records):
         example = tf.io.parse_example(records, spec)
