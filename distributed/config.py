@@ -172,6 +172,89 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass
+class StopWhen:
+    """Early stop: end the run when an eval metric stops improving.
+
+    Attributes:
+        metric: ``eval/loss`` or ``eval/<name>`` of the model's ``eval_metrics``.
+        mode: ``min`` (lower is better) or ``max``.
+        patience: Evaluations in a row without a new best before the run stops.
+    """
+
+    metric: str = "eval/loss"
+    mode: str = "min"
+    patience: int = 3
+
+    def validate(self, path: str) -> None:
+        if not isinstance(self.metric, str) or not self.metric.startswith("eval/"):
+            raise ConfigError(f"{path}.metric: expected an eval metric such as "
+                              f"eval/loss or eval/accuracy, got {self.metric!r}")
+        _choice(self.mode, ("min", "max"), f"{path}.mode")
+        _positive_int(self.patience, f"{path}.patience")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation of serving checkpoints on the coordinator's side (the
+    workers never wait for it); see :mod:`distributed.train.evaluation`.
+
+    Attributes:
+        input: The eval input, of the same kinds as the training ``input``
+            (``package.module:function`` or ``{ray_dataset: ..., label: ...}``),
+            called as ``input_fn(0, 1, batch_size, params)``.
+        every: Evaluate every N steps (a multiple of
+            ``checkpoint.serving_every``); ``null``: every serving checkpoint.
+        batches: Batches per evaluation; ``null`` reads the input to its end
+            (it must end: a finite ``tf.data`` dataset or generator).
+        batch_size: ``null``: the training's ``batch_size``.
+        input_params: ``null``: the training's ``input_params``.
+        stop_when: Early stop, see :class:`StopWhen` (``null``: never).
+    """
+
+    input: Any = None
+    every: int | None = None
+    batches: int | None = None
+    batch_size: int | None = None
+    input_params: dict | None = None
+    stop_when: StopWhen | None = None
+
+    def validate(self, path: str, serving_every: int) -> None:
+        if self.input is None:
+            raise ConfigError(f"{path}.input: missing; name the eval input_fn "
+                              "('package.module:function') or a Ray Data input")
+        _check_input_value(self.input, f"{path}.input")
+        if serving_every == 0:
+            raise ConfigError(
+                f"{path}: evaluation runs on serving checkpoints, but "
+                "checkpoint.serving_every is 0; set it (e.g. 100) or drop eval")
+        if self.every is not None:
+            _positive_int(self.every, f"{path}.every")
+            if self.every % serving_every:
+                raise ConfigError(
+                    f"{path}.every: {self.every} is not a multiple of "
+                    f"checkpoint.serving_every ({serving_every}); evaluation runs on "
+                    f"serving checkpoints: use e.g. {serving_every * max(1, round(self.every / serving_every))}")
+        if self.batches is not None:
+            _positive_int(self.batches, f"{path}.batches")
+        if self.batch_size is not None:
+            _positive_int(self.batch_size, f"{path}.batch_size")
+        if self.stop_when is not None:
+            self.stop_when.validate(f"{path}.stop_when")
+
+    @property
+    def ray_input(self) -> bool:
+        return isinstance(self.input, Mapping)
+
+    @property
+    def input_ref(self) -> str:
+        return self.input["ray_dataset"] if self.ray_input else self.input
+
+    @property
+    def input_label(self) -> str | None:
+        return self.input["label"] if self.ray_input else None
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """A training run.
 
@@ -215,6 +298,8 @@ class TrainConfig:
             latest full checkpoint before the job gives up; 0 fails at once.
         bucket_mib: Gradient bytes per all-reduce bucket.
         seed: Graph-level random seed.
+        eval: Evaluation of serving checkpoints, see :class:`EvalConfig`
+            (``null``: none; the only metric is then the training ``loss``).
     """
 
     model: str = "distributed.examples.digits:cnn_bn_model_fn"
@@ -242,6 +327,7 @@ class TrainConfig:
     max_failures: int = 3
     bucket_mib: float = 8.0
     seed: int = 0
+    eval: EvalConfig | None = None
 
     def validate(self) -> "TrainConfig":
         """Checks every field; returns self. Raises :class:`ConfigError`."""
@@ -266,7 +352,10 @@ class TrainConfig:
             check_run_name(self.run)
         except ValueError as e:
             raise ConfigError(f"run: {e}") from None
+        if self.eval is not None:
+            self.eval.validate("eval", self.checkpoint.serving_every)
         self.selection_spec()
+        self._check_eval_metric_uses()
         self.retention_for("serving")
         self.retention_for("full")
         unknown = set(self.retention) - {"serving", "full"}
@@ -276,24 +365,20 @@ class TrainConfig:
         return self
 
     def _check_input(self) -> None:
-        if not isinstance(self.input, Mapping):
-            _check_ref(self.input, "input")
+        _check_input_value(self.input, "input")
+
+    def _check_eval_metric_uses(self) -> None:
+        """An ``eval/...`` metric named by retention needs an ``eval`` block."""
+        if self.eval is not None:
             return
-        unknown = sorted(set(self.input) - set(RAY_INPUT_KEYS), key=str)
-        if unknown:
-            close = difflib.get_close_matches(str(unknown[0]), RAY_INPUT_KEYS, n=1)
-            raise ConfigError(
-                f"input.{unknown[0]}: unknown key; "
-                f"{f'did you mean {close[0]!r}? ' if close else ''}a Ray Data input "
-                "is {ray_dataset: 'package.module:function', label: COLUMN}")
-        if "ray_dataset" not in self.input:
-            raise ConfigError("input.ray_dataset: missing; a Ray Data input is "
-                              "{ray_dataset: 'package.module:function', label: COLUMN}")
-        _check_ref(self.input["ray_dataset"], "input.ray_dataset")
-        label = self.input.get("label")
-        if not isinstance(label, str) or not label:
-            raise ConfigError(f"input.label: expected the name of the dataset's label "
-                              f"column, got {label!r}")
+        for tier, rules in (self.retention or {}).items():
+            best = (rules or {}).get("keep_best") if isinstance(rules, Mapping) else None
+            metric = best.get("metric") if isinstance(best, Mapping) else None
+            if isinstance(metric, str) and metric.startswith("eval/"):
+                raise ConfigError(
+                    f"retention.{tier}.keep_best.metric: {metric} is recorded only "
+                    "when the config has an eval block (eval: {input: ...}); add "
+                    "one or keep the best by loss")
 
     @property
     def ray_input(self) -> bool:
@@ -496,6 +581,28 @@ def _check_storage(value: Any) -> None:
     if not rest.split("/", 1)[0].split("?", 1)[0]:
         raise ConfigError(f"storage: {value!r} names no bucket; use "
                           f"{scheme}://bucket/prefix")
+
+
+def _check_input_value(value: Any, field: str) -> None:
+    """An input: ``package.module:function`` or ``{ray_dataset, label}``."""
+    if not isinstance(value, Mapping):
+        _check_ref(value, field)
+        return
+    unknown = sorted(set(value) - set(RAY_INPUT_KEYS), key=str)
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), RAY_INPUT_KEYS, n=1)
+        raise ConfigError(
+            f"{field}.{unknown[0]}: unknown key; "
+            f"{f'did you mean {close[0]!r}? ' if close else ''}a Ray Data input "
+            "is {ray_dataset: 'package.module:function', label: COLUMN}")
+    if "ray_dataset" not in value:
+        raise ConfigError(f"{field}.ray_dataset: missing; a Ray Data input is "
+                          "{ray_dataset: 'package.module:function', label: COLUMN}")
+    _check_ref(value["ray_dataset"], f"{field}.ray_dataset")
+    label = value.get("label")
+    if not isinstance(label, str) or not label:
+        raise ConfigError(f"{field}.label: expected the name of the dataset's label "
+                          f"column, got {label!r}")
 
 
 def _check_ref(ref: Any, field: str) -> None:

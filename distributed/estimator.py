@@ -86,10 +86,12 @@ def from_estimator(model_fn: Callable[..., Any]) -> Callable[..., ModelSpec]:
     before the function runs (``tf.compat.v1.train.get_global_step()`` is not
     ``None``).
 
-    From the returned spec only ``loss`` and ``predictions`` are kept; a single
-    prediction tensor becomes ``{"output": tensor}``, the name an Estimator's
-    export gives it. ``eval_metric_ops`` and ``export_outputs`` are ignored:
-    the serving signature's outputs are the predictions.
+    From the returned spec ``loss``, ``predictions`` and ``eval_metric_ops``
+    (as :attr:`ModelSpec.eval_metrics`, recorded as ``eval/<name>`` when the
+    config has an ``eval`` block) are kept; a single prediction tensor becomes
+    ``{"output": tensor}``, the name an Estimator's export gives it.
+    ``export_outputs`` is ignored: the serving signature's outputs are the
+    predictions.
 
     The spec's ``train_op`` and training hooks never run: the framework builds
     its own optimizer from the config and averages gradients across workers
@@ -167,7 +169,8 @@ def _to_model_spec(spec: Any, name: str) -> ModelSpec:
         predictions = {}
     elif not isinstance(predictions, Mapping):
         predictions = {"output": predictions}
-    return ModelSpec(loss=spec.loss, predictions=dict(predictions))
+    return ModelSpec(loss=spec.loss, predictions=dict(predictions),
+                     eval_metrics=dict(getattr(spec, "eval_metric_ops", None) or {}))
 
 
 def _drop_unused_state(before: set[str], spec: ModelSpec) -> list[str]:

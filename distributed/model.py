@@ -46,10 +46,15 @@ class ModelSpec:
         loss: Scalar loss tensor. Required in train and eval modes.
         predictions: Named output tensors. Required in predict mode; these become
             the SavedModel's ``serving_default`` outputs.
+        eval_metrics: Eval mode: ``{name: (value_tensor, update_op)}``, the shape
+            of an Estimator's ``eval_metric_ops`` (``tf.compat.v1.metrics.accuracy``,
+            ``auc``, ``mean``, ...). Recorded as ``eval/<name>`` with the
+            checkpoint evaluated; the mean loss is always ``eval/loss``.
     """
 
     loss: Any = None
     predictions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    eval_metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 SIGNATURES = {

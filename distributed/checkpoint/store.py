@@ -15,6 +15,7 @@ no row; readers never see either, and :meth:`CheckpointStore.open` removes them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -132,7 +133,8 @@ class CheckpointStore:
     # -- writing -----------------------------------------------------------
 
     def save(self, writer, sess, step: int, tier: str, selection_json: str,
-             metrics: Mapping[str, float] | None = None) -> CatalogEntry:
+             metrics: Mapping[str, float] | None = None,
+             commit: bool = True) -> CatalogEntry:
         """Writes and commits one checkpoint; see the module docstring.
 
         Args:
@@ -143,6 +145,9 @@ class CheckpointStore:
             selection_json: The selection spec as JSON, recorded in the manifest
                 and the catalog.
             metrics: Metrics recorded in the catalog row (e.g. ``loss``).
+            commit: ``False`` stops before the catalog row: the directory is
+                in place but the checkpoint does not exist until
+                :meth:`commit` writes the row (evaluation runs in between).
 
         Raises:
             CheckpointExistsError: This step/tier is already committed.
@@ -199,12 +204,26 @@ class CheckpointStore:
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             selection=selection_json,
             manifest_crc32c=layout.bytes_crc32c(manifest))
+        return self.commit(entry) if commit else entry
+
+    def commit(self, entry: CatalogEntry,
+               metrics: Mapping[str, float] | None = None) -> CatalogEntry:
+        """Writes the catalog row of a checkpoint :meth:`save` wrote with
+        ``commit=False`` (with ``metrics`` added); only now does it exist.
+
+        NOTE: until then the directory is an orphan to :meth:`open`: a crash
+        in between loses that checkpoint, never leaves a row without data.
+        """
+        if metrics:
+            entry = dataclasses.replace(entry, metrics={
+                **entry.metrics, **{k: float(v) for k, v in metrics.items()}})
+        final = self.layout.checkpoint_dir(entry.tier, entry.step)
         try:
             self.catalog.commit(entry)
         except OSError as e:
             # Not committed: the directory is an orphan; remove it now.
             shutil.rmtree(final, ignore_errors=True)
-            raise StorageError(self._write_failure(step, tier, e)) from e
+            raise StorageError(self._write_failure(entry.step, entry.tier, e)) from e
         self._on_phase("committed")
         return entry
 

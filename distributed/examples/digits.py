@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
-from distributed.model import MODES, PREDICT, TRAIN, ModelSpec
+from distributed.model import EVAL, MODES, PREDICT, TRAIN, ModelSpec
 
 NUM_TRAIN = 1500
 """The first ``NUM_TRAIN`` digits are the train split; the rest are the test split."""
@@ -147,6 +147,25 @@ def digits_input_fn(worker_index: int, num_workers: int, batch_size: int,
     return _epoch_batches(features[IMAGE_KEY][shard], labels[shard], batch_size, rng)
 
 
+def digits_eval_input_fn(worker_index: int, num_workers: int, batch_size: int,
+                         params: Mapping[str, Any]) -> Iterator[Batch]:
+    """Yields one pass over a split (default ``"test"``, the held-out 297), in
+    file order, the last batch partial: an eval input (``eval.input``).
+
+    Args:
+        worker_index: This worker's index, in ``[0, num_workers)``.
+        num_workers: Number of workers (an evaluation reads with 0 of 1).
+        batch_size: Examples per batch.
+        params: ``"eval_split"`` (``"test"``, default, or ``"train"``).
+    """
+    _check_shard_args(worker_index, num_workers, batch_size)
+    features, labels = digits_eval_arrays((params or {}).get("eval_split", "test"))
+    images = features[IMAGE_KEY][worker_index::num_workers]
+    labels = labels[worker_index::num_workers]
+    for start in range(0, len(labels), batch_size):
+        yield {IMAGE_KEY: images[start:start + batch_size]}, labels[start:start + batch_size]
+
+
 def synthetic_input_fn(worker_index: int, num_workers: int, batch_size: int,
                        params: Mapping[str, Any]) -> Iterator[Batch]:
     """Yields Gaussian features labelled by a fixed random linear teacher, forever.
@@ -229,7 +248,11 @@ def _head(logits: tf.Tensor, labels: Any, mode: str) -> ModelSpec:
             tf.nn.sparse_softmax_cross_entropy_with_logits(
                 labels=tf.cast(labels, tf.int64), logits=logits),
             name="loss")
-    return ModelSpec(loss=loss, predictions=predictions)
+    eval_metrics = {}
+    if mode == EVAL:
+        eval_metrics["accuracy"] = tf.compat.v1.metrics.accuracy(
+            tf.cast(labels, tf.int64), predictions["classes"])
+    return ModelSpec(loss=loss, predictions=predictions, eval_metrics=eval_metrics)
 
 
 def _batch_norm(x: tf.Tensor, mode: str, momentum: float,
@@ -343,6 +366,6 @@ def cnn_bn_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str,
 
 
 __all__ = [
-    "NUM_TRAIN", "digits_input_fn", "digits_eval_arrays",
+    "NUM_TRAIN", "digits_input_fn", "digits_eval_arrays", "digits_eval_input_fn",
     "synthetic_input_fn", "mlp_model_fn", "cnn_bn_model_fn",
 ]

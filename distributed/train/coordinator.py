@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import warnings
 from typing import Any, Mapping
 
@@ -46,6 +47,9 @@ class Coordinator:
         self._events_uploaded_at = 0.0
         self._events_uploaded: dict[str, int] = {}  # event file -> size uploaded
         self.remote = None
+        self.evaluator = self.pipeline = None
+        # The eval thread commits too: commits, retention and events in turn.
+        self._commit_lock = threading.RLock()
         if self.config.remote:
             from distributed.checkpoint.remote import open_remote
             self.remote = open_remote(self.config.storage, self.config.storage_options)
@@ -100,10 +104,34 @@ class Coordinator:
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
                                          config=session_config(shards))
         self.loader = VariableLoader(self.tg.variables)
+        if cfg.eval is not None:
+            self._build_evaluator()
         return {"input_spec": self.input_spec, "serving_names": self.serving_names,
                 "num_variables": len(self.tg.variables), "warnings": self.warnings,
                 "serving_bytes": self.writers["serving"].total_bytes,
                 "full_bytes": self.writers["full"].total_bytes}
+
+    def _build_evaluator(self) -> None:
+        from distributed.train.evaluation import Evaluator
+        cfg = self.config
+        self.evaluator = Evaluator(cfg, self.serving_names)
+        known = self.evaluator.metric_names()
+        uses = [("eval.stop_when.metric", cfg.eval.stop_when and cfg.eval.stop_when.metric)]
+        for tier, rules in (cfg.retention or {}).items():
+            best = (rules or {}).get("keep_best") or {}
+            uses.append((f"retention.{tier}.keep_best.metric", best.get("metric")))
+        for field, metric in uses:
+            if metric and metric.startswith("eval/") and metric not in known:
+                raise ConfigError(
+                    f"{field}: {metric} is not recorded; evaluation records "
+                    f"{', '.join(known)} (eval_metrics of the model_fn in eval mode)")
+        missing = [n for n in self.evaluator.missing if n != "global_step"]
+        if missing:
+            self.warnings.append(
+                f"evaluation reads {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}, which serving checkpoints "
+                "do not hold, so it uses their initial values (as serving would); "
+                "widen the selection if that is not intended")
 
     def open_run(self) -> dict[str, Any]:
         """Opens the run's storage, initializes or resumes the variables and
@@ -119,6 +147,11 @@ class Coordinator:
         start_step, resumed = self._init_or_resume()
         recreated = self._recreate_serving(start_step) if resumed is not None else None
         self._write_run_config()
+        if self.evaluator is not None:
+            from distributed.train.evaluation import EarlyStop, EvalPipeline
+            rule = self.config.eval.stop_when
+            self.early_stop = rule and EarlyStop(rule.metric, rule.mode, rule.patience)
+            self.pipeline = EvalPipeline(self.evaluator.evaluate, self._commit_evaluated)
         return {"start_step": start_step, "resumed_from": resumed,
                 "recreated_serving": recreated, "warnings": self.warnings,
                 "removed": self.removed}
@@ -141,15 +174,16 @@ class Coordinator:
         self._commit(step, "serving")
         return step
 
-    def _commit(self, step: int, tier: str, metrics: Mapping[str, float] | None = None):
+    def _commit(self, step: int, tier: str, metrics: Mapping[str, float] | None = None,
+                commit: bool = True):
         """Writes and commits the chief Session's values as the tier's
         checkpoint; on an object store also publishes it (and any an earlier
         failed upload left behind). Returns the catalog entry."""
         selection = (self.config.selection_spec().to_json() if tier == "serving"
                      else '{"policy": "all"}')
         entry = self.store.save(self.writers[tier], self.sess, step, tier, selection,
-                                metrics)
-        if self.remote is not None:
+                                metrics, commit=commit)
+        if commit and self.remote is not None:
             from distributed.checkpoint.remote import publish_pending
             publish_pending(self.remote, self.store.layout.root, self.config.run)
         return entry
@@ -238,31 +272,79 @@ class Coordinator:
             result.update(already_committed=True, retention_deleted=[])
             return result
         self.loader.load(self.sess, values)
+        evaluate = tier == "serving" and self._eval_due(step)
         try:
-            entry = self._commit(step, tier, metrics)
+            with self._commit_lock:
+                entry = self._commit(step, tier, metrics, commit=not evaluate)
         except StorageError:
             self.record(step, {f"checkpoint/{tier}/failed_saves": 1.0})
             raise
-        deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
-            if tier in self.config.retention else []
-        if self.remote is not None:
-            from distributed.checkpoint.remote import unpublish_checkpoint
-            for gone in deleted:
-                unpublish_checkpoint(self.remote, self.config.run, gone.tier, gone.step)
-        self.record(step, {
-            f"checkpoint/{tier}/save_seconds": entry.save_seconds,
-            f"checkpoint/{tier}/bytes": float(entry.num_bytes),
-            f"checkpoint/{tier}/shards": float(entry.num_shards),
-            f"checkpoint/{tier}/write_MiB_per_sec":
-                entry.num_bytes / 2**20 / max(entry.save_seconds, 1e-9)})
+        if evaluate:  # committed by the eval thread, with its metrics
+            self.pipeline.submit(entry, values, dict(metrics))
+            result = entry.to_json_dict()
+            result.update(evaluating=True, retention_deleted=[])
+            return result
         result = entry.to_json_dict()
-        result["retention_deleted"] = [e.step for e in deleted]
+        result["retention_deleted"] = [e.step for e in self._after_commit(entry)]
         return result
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.config.eval.every if self.pipeline is not None else None
+        return self.pipeline is not None and (
+            every is None or step % every == 0 or step == self.config.steps)
+
+    def _commit_evaluated(self, entry, metrics: Mapping[str, float]) -> None:
+        """The eval thread: commits a serving checkpoint with its metrics."""
+        with self._commit_lock:
+            entry = self.store.commit(entry, metrics)
+            if self.remote is not None:
+                from distributed.checkpoint.remote import publish_pending
+                publish_pending(self.remote, self.store.layout.root, self.config.run)
+            deleted = self._after_commit(entry)
+            self.record(entry.step, {k: v for k, v in entry.metrics.items()
+                                     if k.startswith("eval/")})
+        if self.pipeline is not None:
+            self.pipeline.events.append({
+                "event": "committed", **entry.to_json_dict(),
+                "retention_deleted": [e.step for e in deleted]})
+            why = self.early_stop and self.early_stop.observe(entry.step, entry.metrics)
+            if why:
+                self.pipeline.events.append({"event": "early_stop", "step": entry.step,
+                                             "reason": why})
+
+    def _after_commit(self, entry) -> list:
+        """Retention and the commit's TensorBoard scalars; the deleted entries."""
+        tier = entry.tier
+        with self._commit_lock:
+            deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
+                if tier in self.config.retention else []
+            if self.remote is not None:
+                from distributed.checkpoint.remote import unpublish_checkpoint
+                for gone in deleted:
+                    unpublish_checkpoint(self.remote, self.config.run, gone.tier, gone.step)
+            self.record(entry.step, {
+                f"checkpoint/{tier}/save_seconds": entry.save_seconds,
+                f"checkpoint/{tier}/bytes": float(entry.num_bytes),
+                f"checkpoint/{tier}/shards": float(entry.num_shards),
+                f"checkpoint/{tier}/write_MiB_per_sec":
+                    entry.num_bytes / 2**20 / max(entry.save_seconds, 1e-9)})
+        return deleted
+
+    def poll(self) -> list[dict]:
+        """The evaluation events since the last poll (commits, skips, failures)."""
+        if self.pipeline is None:
+            return []
+        events, self.pipeline.events = self.pipeline.events, []
+        return events
 
     def record(self, step: int, scalars: Mapping[str, float]) -> None:
         """Writes scalars to the run's TensorBoard event files
         (``<storage>/<run>/tensorboard/``)."""
         from distributed.train.events import EventWriter
+        with self._commit_lock:
+            self._record(step, scalars, EventWriter)
+
+    def _record(self, step, scalars, EventWriter) -> None:
         try:
             if self._summary_writer is None:
                 self._summary_writer = EventWriter(
@@ -299,7 +381,10 @@ class Coordinator:
                         "retrying later", e)
 
     def close(self) -> None:
-        """The end of a run: the last TensorBoard events reach the object store."""
+        """The end of a run: every evaluation done and committed, the last
+        TensorBoard events on the object store."""
+        if self.pipeline is not None:
+            self.pipeline.drain()
         self._upload_events(force=True)
 
     def entries(self) -> list[dict[str, Any]]:

@@ -214,6 +214,7 @@ class _GroupRun:
         self.events: list[dict] = []
         self.rounds: list[dict] = []  # rank 0's report of every round
         self.restarts = 0
+        self.stop_reason: str | None = None  # eval.stop_when said stop
         self.first_step_at: float | None = None
 
     def attempt(self, restarting: bool) -> dict[str, Any]:
@@ -295,7 +296,8 @@ class _GroupRun:
                  f"{config.storage_path}; first step after "
                  f"{time.perf_counter() - self.t0:.1f}s")
             self.first_step_at = time.perf_counter() - self.t0
-        while step < config.steps:
+        self.stop_reason = None
+        while step < config.steps and self.stop_reason is None:
             target = min(config.steps, (step // config.log_every + 1) * config.log_every)
             self.waiting_for = f"training steps {step + 1}..{target} of {config.steps}"
             reports = self._get([w.train.remote(target) for w in workers], worker_names,
@@ -304,6 +306,7 @@ class _GroupRun:
             self.rounds.append(lead)
             step = self.step = lead["step"]
             self._report(lead.get("events", []))
+            self._poll_evaluations(coordinator)
             echo(f"step {step}/{config.steps}  loss {lead['loss']:.4f}  "
                  f"{lead['steps_per_sec']:.1f} steps/s")
             logs.set_step(step)
@@ -316,19 +319,46 @@ class _GroupRun:
             if "stall_seconds" in lead:
                 scalars["checkpoint/rank0_stall_seconds_total"] = lead["stall_seconds"]
             coordinator.record.remote(step, scalars)  # fire and forget
+        if self.stop_reason is not None:
+            echo(f"early stop after step {step}: {self.stop_reason}")
         self.waiting_for = "waiting for the last checkpoint saves"
         self._report(self._get(workers[0].finish.remote(), "worker 0")["events"])
-        coordinator.close.remote()  # ordered before entries(): an actor's calls run in turn
+        if config.eval is not None:
+            self.waiting_for = "waiting for the last evaluations"
+            self._get(coordinator.close.remote(), "the coordinator")
+            self._poll_evaluations(coordinator, wait=True)
+        else:
+            coordinator.close.remote()  # ordered before entries(): calls run in turn
         entries = self._get(coordinator.entries.remote(), "the coordinator")
         echo(format_summary(config, entries))
         return {"run": config.run, "steps": step, "entries": entries,
+                "early_stop": self.stop_reason,
                 "events": self.events, "rounds": self.rounds,
                 "first_step_seconds": self.first_step_at,
                 "seconds": time.perf_counter() - self.t0}
 
+    def _poll_evaluations(self, coordinator, wait: bool = False) -> None:
+        """Reports the coordinator's evaluation events without ever making the
+        workers wait: a poll still running is collected at the next round."""
+        import ray
+        if self.config.eval is None:
+            return
+        ref = getattr(self, "_poll_ref", None)
+        if ref is not None and (wait or ray.wait([ref], timeout=0)[0]):
+            self._report(self._get(ref, "the coordinator"))
+            ref = None
+        if wait:
+            self._report(self._get(coordinator.poll.remote(), "the coordinator"))
+        elif ref is None:
+            ref = coordinator.poll.remote()
+        self._poll_ref = None if wait else ref
+
     def _report(self, events: list[dict]) -> None:
         """Records rank 0's checkpoint events and prints a line for each."""
         for event in events:
+            if event["event"] == "early_stop":
+                self.stop_reason = self.stop_reason or event["reason"]
+                continue
             self.events.append(event)
             self.echo(_describe(event))
 
@@ -402,6 +432,24 @@ def _classify(e: BaseException, name: str) -> GroupFailure | None:
 
 
 def _describe(event: dict) -> str:
+    if event["event"] == "committed" and event.get("evaluating"):
+        return (f"  wrote serving checkpoint at step {event['step']} "
+                f"({event['num_bytes'] / 2**20:.2f} MiB); evaluating it, then it "
+                "commits with its metrics")
+    if event["event"] == "eval_skipped":
+        return (f"  skipped evaluating step {event['step']}: evaluation was behind, "
+                "a newer checkpoint is next (committed without eval metrics)")
+    if event["event"] == "eval_failed":
+        return (f"  evaluation of step {event['step']} FAILED: {event['error']} "
+                "(committed without eval metrics; training goes on)")
+    if event["event"] == "committed" and any(k.startswith("eval/")
+                                             for k in event.get("metrics", {})):
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(event["metrics"].items())
+                          if k.startswith("eval/"))
+        extra = (f", retention deleted steps {event['retention_deleted']}"
+                 if event.get("retention_deleted") else "")
+        return (f"  committed {event['tier']} checkpoint at step {event['step']} "
+                f"({shown}{extra})")
     if event["event"] == "committed" and event.get("already_committed"):
         return (f"  kept the {event['tier']} checkpoint at step {event['step']} "
                 "committed before the restart")
@@ -419,15 +467,20 @@ def _describe(event: dict) -> str:
 
 
 def format_summary(config: TrainConfig, entries: list[dict]) -> str:
+    names = ["loss"] + sorted({k for e in entries for k in e["metrics"]
+                               if k.startswith("eval/")})
+    widths = [max(8, len(n)) for n in names]
     lines = [f"committed checkpoints of run {config.run!r} "
              f"({os.path.join(config.storage_path, config.run)}):",
              f"  {'tier':8} {'step':>8} {'tensors':>8} {'MiB':>9} {'shards':>6} "
-             f"{'loss':>8}  path"]
+             + " ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + "  path"]
     for e in entries:
-        loss = e["metrics"].get("loss")
+        values = [e["metrics"].get(n) for n in names]
         lines.append(f"  {e['tier']:8} {e['step']:>8} {e['num_tensors']:>8} "
                      f"{e['num_bytes'] / 2**20:>9.2f} {e['num_shards']:>6} "
-                     f"{'' if loss is None else f'{loss:.4f}':>8}  {e['path']}")
+                     + " ".join(f"{'' if v is None else f'{v:.4f}':>{w}}"
+                                for v, w in zip(values, widths))
+                     + f"  {e['path']}")
     if not entries:
         lines.append("  (none)")
     return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""Evaluation of serving checkpoints, on the coordinator's side (config ``eval``).
+
+* :class:`Evaluator` builds an eval-mode graph of its own (``model_fn(...,
+  mode=EVAL)`` on the eval input), with ``eval/loss`` (the mean loss) and
+  ``eval/<name>`` for each of ``ModelSpec.eval_metrics`` (``{name: (value,
+  update_op)}``, Estimator's ``eval_metric_ops`` shape). :meth:`evaluate` loads
+  a checkpoint's values by name, resets the metric (local) variables, runs the
+  update ops over ``eval.batches`` batches (or to the input's end) and returns
+  the metric values.
+* :class:`EvalPipeline` runs evaluations on a thread of the coordinator actor,
+  so a worker never waits: ``Coordinator.save`` writes and renames the
+  serving checkpoint's directory as today but does not write its catalog row;
+  it hands ``(entry, values)`` to the pipeline. The pipeline evaluates, then
+  commits the row *with the metrics* (the row is still the commit record: a
+  crash during evaluation leaves an orphan directory that the next
+  ``CheckpointStore.open`` removes, never a row without data). When a newer
+  checkpoint arrives while one still waits, the waiting one is committed
+  without eval metrics and the pipeline says it skipped it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from distributed.errors import ConfigError, user_code
+from distributed.model import EVAL
+
+
+class Evaluator:
+    """An eval-mode graph and Session for one run's model and eval input."""
+
+    def __init__(self, config, value_names):
+        import tensorflow as tf
+
+        from distributed.inputs.sources import DatasetSource, call_input_fn, is_dataset
+        from distributed.model import load_function
+        from distributed.train.graph import VariableLoader, call_model_fn
+        ev = config.eval
+        self.config, self.batches = config, ev.batches
+        self.batch_size = ev.batch_size or config.batch_size
+        self.params = config.input_params if ev.input_params is None else ev.input_params
+        self.ref = ev.input_ref
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            tf.compat.v1.set_random_seed(config.seed)
+            self._input_fn = load_function(self.ref, "eval.input", 4)
+            first = call_input_fn(self._input_fn, self.ref, 0, 1, self.batch_size,
+                                  self.params)
+            if is_dataset(first):
+                self._source = DatasetSource(first, self.ref, 0)
+                features, labels = self._source.tensors()
+                self._check_finite(first)
+            else:
+                self._source = None
+                from distributed.inputs.sources import PythonSource
+                probe = PythonSource(first, self.ref, "eval.input", 0, prefetch=0)
+                probe.close()
+                self.spec = probe.spec
+                features, labels = self.spec.placeholders()
+                self._placeholders = (features, labels)
+            spec = call_model_fn(config, features, labels, EVAL)
+            if spec.loss is None:
+                raise ConfigError(f"model: {config.model} returned no loss in eval mode; "
+                                  "evaluation records eval/loss")
+            self.values, updates = {}, []
+            loss_value, loss_update = tf.compat.v1.metrics.mean(spec.loss)
+            self.values["eval/loss"], _ = loss_value, updates.append(loss_update)
+            for name, pair in dict(spec.eval_metrics or {}).items():
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise ConfigError(
+                        f"model: eval_metrics[{name!r}] of {config.model} is "
+                        f"{type(pair).__name__}; give (value_tensor, update_op), "
+                        "e.g. tf.compat.v1.metrics.accuracy(labels, predictions)")
+                self.values[f"eval/{name}"] = pair[0]
+                updates.append(pair[1])
+            self._updates = tf.group(*updates)
+            variables = tf.compat.v1.global_variables()
+            self._loader = VariableLoader(variables) if variables else None
+            self._names = {v.op.name for v in variables}
+            self._local_init = tf.compat.v1.local_variables_initializer()
+            init = tf.compat.v1.global_variables_initializer()
+        self.missing = sorted(self._names - set(value_names))
+        self.sess = tf.compat.v1.Session(graph=self.graph)
+        self.sess.run(init)
+
+    def _check_finite(self, dataset) -> None:
+        import tensorflow as tf
+        if self.batches is None:
+            with tf.compat.v1.Session(graph=self.graph) as sess:
+                if int(sess.run(dataset.cardinality())) == tf.data.INFINITE_CARDINALITY:
+                    raise ConfigError(
+                        f"eval.input: the tf.data dataset of {self.ref} repeats "
+                        "forever and eval.batches is null (read to the end); set "
+                        "eval.batches or drop .repeat()")
+
+    def metric_names(self) -> list[str]:
+        return sorted(self.values)
+
+    def evaluate(self, values: Mapping[str, np.ndarray]) -> tuple[dict[str, float], int]:
+        """The metrics of the checkpoint holding ``values``, and the batches read."""
+        import tensorflow as tf
+        if self._loader is not None:
+            self._loader.load(self.sess, {n: v for n, v in values.items()
+                                          if n in self._names})
+        self.sess.run(self._local_init)
+        n = 0
+        if self._source is not None:
+            self._source.start(self.sess)
+            while self.batches is None or n < self.batches:
+                try:
+                    self.sess.run(self._updates)
+                except tf.errors.OutOfRangeError:
+                    break
+                n += 1
+        else:
+            features, labels = self._placeholders
+            with user_code("eval.input", self.ref):
+                batches = iter(self._input_fn(0, 1, self.batch_size, dict(self.params)))
+            for batch in _take(batches, self.batches, self.ref):
+                feed = {features[k]: v for k, v in batch[0].items()}
+                feed[labels] = batch[1]
+                self.sess.run(self._updates, feed)
+                n += 1
+        if n == 0:
+            raise ConfigError(f"eval.input: {self.ref} gave no batch to evaluate")
+        return {k: float(v) for k, v in self.sess.run(self.values).items()}, n
+
+
+def _take(batches, limit: int | None, ref: str):
+    n = 0
+    while limit is None or n < limit:
+        with user_code("eval.input", ref):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+        n += 1
+
+
+class EarlyStop:
+    """``eval.stop_when``: a decision from each evaluation's metrics (pure).
+
+    Args:
+        metric: The metric watched (``eval/...``).
+        mode: ``min`` or ``max``.
+        patience: Evaluations in a row without a new best before it says stop.
+    """
+
+    def __init__(self, metric: str, mode: str, patience: int):
+        self.metric, self.mode, self.patience = metric, mode, patience
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.since_best = 0
+
+    def observe(self, step: int, metrics: Mapping[str, float]) -> str | None:
+        """Records one evaluation; returns why to stop, or ``None``."""
+        value = metrics.get(self.metric)
+        if value is None:
+            return None
+        better = self.best is None or (value < self.best if self.mode == "min"
+                                       else value > self.best)
+        if better:
+            self.best, self.best_step, self.since_best = value, step, 0
+            return None
+        self.since_best += 1
+        if self.since_best < self.patience:
+            return None
+        return (f"{self.metric} has not improved for {self.since_best} evaluations "
+                f"(best {self.best:.4f} at step {self.best_step}; eval.stop_when "
+                f"patience {self.patience})")
+
+
+class EvalPipeline:
+    """Evaluates serving checkpoints on a background thread, newest first.
+
+    Args:
+        evaluate: ``values -> (metrics, batches)``.
+        commit: ``(entry, metrics) -> None``: writes the catalog row.
+    """
+
+    def __init__(self, evaluate: Callable, commit: Callable):
+        self._evaluate, self._commit = evaluate, commit
+        self._lock = threading.Condition()
+        self._waiting: tuple[Any, Mapping[str, Any], dict] | None = None
+        self._busy = False
+        self.events: list[dict] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name="evaluator")
+        self._thread.start()
+
+    def submit(self, entry, values, metrics: dict) -> None:
+        with self._lock:
+            skipped = self._waiting
+            self._waiting = (entry, values, metrics)
+            self._lock.notify_all()
+        if skipped is not None:  # evaluation fell behind: commit it unevaluated
+            self._commit(skipped[0], skipped[2])
+            self.events.append({"event": "eval_skipped", "step": skipped[0].step})
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._waiting is None:
+                    self._lock.wait()
+                entry, values, metrics = self._waiting
+                self._waiting, self._busy = None, True
+            try:
+                found, _ = self._evaluate(values)
+                self._commit(entry, {**metrics, **found})
+            except Exception as e:  # evaluation must never lose the checkpoint
+                self._commit(entry, metrics)
+                self.events.append({"event": "eval_failed", "step": entry.step,
+                                    "error": str(e)})
+            finally:
+                with self._lock:
+                    self._busy = False
+                    self._lock.notify_all()
+
+    def drain(self) -> None:
+        """Waits until every submitted checkpoint is committed."""
+        with self._lock:
+            while self._waiting is not None or self._busy:
+                self._lock.wait()
