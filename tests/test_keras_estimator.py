@@ -316,7 +316,7 @@ def test_modes_map_to_estimator_mode_keys_and_args_follow_the_signature():
         "features", "labels", "mode", "params"]
 
 
-def test_spec_conversion_keeps_loss_and_predictions_only():
+def test_spec_conversion_keeps_loss_predictions_and_eval_metric_ops():
     with tf.Graph().as_default():
         x = tf.constant([1.0])
         convert = from_estimator(lambda features, labels, mode: features)
@@ -324,7 +324,7 @@ def test_spec_conversion_keeps_loss_and_predictions_only():
                        {}).predictions == {}
         spec = convert(EstimatorSpec("eval", loss=x, predictions={"p": x},
                                      eval_metric_ops={"acc": x}), 0, EVAL, {})
-        assert spec == ModelSpec(loss=x, predictions={"p": x})
+        assert spec == ModelSpec(loss=x, predictions={"p": x}, eval_metrics={"acc": x})
         same = ModelSpec(loss=x)
         assert convert(same, 0, TRAIN, {}) is same
         with pytest.raises(ConfigError, match="no .loss and .predictions"):
