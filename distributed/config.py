@@ -199,9 +199,10 @@ class EvalConfig:
     workers never wait for it); see :mod:`distributed.train.evaluation`.
 
     Attributes:
-        input: The eval input, of the same kinds as the training ``input``
-            (``package.module:function`` or ``{ray_dataset: ..., label: ...}``),
-            called as ``input_fn(0, 1, batch_size, params)``.
+        input: The eval ``input_fn`` (``package.module:function``; a generator
+            or a ``tf.data`` dataset, as for training), called as
+            ``input_fn(0, 1, batch_size, params)``. Ray Data is not an eval
+            input yet.
         every: Evaluate every N steps (a multiple of
             ``checkpoint.serving_every``); ``null``: every serving checkpoint.
         batches: Batches per evaluation; ``null`` reads the input to its end
@@ -222,7 +223,12 @@ class EvalConfig:
         if self.input is None:
             raise ConfigError(f"{path}.input: missing; name the eval input_fn "
                               "('package.module:function') or a Ray Data input")
-        _check_input_value(self.input, f"{path}.input")
+        if isinstance(self.input, Mapping):
+            raise ConfigError(
+                f"{path}.input: a Ray Data eval input is not supported yet; name an "
+                "input_fn ('package.module:function') that yields the eval split once "
+                "(e.g. from ds.iter_batches) or returns a finite tf.data dataset")
+        _check_ref(self.input, f"{path}.input")
         if serving_every == 0:
             raise ConfigError(
                 f"{path}: evaluation runs on serving checkpoints, but "
