@@ -247,18 +247,6 @@ class EvalConfig:
         if self.stop_when is not None:
             self.stop_when.validate(f"{path}.stop_when")
 
-    @property
-    def ray_input(self) -> bool:
-        return isinstance(self.input, Mapping)
-
-    @property
-    def input_ref(self) -> str:
-        return self.input["ray_dataset"] if self.ray_input else self.input
-
-    @property
-    def input_label(self) -> str | None:
-        return self.input["label"] if self.ray_input else None
-
 
 @dataclasses.dataclass
 class TrainConfig:

@@ -42,7 +42,7 @@ class Evaluator:
         self.config, self.batches = config, ev.batches
         self.batch_size = ev.batch_size or config.batch_size
         self.params = config.input_params if ev.input_params is None else ev.input_params
-        self.ref = ev.input_ref
+        self.ref = ev.input
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.compat.v1.set_random_seed(config.seed)
@@ -65,9 +65,8 @@ class Evaluator:
             if spec.loss is None:
                 raise ConfigError(f"model: {config.model} returned no loss in eval mode; "
                                   "evaluation records eval/loss")
-            self.values, updates = {}, []
             loss_value, loss_update = tf.compat.v1.metrics.mean(spec.loss)
-            self.values["eval/loss"], _ = loss_value, updates.append(loss_update)
+            self.values, updates = {"eval/loss": loss_value}, [loss_update]
             for name, pair in dict(spec.eval_metrics or {}).items():
                 if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                     raise ConfigError(
