@@ -32,9 +32,10 @@ class OptimizerConfig:
     """The optimizer (built identically on every worker and the coordinator).
 
     In YAML a mapping ``{name: rmsprop, learning_rate: 0.01, decay: 0.9}``:
-    every key but ``name``, ``learning_rate`` and ``clip_global_norm`` is a
-    keyword argument of the optimizer's constructor (checked against its
-    signature when the graph is built, see :mod:`distributed.train.optimizers`).
+    every key but ``name``, ``learning_rate``, ``clip_global_norm``,
+    ``ema_decay`` and ``ema_num_updates`` is a keyword argument of the
+    optimizer's constructor (checked against its signature when the graph is
+    built, see :mod:`distributed.train.optimizers`).
     Or a string ``"package.module:function"``: ``fn(learning_rate, params)``
     returns a ``tf.compat.v1.train.Optimizer``, given the learning-rate tensor
     and ``model_params`` (``{name: "package.module:function", learning_rate:
@@ -57,6 +58,16 @@ class OptimizerConfig:
             linearly from 0 at step 0 to 1 at step N.
         clip_global_norm: Clip the all-reduced gradients to this global norm
             (``null``: no clipping).
+        ema_decay: Keep an exponential moving average of every trainable
+            variable with this decay, in ``(0, 1)`` (e.g. ``0.999``), updated by
+            each train step after the optimizer's update
+            (``tf.compat.v1.train.ExponentialMovingAverage``). The averages are
+            non-trainable variables ``<variable>/ExponentialMovingAverage``,
+            in full checkpoints and restored on resume; ``selection.serve_ema``
+            serves them. ``null``: no averages.
+        ema_num_updates: Give the average the global step as ``num_updates``,
+            so its decay is ``min(ema_decay, (1 + step) / (10 + step))`` and
+            early averages forget their initial values faster.
         kwargs: The constructor's other keyword arguments (``momentum``
             defaults to 0.9 for ``momentum``).
     """
@@ -64,9 +75,14 @@ class OptimizerConfig:
     name: str = "adam"
     learning_rate: Any = 0.001
     clip_global_norm: float | None = None
+    ema_decay: float | None = None
+    ema_num_updates: bool = False
     kwargs: dict = dataclasses.field(default_factory=dict)
 
-    OWN_KEYS = ("name", "learning_rate", "clip_global_norm")
+    OWN_KEYS = ("name", "learning_rate", "clip_global_norm", "ema_decay",
+                "ema_num_updates")
+    _OWN_HINTS = {"clip_global_norm": float | None, "ema_decay": float | None,
+                  "ema_num_updates": bool}
 
     @classmethod
     def from_value(cls, value: Any, path: str) -> "OptimizerConfig":
@@ -79,9 +95,9 @@ class OptimizerConfig:
                 f"{path}: expected a mapping such as {{name: adam, learning_rate: "
                 f"0.001}} or a 'package.module:function' string, got {value!r}")
         own = {k: v for k, v in value.items() if k in cls.OWN_KEYS}
-        if "clip_global_norm" in own:
-            own["clip_global_norm"] = _coerce(own["clip_global_norm"], float | None,
-                                              f"{path}.clip_global_norm")
+        for key, hint in cls._OWN_HINTS.items():
+            if key in own:
+                own[key] = _coerce(own[key], hint, f"{path}.{key}")
         if "name" in own and not isinstance(own["name"], str):
             raise ConfigError(f"{path}.name: expected a string, got {own['name']!r}")
         kwargs = {k: v for k, v in value.items() if k not in cls.OWN_KEYS}
@@ -94,8 +110,10 @@ class OptimizerConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The YAML form (a flat mapping) that :meth:`from_value` reads back."""
+        ema = {} if self.ema_decay is None else {
+            "ema_decay": self.ema_decay, "ema_num_updates": self.ema_num_updates}
         return {"name": self.name, "learning_rate": self.learning_rate,
-                "clip_global_norm": self.clip_global_norm, **self.kwargs}
+                "clip_global_norm": self.clip_global_norm, **ema, **self.kwargs}
 
     def validate(self, path: str) -> None:
         """Checks the form; names and keys are checked against TensorFlow's
@@ -111,6 +129,12 @@ class OptimizerConfig:
                     "it through model_params")
         if self.clip_global_norm is not None:
             _positive(self.clip_global_norm, f"{path}.clip_global_norm")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"{path}.ema_decay: expected a number between 0 and 1 "
+                              f"(exclusive), such as 0.999, got {self.ema_decay!r}")
+        if self.ema_num_updates and self.ema_decay is None:
+            raise ConfigError(f"{path}.ema_num_updates: needs {path}.ema_decay (the "
+                              "moving average's decay, such as 0.999)")
         _check_learning_rate(self.learning_rate, f"{path}.learning_rate")
 
 
@@ -280,7 +304,9 @@ class TrainConfig:
             written before upload (and cached when read back).
         run: Run name; checkpoints go to ``<storage>/<run>/``. Re-using a run
             name with a full checkpoint resumes it.
-        selection: What serving checkpoints hold: ``{policy, include, exclude}``.
+        selection: What serving checkpoints hold: ``{policy, include, exclude,
+            serve_ema}``; ``serve_ema: true`` saves the moving averages of
+            ``optimizer.ema_decay`` under the model's own variable names.
         checkpoint: See :class:`CheckpointConfig`.
         retention: Per tier (``serving``, ``full``): ``{keep_last, keep_every,
             keep_best: {n, metric, mode}}``.
@@ -348,7 +374,9 @@ class TrainConfig:
             raise ConfigError(f"run: {e}") from None
         if self.eval is not None:
             self.eval.validate("eval", self.checkpoint.serving_every)
-        self.selection_spec()
+        if self.selection_spec().serve_ema and self.optimizer.ema_decay is None:
+            raise ConfigError("selection.serve_ema: needs optimizer.ema_decay (e.g. "
+                              "0.999): without it there are no averages to serve")
         self._check_eval_metric_uses()
         self.retention_for("serving")
         self.retention_for("full")

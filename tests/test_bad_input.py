@@ -65,7 +65,6 @@ def unpaired_input_fn(worker_index, num_workers, batch_size, params):
 
 def unknown_rank_input_fn(worker_index, num_workers, batch_size, params):
     """A generator dataset that declares no shape for its feature."""
-    import numpy as np
     import tensorflow as tf
     return tf.data.Dataset.from_generator(
         lambda: iter([]), output_signature=(

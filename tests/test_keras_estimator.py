@@ -253,7 +253,7 @@ def test_moving_statistics_nothing_updates_are_a_warning_naming_the_fix(storage)
     (warning,) = [w for w in coord.warnings if "UPDATE_OPS" in w]
     for name in KERAS_BN_STATS:
         assert name in warning
-    assert "model.updates" in warning and "initial values" in warning
+    assert "distributed.keras.add_model_updates" in warning and "initial values" in warning
 
 
 def test_l2_param_adds_keras_regularization_losses():

@@ -15,12 +15,12 @@ from distributed import config as config_lib
 from distributed.checkpoint import read_manifest
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ConfigError, StorageError)
-from distributed.examples.digits import digits_eval_arrays, digits_input_fn
+from distributed.examples.digits import digits_eval_arrays
 from distributed.model import PREDICT
 from distributed.serving import job
 from distributed.serving.export import list_versions, prune_versions
-from distributed.train.coordinator import Coordinator
 from distributed.train.graph import call_model_fn
+from tests.drivers import train_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP = "distributed.examples.digits:mlp_model_fn"
@@ -34,21 +34,7 @@ def train_run(storage, run, model, policy="inference", steps=(20, 40), include=(
         "model": model, "storage": storage, "run": run, "workers": 1,
         "selection": {"policy": policy, "include": list(include)},
         "steps": max(steps), "model_params": {"hidden": [32]} if model == MLP else {}})
-    coord = Coordinator(cfg.to_dict())
-    coord.prepare()
-    tg = coord.tg
-    batches = digits_input_fn(0, 1, 32, {})
-    names = {v.op.name: v for v in tg.variables}
-    done = 0
-    for target in steps:
-        while done < target:
-            f, l = next(batches)
-            feed = {tg.features["image"]: f["image"], tg.labels: l}
-            _, loss = coord.sess.run([tg.train_op, tg.loss], feed)
-            done += 1
-        values = coord.sess.run({n: names[n] for n in coord.serving_names})
-        coord.save(done, "serving", values, {"loss": float(loss)})
-    return coord, cfg
+    return train_in_process(cfg, steps), cfg
 
 
 def reference_outputs(coord, cfg, images):

@@ -28,8 +28,8 @@ from distributed.examples import digits
 from distributed.model import PREDICT
 from distributed.train import trainer
 from distributed.train.coordinator import Coordinator
-from distributed.train.worker import Worker
 from tests.conftest import start_local_ray
+from tests.drivers import actor_group
 
 pytestmark = pytest.mark.ray
 
@@ -410,30 +410,13 @@ def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage
     config = make_config(storage, "replicas", steps=30, model=model, input=input_fn,
                          checkpoint={"serving_every": 0, "full_every": 10},
                          **({"optimizer": optimizer} if optimizer else {}))
-    cfg = config.to_dict()
-    env = {"env_vars": dict(trainer._ACTOR_ENV)}
-    coordinator = ray.remote(Coordinator).options(
-        num_cpus=trainer.COORDINATOR_CPUS, runtime_env=env).remote(cfg)
-    workers = [ray.remote(Worker).options(num_cpus=config.cpus_per_worker,
-                                          runtime_env=env).remote(cfg, rank)
-               for rank in range(config.workers)]
-    try:
-        plan = ray.get(coordinator.prepare.remote())
-        addresses = ray.get([w.address.remote() for w in workers])
-        setups = ray.get([w.setup.remote(addresses) for w in workers])
+    with actor_group(config) as (coordinator, workers, plan, setups, initial):
         assert [spec for _, spec in setups] == [plan["input_spec"]] * 2
-        initial = ray.get(coordinator.initial_values.remote())
-        ray.get([w.load.remote(initial, 0, plan["serving_names"], coordinator)
-                 for w in workers])
-
         ray.get([w.train.remote(10) for w in workers])
         at10 = ray.get([w.variables.remote() for w in workers])
         reports = ray.get([w.train.remote(30) for w in workers])
         at30 = ray.get([w.variables.remote() for w in workers])
         reports[0]["events"] += ray.get(workers[0].finish.remote())["events"]
-    finally:
-        for actor in workers + [coordinator]:
-            ray.kill(actor)
 
     for snapshot, step in ((at10, 10), (at30, 30)):
         lead, other = snapshot

@@ -16,6 +16,11 @@ anchor with ``^`` for scope prefixes (``^tower/``).
 
 The trainable-only recipe silently drops batch-norm statistics, and inference
 then runs with their initial values; :func:`select` warns, naming them.
+
+``serve_ema`` changes which *values* are saved, not which names: a selected
+variable that has an exponential moving average is saved under its own name
+with its average's value (:func:`checkpoint_sources`), so a stock ``Saver`` of
+the model's variables restores the averages with no change to the predict graph.
 """
 
 from __future__ import annotations
@@ -65,11 +70,14 @@ class SelectionSpec:
         policy: ``trainable`` (default), ``inference`` or ``all``.
         include: Keep only names matching any of these regexes (empty: keep all).
         exclude: Drop names matching any of these regexes.
+        serve_ema: Save each selected variable's exponential moving average
+            (``optimizer.ema_decay``) under the variable's own name.
     """
 
     policy: str = "trainable"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    serve_ema: bool = False
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -80,6 +88,9 @@ class SelectionSpec:
                            if isinstance(self.include, list) else self.include)
         object.__setattr__(self, "exclude", tuple(self.exclude)
                            if isinstance(self.exclude, list) else self.exclude)
+        if not isinstance(self.serve_ema, bool):
+            raise SelectionError(
+                f"selection.serve_ema: expected true or false, got {self.serve_ema!r}")
         object.__setattr__(self, "_include_re", _compile_all(self.include, "include"))
         object.__setattr__(self, "_exclude_re", _compile_all(self.exclude, "exclude"))
 
@@ -91,12 +102,13 @@ class SelectionSpec:
         if unknown:
             raise SelectionError(
                 f"selection: unknown key(s) {sorted(unknown)}; valid keys are "
-                "policy, include, exclude")
+                "policy, include, exclude, serve_ema")
         return cls(**d)
 
     def to_json(self) -> str:
+        ema = {"serve_ema": True} if self.serve_ema else {}  # older JSON unchanged
         return json.dumps({"policy": self.policy, "include": list(self.include),
-                           "exclude": list(self.exclude)}, sort_keys=True)
+                           "exclude": list(self.exclude), **ema}, sort_keys=True)
 
     def matches_name(self, name: str) -> bool:
         """Applies only the include/exclude filters to one name."""
@@ -176,6 +188,19 @@ def select(variables: Sequence[VariableInfo], spec: SelectionSpec,
             "restored from these checkpoints would run with their initial "
             f"values{hint}.", MissingInferenceVariablesWarning, stacklevel=2)
     return Selection(names=names, missing_reads=missing)
+
+
+def checkpoint_sources(names: Sequence[str], averages: Mapping[str, str],
+                       serve_ema: bool) -> dict[str, str]:
+    """Checkpoint name -> name of the variable whose value is saved under it.
+
+    The mapping goes one way, from the names a checkpoint holds to the graph's
+    variables. It is the identity, except with ``serve_ema``: a selected
+    variable with an average (``averages``: variable name -> its average's)
+    is saved under its own name with the average's value. Variables without
+    one (batch-norm statistics) keep their own values.
+    """
+    return {n: averages.get(n, n) if serve_ema else n for n in names}
 
 
 def walk_back(roots: Iterable[Any], is_leaf) -> list[Any]:

@@ -10,7 +10,9 @@ is one of K virtual CPU device names, assigned by :func:`sharding.assign_shards`
 The tensor itself is read where the variable lives (no copy); the device name
 only groups variables into shards.
 
-The result is a plain TF V2 checkpoint keyed by variable op names:
+The result is a plain TF V2 checkpoint keyed by variable op names (or by the
+names a ``{checkpoint_name: variable}`` mapping gives, as ``Saver`` accepts:
+``selection.serve_ema`` saves each moving average under its variable's name):
 ``tf.train.load_checkpoint`` and any ``Saver.restore`` read it with no code of ours.
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import tensorflow as tf
 from tensorflow.python.training.saving import saveable_object
@@ -31,14 +33,13 @@ from distributed.checkpoint.tf_index import read_index
 
 
 class _ShardSaveable(saveable_object.SaveableObject):
-    """Saves one variable under its op name, in the shard named by ``device``."""
+    """Saves one variable under ``name``, in the shard named by ``device``."""
 
-    def __init__(self, variable, device: str):
+    def __init__(self, variable, device: str, name: str):
         self._variable = variable
         spec = saveable_object.SaveSpec(
-            variable.value, "", variable.op.name, dtype=variable.dtype.base_dtype,
-            device=device)
-        super().__init__(variable, [spec], variable.op.name)
+            variable.value, "", name, dtype=variable.dtype.base_dtype, device=device)
+        super().__init__(variable, [spec], name)
 
     def restore(self, restored_tensors, restored_shapes):
         del restored_shapes
@@ -72,19 +73,27 @@ class CheckpointWriter:
     """A sharded Saver over a fixed set of variables of one graph.
 
     Args:
-        variables: The selected ``tf.Variable`` objects (one graph).
+        variables: The selected ``tf.Variable`` objects (one graph), saved
+            under their op names; or ``{checkpoint_name: variable}``, saving
+            each variable's value under the given name. A name's manifest
+            ``trainable`` is that of the graph's variable of that name.
         num_shards: Number of ``.data`` files; default from the total bytes
             (one per 256 MiB, at most 16, at most one per variable).
         save_meta_graph: Also write ``model.ckpt.meta`` (large; off by default).
     """
 
-    def __init__(self, variables: Sequence[tf.Variable], num_shards: int | None = None,
-                 save_meta_graph: bool = False):
-        variables = list(variables)
-        if not variables:
+    def __init__(self, variables: Sequence[tf.Variable] | Mapping[str, tf.Variable],
+                 num_shards: int | None = None, save_meta_graph: bool = False):
+        by_name = (dict(variables) if isinstance(variables, Mapping)
+                   else {v.op.name: v for v in variables})
+        if not by_name:
             raise ValueError("CheckpointWriter needs at least one variable")
+        variables = list(by_name.values())
         self.graph = variables[0].graph
-        self.infos: list[VariableInfo] = describe_variables(variables)
+        trainable = {v.op.name for v in self.graph.get_collection("trainable_variables")}
+        self.infos: list[VariableInfo] = [
+            dataclasses.replace(info, name=name, trainable=name in trainable)
+            for name, info in zip(by_name, describe_variables(variables))]
         sizes = {i.name: _nbytes(i) for i in self.infos}
         if num_shards is None:
             num_shards = sharding.default_num_shards(sum(sizes.values()), len(sizes))
@@ -95,8 +104,8 @@ class CheckpointWriter:
         self.save_meta_graph = save_meta_graph
         with self.graph.as_default(), tf.name_scope("sharded_checkpoint"):
             saveables = [
-                _ShardSaveable(v, f"/device:CPU:{self.assignment[v.op.name]}")
-                for v in variables]
+                _ShardSaveable(v, f"/device:CPU:{self.assignment[name]}", name)
+                for name, v in by_name.items()]
             self.saver = tf.compat.v1.train.Saver(
                 var_list=saveables, sharded=True, max_to_keep=None,
                 save_relative_paths=True, allow_empty=False)

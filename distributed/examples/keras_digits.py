@@ -10,8 +10,10 @@ Three things make a Keras model behave in a ``tf.compat.v1`` graph:
 
 * **Batch-norm updates.** Keras layers in graph mode keep their moving-average
   updates in ``model.updates``, not in ``tf.compat.v1.GraphKeys.UPDATE_OPS``;
-  the model function adds them to the collection so the framework runs them
-  with the train op (and averages the statistics across workers).
+  the model function adds those of its call on the features to the collection
+  (:func:`distributed.keras.add_model_updates`, which also serves functional
+  models) so the framework runs them with the train op (and averages the
+  statistics across workers).
 * **Stable variable names.** Keras numbers unnamed layers per graph
   (``dense``, ``dense_1``, ...), so a layer created in one mode only would shift
   the names of the others. Every layer here has an explicit name, and the
@@ -38,7 +40,8 @@ import tensorflow as tf
 
 from distributed.errors import ConfigError
 from distributed.examples.digits import IMAGE_KEY
-from distributed.model import MODES, PREDICT, TRAIN, ModelSpec
+from distributed.keras import add_model_updates, model_losses
+from distributed.model import EVAL, MODES, PREDICT, TRAIN, ModelSpec
 
 
 def _tf_keras() -> Any:
@@ -115,12 +118,23 @@ def keras_cnn_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str
     if mode != PREDICT and labels is None:
         raise ValueError(f"labels: required in {mode!r} mode, got None")
     keras = _tf_keras()
-    model = _build_cnn(keras, params or {})
-    logits = model(tf.cast(features[IMAGE_KEY], tf.float32), training=mode == TRAIN)
-    # Keras keeps batch-norm updates on the model; the framework runs UPDATE_OPS.
-    collected = tf.compat.v1.get_collection_ref(tf.compat.v1.GraphKeys.UPDATE_OPS)
-    known = {id(op) for op in collected}
-    collected.extend(op for op in model.updates if id(op) not in known)
+    return keras_classifier_spec(keras, _build_cnn(keras, params or {}),
+                                 features[IMAGE_KEY], labels, mode)
+
+
+def keras_classifier_spec(keras: Any, model: Any, images: tf.Tensor, labels: Any,
+                          mode: str) -> ModelSpec:
+    """The :class:`ModelSpec` of a Keras classifier ``model`` called on ``images``.
+
+    Calls it with ``training=(mode == TRAIN)``, puts the batch-norm updates of
+    that call where the framework runs them (Keras keeps them on the model,
+    not in ``UPDATE_OPS``) and adds its regularization losses (kernel
+    regularizers live on the model too) to the mean cross-entropy. Eval mode
+    also reports ``accuracy``.
+    """
+    x = tf.cast(images, tf.float32)
+    logits = model(x, training=mode == TRAIN)
+    add_model_updates(model, x)
     predictions = {
         "logits": logits,
         "probabilities": tf.nn.softmax(logits, name="probabilities"),
@@ -130,9 +144,15 @@ def keras_cnn_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str
         return ModelSpec(predictions=predictions)
     loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
         tf.cast(labels, tf.int64), logits, from_logits=True))
-    if model.losses:  # kernel_regularizer terms live on the model, not in a collection
-        loss += tf.add_n(model.losses)
-    return ModelSpec(loss=tf.identity(loss, name="loss"), predictions=predictions)
+    regularization = model_losses(model, x)
+    if regularization:
+        loss += tf.add_n(regularization)
+    eval_metrics = {}
+    if mode == EVAL:
+        eval_metrics["accuracy"] = tf.compat.v1.metrics.accuracy(
+            tf.cast(labels, tf.int64), predictions["classes"])
+    return ModelSpec(loss=tf.identity(loss, name="loss"), predictions=predictions,
+                     eval_metrics=eval_metrics)
 
 
-__all__ = ["keras_cnn_model_fn"]
+__all__ = ["keras_classifier_spec", "keras_cnn_model_fn"]

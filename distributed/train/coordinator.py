@@ -69,7 +69,8 @@ class Coordinator:
         """
         import tensorflow as tf
 
-        from distributed.checkpoint.selection import describe_variables, select
+        from distributed.checkpoint.selection import (checkpoint_sources,
+                                                      describe_variables, select)
         from distributed.checkpoint.writer import CheckpointWriter, session_config
         from distributed.inputs import probe_spec
         from distributed.train.graph import (VariableLoader, build_train_graph,
@@ -90,14 +91,22 @@ class Coordinator:
                 f"the predict outputs read {', '.join(stale)}, but no op in "
                 "UPDATE_OPS updates them, so they keep their initial values and "
                 "serving would use those. A Keras model keeps its batch-norm "
-                "updates on the model: add model.updates to "
-                "tf.compat.v1.GraphKeys.UPDATE_OPS in model_fn (README: Keras 2 "
-                "layers). Ignore this if they are frozen on purpose.")
+                "updates on the model: call distributed.keras.add_model_updates("
+                "model, inputs) after model(inputs, training=...) in model_fn "
+                "(README: Keras 2 layers). Ignore this if they are frozen on "
+                "purpose.")
         chosen = set(selection.names)
-        serving_vars = [v for v in self.tg.variables if v.op.name in chosen]
-        self.serving_names = [v.op.name for v in serving_vars]
+        by_name = {v.op.name: v for v in self.tg.variables}
+        # Serving checkpoint name -> the variable saved under it (serve_ema: its
+        # average). Rank 0 hands values over by variable name, never renamed.
+        self.serving_sources = checkpoint_sources(
+            [n for n in by_name if n in chosen], self.tg.averages,
+            cfg.selection_spec().serve_ema)
+        self.serving_names = list(dict.fromkeys(self.serving_sources.values()))
         self.writers = {
-            "serving": CheckpointWriter(serving_vars, num_shards=cfg.checkpoint.shards),
+            "serving": CheckpointWriter(
+                {c: by_name[n] for c, n in self.serving_sources.items()},
+                num_shards=cfg.checkpoint.shards),
             "full": CheckpointWriter(self.tg.variables, num_shards=cfg.checkpoint.shards),
         }
         shards = max(w.num_shards for w in self.writers.values())
@@ -114,7 +123,7 @@ class Coordinator:
     def _build_evaluator(self) -> None:
         from distributed.train.evaluation import Evaluator
         cfg = self.config
-        self.evaluator = Evaluator(cfg, self.serving_names)
+        self.evaluator = Evaluator(cfg, list(self.serving_sources))
         known = self.evaluator.metric_names()
         uses = [("eval.stop_when.metric", cfg.eval.stop_when and cfg.eval.stop_when.metric)]
         for tier, rules in (cfg.retention or {}).items():
@@ -280,7 +289,9 @@ class Coordinator:
             self.record(step, {f"checkpoint/{tier}/failed_saves": 1.0})
             raise
         if evaluate:  # committed by the eval thread, with its metrics
-            self.pipeline.submit(entry, values, dict(metrics))
+            # Evaluated as served: under the checkpoint's names (serve_ema).
+            self.pipeline.submit(entry, {c: values[n] for c, n in
+                                         self.serving_sources.items()}, dict(metrics))
             result = entry.to_json_dict()
             result.update(evaluating=True, retention_deleted=[])
             return result

@@ -70,6 +70,8 @@ class TrainGraph:
     model_state: list  # non-trainable model variables averaged each step
     init_op: Any
     learning_rate: Any = None  # the schedule's value at the global step
+    # optimizer.ema_decay: variable name -> its moving average's variable name
+    averages: dict = dataclasses.field(default_factory=dict)
 
 
 def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any],
@@ -101,6 +103,10 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
                    if v.op.name not in before]
         trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
         update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+        fed = _fed_placeholders(features, labels)
+        # A functional Keras model's updates on its own Input can never run.
+        update_ops = [op for op, needs in zip(update_ops, placeholders_needed(update_ops))
+                      if needs <= fed]
         updated = _variables_written_by(update_ops)
         model_state = [v for v in created if v.op.name not in trainable
                        and v.op.name in updated and v.dtype.base_dtype.is_floating]
@@ -124,12 +130,15 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
                                                    config.optimizer.clip_global_norm)
         with tf.control_dependencies(update_ops):
             apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+        apply, averages = optimizers.apply_moving_average(config.optimizer, apply,
+                                                          global_step)
         assigns = [v.assign(value, read_value=False) for value, v in state_pairs]
         train_op = tf.group(apply, *assigns, name="train_op")
+        _check_fed(config, train_op, fed)
         init_op = tf.compat.v1.global_variables_initializer()
         variables = list(tf.compat.v1.global_variables())
     return TrainGraph(graph, features, labels, source, loss, train_op, global_step,
-                      variables, model_state, init_op, learning_rate)
+                      variables, model_state, init_op, learning_rate, averages)
 
 
 _WRITE_OPS = frozenset({"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp",
@@ -145,6 +154,63 @@ def _variables_written_by(ops) -> set[str]:
     from distributed.checkpoint.selection import variables_read_by, walk_back
     writes = walk_back(ops, lambda op: op.type in _WRITE_OPS)
     return variables_read_by([op.inputs[0] for op in writes])
+
+
+def _fed_placeholders(features: Mapping[str, Any], labels: Any) -> set[str]:
+    """Names of the placeholders the framework feeds each step: the input's."""
+    tensors = list(features.values()) + ([labels] if labels is not None else [])
+    return {t.op.name for t in tensors if t.op.type == "Placeholder"}
+
+
+def placeholders_needed(ops: Sequence[Any]) -> list[frozenset]:
+    """For each op (or tensor) in ``ops``, the names of the ``Placeholder`` ops
+    it depends on (through data and control inputs): what running it needs fed.
+
+    One walk over the graph serves all of ``ops`` (each op's set is memoized),
+    so it costs about the graph's size, not its size per op. The back edges of
+    v1 ``while`` loops are ignored; a placeholder a loop reads enters it
+    through a forward edge anyway.
+    """
+    memo: dict[Any, frozenset] = {}
+    for root in ops:
+        stack, active = [(getattr(root, "op", root), False)], set()
+        while stack:
+            op, expanded = stack.pop()
+            if op in memo:
+                continue
+            parents = [t.op for t in op.inputs] + list(op.control_inputs)
+            if expanded:
+                own = frozenset([op.name]) if op.type == "Placeholder" else frozenset()
+                memo[op] = own.union(*(memo.get(p, frozenset()) for p in parents))
+                active.discard(op)
+            elif op not in active:
+                active.add(op)
+                stack.append((op, True))
+                stack.extend((p, False) for p in parents
+                             if p not in memo and p not in active)
+    return [memo[getattr(o, "op", o)] for o in ops]
+
+
+def _check_fed(config: TrainConfig, train_op: Any, fed: set[str]) -> None:
+    """Raises :class:`ConfigError` naming the placeholders the train op needs
+    that the framework does not feed (a step would fail with "You must feed a
+    value for placeholder tensor")."""
+    from distributed.checkpoint.selection import walk_back
+    unfed = sorted((op for op in walk_back([train_op], lambda op: op.type == "Placeholder")
+                    if op.name not in fed), key=lambda op: op.name)
+    if not unfed:
+        return
+    names = ", ".join(f"'{op.name}' ({op.outputs[0].dtype.name} "
+                      f"{op.outputs[0].shape})" for op in unfed)
+    raise ConfigError(
+        f"model: {config.model}: the train step needs placeholder(s) {names}, which "
+        f"the framework never feeds (it feeds only the input's: "
+        f"{', '.join(sorted(fed)) or 'none, a tf.data input'}); compute the loss from "
+        "features and labels only: call a Keras model on them (model(features[...]), "
+        "not model.output), add its updates with distributed.keras.add_model_updates("
+        "model, inputs) and its losses with distributed.keras.model_losses(model, "
+        "inputs), and make a value of your own a tf.constant or "
+        "tf.compat.v1.placeholder_with_default")
 
 
 # Names of moving statistics (batch norm, EMA) that a train step should update.

@@ -181,3 +181,42 @@ def clip_gradients(grads_and_vars: list, clip_norm: float | None) -> list:
         return grads_and_vars
     clipped, _ = tf.clip_by_global_norm([g for g, _ in grads_and_vars], clip_norm)
     return list(zip(clipped, [v for _, v in grads_and_vars]))
+
+
+EMA_SUFFIX = "ExponentialMovingAverage"  # TF's name for an average's variable
+
+
+def apply_moving_average(cfg: OptimizerConfig, apply_op, global_step,
+                         variables=None) -> tuple[Any, dict[str, str]]:
+    """Adds ``optimizer.ema_decay``'s moving averages after ``apply_op``.
+
+    The averages' update runs after the optimizer's (a control dependency), so
+    it reads the variables as that step left them; every input is the same on
+    every replica (the gradients were all-reduced), so the averages stay
+    identical too. The shadow variables are ``<variable>/ExponentialMovingAverage``,
+    non-trainable globals (so full checkpoints hold them and resume restores them).
+
+    Args:
+        cfg: The optimizer config (nothing is added without ``ema_decay``).
+        apply_op: The optimizer's ``apply_gradients`` op.
+        global_step: The global step (``num_updates`` with ``ema_num_updates``).
+        variables: What to average; default every floating-point trainable
+            variable of the default graph.
+
+    Returns:
+        ``(op, averages)``: the op that applies and then averages (``apply_op``
+        itself without ``ema_decay``), and variable name -> its average's name.
+    """
+    if cfg.ema_decay is None:
+        return apply_op, {}
+    if variables is None:
+        variables = tf.compat.v1.trainable_variables()
+    variables = [v for v in variables if v.dtype.base_dtype.is_floating]
+    num_updates = global_step if cfg.ema_num_updates else None
+    ema = tf.compat.v1.train.ExponentialMovingAverage(
+        cfg.ema_decay, num_updates=num_updates, name=EMA_SUFFIX)
+    with tf.control_dependencies([apply_op]):
+        # The shadows are created in an init scope, free of this dependency.
+        average_op = ema.apply(variables)
+    return (tf.group(apply_op, average_op, name="apply_and_average"),
+            {v.op.name: ema.average(v).op.name for v in variables})
