@@ -49,6 +49,9 @@ def parse_args(argv):
                    help="versions kept in --watch mode")
     p.add_argument("--poll", type=number(float, lambda v: v > 0, "seconds > 0"), default=10.0,
                    help="seconds between polls in --watch")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show TensorFlow's native start-up lines (same as "
+                        "DTR_VERBOSE=1)")
     args = p.parse_args(argv)
     if args.watch and (args.step is not None or args.best):
         p.error("--watch exports each new checkpoint; it does not take --step or --best")
@@ -57,6 +60,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verbose:
+        os.environ[logs.VERBOSE_ENV] = "1"
+    logs.quiet_native_stderr()  # before TensorFlow is imported
     logs.setup(args.run, "restore")
     remote = {"storage_options": dict(args.storage_options), "cache": args.cache}
     if args.watch:

@@ -29,11 +29,17 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, help="total training steps")
     p.add_argument("--storage", help="checkpoint storage directory shared by all nodes")
     p.add_argument("--run", help="run name (re-use one with a full checkpoint to resume)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show TensorFlow's native start-up lines and Ray's "
+                        "notices (same as DTR_VERBOSE=1)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verbose:
+        os.environ[logs.VERBOSE_ENV] = "1"
+    logs.quiet_native_stderr()  # before TensorFlow is imported
     overrides = {"workers": args.workers, "steps": args.steps,
                  "storage": args.storage, "run": args.run}
     if args.config:

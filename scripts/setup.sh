@@ -10,6 +10,8 @@ fi
 extras="dev"
 for e in "$@"; do extras="$extras,$e"; done
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]" 2>&1 | grep -v "is ignored" || true
+# PYTHONWARNINGS: the build backend's notice about editable installs is not news.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q --disable-pip-version-check \
+  -e ".[$extras]" 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import tensorflow, ray, pyarrow, crc32c" 2>/dev/null \
   || { echo "setup failed: the project's dependencies do not import" >&2; exit 1; }

@@ -383,7 +383,8 @@ def _job(args, storage, run, ray_tmp, **kw):
     ``RAY_TMPDIR``: a plain ``ray.init()`` joins any Ray that advertises itself
     in the machine's ``/tmp/ray`` (another test session's, say) instead of
     starting its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_ADDRESS") and k != "DTR_VERBOSE"}
     env["PYTHONPATH"] = REPO_ROOT
     env["RAY_TMPDIR"] = ray_tmp
     return subprocess.Popen(
@@ -421,6 +422,9 @@ def test_driver_stopped_by_sigterm_cleans_up_and_rerun_resumes(tmp_path, ray_tmp
     out, _ = job.communicate(timeout=120)
     assert job.returncode == 130, out
     assert "interrupted; actors stopped" in out and "Traceback" not in out, out
+    # A quiet terminal: TF's native start-up lines of the driver and every actor
+    # are filtered (DTR_VERBOSE=1 / --verbose brings them back).
+    assert not re.search(r"cuInit|absl::InitializeLog|oneDNN custom operations", out), out
     gone, alive = psutil.wait_procs(children, timeout=60)
     assert not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], \
         [p.info if hasattr(p, "info") else p for p in alive]

@@ -71,3 +71,70 @@ def test_status_line_is_silent_when_not_a_terminal():
     status.update("anything")
     status.clear()
     assert plain.getvalue() == "" and not status.live
+
+
+# ------------------------------------------------------- a quiet terminal -----
+
+NOISE = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796514033.452756    7664 port.cc:153] oneDNN custom operations are on.",
+    "I0000 00:00:1796514033.453767    7664 cudart_stub.cc:31] Could not find cuda drivers",
+    "E0000 00:00:1796514042.822293    7836 cuda_platform.cc:52] failed call to cuInit: "
+    "INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+]
+KEPT = [
+    "E0000 00:00:1796514042.822293    7836 op_kernel.cc:1830] OP_REQUIRES failed: disk",
+    "a line of the user's native library",
+]
+_NOISY_CHILD = r"""
+import logging, os, signal, sys
+from distributed import logs
+logs.quiet_native_stderr()
+logs.setup("r", "driver")
+for line in {lines!r}:
+    os.write(2, (line + "\n").encode())
+print("python stderr line", file=sys.stderr)
+logging.getLogger("tensorflow").warning("From x.py:1: f (from y) is deprecated and "
+                                        "will be removed in a future version.")
+logging.getLogger("distributed.t").warning("our own warning")
+if {crash!r}:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _run_noisy_child(crash=False, **env):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    code = _NOISY_CHILD.format(lines=NOISE + KEPT, crash=crash)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+
+
+def test_native_noise_is_dropped_and_everything_else_kept(monkeypatch):
+    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    err = _run_noisy_child().stderr
+    for line in NOISE:
+        assert line not in err
+    for line in KEPT + ["python stderr line", "our own warning"]:
+        assert line in err, err
+    assert "deprecated" not in err, err
+
+
+def test_verbose_keeps_every_line():
+    err = _run_noisy_child(**{logs.VERBOSE_ENV: "1"}).stderr
+    for line in NOISE + KEPT + ["python stderr line", "is deprecated and will be removed"]:
+        assert line in err, err
+
+
+def test_a_killed_process_loses_none_of_its_native_lines(monkeypatch):
+    """The filter is another process: it reads the pipe to its end after this
+    one is killed, so what was written just before a crash is kept."""
+    monkeypatch.delenv(logs.VERBOSE_ENV, raising=False)
+    done = _run_noisy_child(crash=True)
+    assert done.returncode == -9
+    for line in KEPT:
+        assert line in done.stderr, done.stderr
+    assert not [line for line in NOISE if line in done.stderr]

@@ -39,7 +39,7 @@ class Coordinator:
     def __init__(self, config_dict: Mapping[str, Any], restarting: bool = False):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.config: TrainConfig = from_dict(config_dict)
-        logs.setup(self.config.run, "coordinator")
+        logs.setup_actor(self.config.run, "coordinator")
         self.restarting = restarting
         from distributed.checkpoint.store import CheckpointStore
         self.store = CheckpointStore(self.config.storage_path, self.config.run)

@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 
 _ACTOR_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1",
               "PYTHONUNBUFFERED": "1"}
+# The driver's own settings of these reach the actors (on a cluster too).
+_PASSED_ENV = ("TF_CPP_MIN_LOG_LEVEL", logs.VERBOSE_ENV, "DTR_LOG_FORMAT")
+
+
+def actor_env_vars() -> dict[str, str]:
+    """Environment variables every actor gets: :data:`_ACTOR_ENV`, with the
+    driver's own values of :data:`_PASSED_ENV` where it has them."""
+    env = dict(_ACTOR_ENV)
+    env.update({k: os.environ[k] for k in _PASSED_ENV if k in os.environ})
+    return env
 COORDINATOR_CPUS = 0.25
 
 
@@ -46,7 +56,7 @@ def connect_ray() -> bool:
     # A local Ray's worker processes inherit this environment, so the actors
     # need no runtime_env of their own and can use the workers Ray prestarts.
     cwd = os.getcwd()
-    os.environ.update(_ACTOR_ENV)
+    os.environ.update(actor_env_vars())
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
     # address="local": a new Ray even when /tmp/ray names a running one (another
@@ -152,7 +162,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
             raydata.check_cpus(dataset, _free_cpus(config), config.input_ref)
         failures: list[str] = []
         run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0,
-                        actor_env=None if started else {"env_vars": dict(_ACTOR_ENV)},
+                        actor_env=None if started else {"env_vars": actor_env_vars()},
                         dataset=dataset)
         while True:
             try:

@@ -173,7 +173,7 @@ class Worker:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.config = from_dict(config_dict)
         self.rank = rank
-        logs.setup(self.config.run, f"worker {rank}")
+        logs.setup_actor(self.config.run, f"worker {rank}")
         from distributed.train.collective import pick_free_port
         import ray
         self._address = f"{ray.util.get_node_ip_address()}:{pick_free_port()}"
