@@ -225,8 +225,10 @@ class EvalConfig:
     Attributes:
         input: The eval ``input_fn`` (``package.module:function``; a generator
             or a ``tf.data`` dataset, as for training), called as
-            ``input_fn(0, 1, batch_size, params)``. Ray Data is not an eval
-            input yet.
+            ``input_fn(0, 1, batch_size, params)``; or a Ray Data input
+            ``{ray_dataset: package.module:function, label: COLUMN}``, whose
+            function the driver calls once (with ``input_params``) and which
+            each evaluation reads from start to end.
         every: Evaluate every N steps (a multiple of
             ``checkpoint.serving_every``); ``null``: every serving checkpoint.
         batches: Batches per evaluation; ``null`` reads the input to its end
@@ -243,16 +245,26 @@ class EvalConfig:
     input_params: dict | None = None
     stop_when: StopWhen | None = None
 
+    @property
+    def ray_input(self) -> bool:
+        """Whether the eval input is a Ray Data dataset."""
+        return isinstance(self.input, Mapping)
+
+    @property
+    def input_ref(self) -> str:
+        """The ``package.module:function`` the eval input names."""
+        return self.input["ray_dataset"] if self.ray_input else self.input
+
+    @property
+    def input_label(self) -> str | None:
+        """Ray Data eval input: the label column."""
+        return self.input["label"] if self.ray_input else None
+
     def validate(self, path: str, serving_every: int) -> None:
         if self.input is None:
             raise ConfigError(f"{path}.input: missing; name the eval input_fn "
                               "('package.module:function') or a Ray Data input")
-        if isinstance(self.input, Mapping):
-            raise ConfigError(
-                f"{path}.input: a Ray Data eval input is not supported yet; name an "
-                "input_fn ('package.module:function') that yields the eval split once "
-                "(e.g. from ds.iter_batches) or returns a finite tf.data dataset")
-        _check_ref(self.input, f"{path}.input")
+        _check_input_value(self.input, f"{path}.input")
         if serving_every == 0:
             raise ConfigError(
                 f"{path}: evaluation runs on serving checkpoints, but "

@@ -121,6 +121,35 @@ def test_early_stop_rule_counts_evaluations_without_a_new_best():
     assert low.observe(3, {"eval/loss": 0.6}) is not None
 
 
+def test_a_resumed_run_goes_on_counting_evaluations_without_a_new_best(storage):
+    """eval.stop_when's state is rebuilt from the committed rows' metrics when
+    a coordinator resumes (a restarted group, or the same --run again)."""
+    import pyarrow.parquet as pq
+
+    from tests.drivers import train_in_process
+    cfg = config_lib.from_dict({
+        "model": MLP, "storage": storage, "run": "es", "workers": 1, "steps": 80,
+        "model_params": {"hidden": [32]},
+        "checkpoint": {"serving_every": 20, "full_every": 80},
+        "optimizer": {"name": "adam", "learning_rate": 0.01},
+        "eval": {**EVAL, "stop_when": {"metric": "eval/loss", "mode": "max",
+                                       "patience": 9}}})
+    first = train_in_process(cfg, (20, 40, 60, 80), full_at_end=True)
+    first.close()
+    rows = pq.read_table(RunLayout(storage, "es").catalog_dir).to_pylist()
+    # (A checkpoint saved before the previous one was evaluated has no eval/loss.)
+    losses = {r["step"]: dict(r["metrics"])["eval/loss"] for r in rows
+              if r["tier"] == "serving" and "eval/loss" in dict(r["metrics"])}
+    assert len(losses) >= 2 and 80 in losses, rows
+    best_step = max(losses, key=losses.get)  # "max": the worst loss is the best
+    second = Coordinator(cfg.to_dict(), restarting=True)
+    assert second.prepare()["resumed_from"] == 80
+    second.close()
+    rule = second.early_stop
+    assert (rule.best, rule.best_step) == (losses[best_step], best_step)
+    assert rule.since_best == len([s for s in losses if s > best_step])
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_stop_when_ends_the_run_early_with_its_checkpoints(local_ray, storage):  # noqa: F811

@@ -65,6 +65,14 @@ def digits_parquet(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def test_split_parquet(tmp_path_factory) -> str:
+    """The digits' held-out split (297 rows) as one Parquet file."""
+    path = str(tmp_path_factory.mktemp("parquet") / "digits-test")
+    write_digits_parquet(path, "test", files=1)
+    return path
+
+
 def make_config(storage: str, run: str, dataset: str = PARQUET, label: str = "label",
                 params: dict | None = None, **overrides) -> config_lib.TrainConfig:
     data = {"storage": storage, "run": run, "model": MLP,
@@ -105,11 +113,16 @@ class TestOnLocalRay:
                                                          (True, CNN, 60)],
                              ids=["read_parquet-mlp", "materialized-cnn"])
     def test_parquet_trains_commits_and_exports(self, local_ray, storage, tmp_path,
-                                                digits_parquet, materialize, model,
-                                                steps):
+                                                digits_parquet, test_split_parquet,
+                                                materialize, model, steps):
         run = "rd"
+        # The materialized case is evaluated on the held-out split, also Ray Data.
+        evaluation = {"eval": {"input": {"ray_dataset": PARQUET, "label": "label"},
+                               "input_params": {"path": test_split_parquet,
+                                                "materialize": True}}}
         config = make_config(storage, run, model=model, steps=steps,
-                             params={"path": digits_parquet, "materialize": materialize})
+                             params={"path": digits_parquet, "materialize": materialize},
+                             **(evaluation if materialize else {}))
         lines: list[str] = []
         summary = trainer.train(config, echo=lines.append)
         text = "\n".join(lines)
@@ -128,6 +141,9 @@ class TestOnLocalRay:
             *(("full", s) for s in every), *(("serving", s) for s in every)], text
         catalog = Catalog(RunLayout(storage, run))
         assert all(np.isfinite(e.metrics["loss"]) for e in catalog.entries())
+        if materialize:  # evaluated on the 297 rows (the newest one always is)
+            scored = [e.metrics.get("eval/accuracy") for e in catalog.entries("serving")]
+            assert scored[-1] is not None and scored[-1] > 0.8, scored
 
         # Stock TF reads them; the serving checkpoint restores into the predict graph.
         serving = tf.train.load_checkpoint(ckpt_prefix(storage, run, "serving", steps))
@@ -157,6 +173,28 @@ class TestOnLocalRay:
         images, labels = digits.digits_eval_arrays("test")
         served = serving_fn(image=tf.constant(images["image"]))["classes"].numpy()
         assert np.mean(served == labels) > 0.8
+
+    def test_ray_data_eval_reads_the_whole_split_as_the_generator_does(
+            self, local_ray, storage, test_split_parquet):
+        """One evaluation over a Ray Data eval input (materialized or streamed)
+        reads every row, in batches of eval.batch_size, the last one partial:
+        its metrics equal those of the generator eval input over the same split."""
+        from distributed.train.evaluation import Evaluator
+        generator = config_lib.from_dict({
+            "model": MLP, "storage": storage, "batch_size": 64,
+            "eval": {"input": "distributed.examples.digits:digits_eval_input_fn"}})
+        want, batches = Evaluator(generator, []).evaluate({})
+        assert batches == 5  # 297 rows: four of 64, one of 41
+        for materialize in (True, False):
+            config = config_lib.from_dict({
+                "model": MLP, "storage": storage, "batch_size": 64,
+                "input": {"ray_dataset": PARQUET, "label": "label"},
+                "input_params": {"path": test_split_parquet, "materialize": materialize},
+                "eval": {"input": {"ray_dataset": PARQUET, "label": "label"}}})
+            got, n = Evaluator(config, []).evaluate({})
+            assert n == batches
+            assert got == pytest.approx(want, rel=1e-6), materialize
+            assert set(got) == {"eval/loss", "eval/accuracy"}
 
     # ------------------------------------------------------- bad input -----
 

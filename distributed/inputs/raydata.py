@@ -21,10 +21,16 @@ from distributed.errors import ConfigError, user_code
 FIELD = "input.ray_dataset"
 
 
-def load_dataset(ref: str, label: str, params: Mapping[str, Any]):
+def load_dataset(ref: str, label: str, params: Mapping[str, Any],
+                 field: str = "input"):
     """Calls the config's dataset function in the driver and checks what it
     returns: a ``ray.data.Dataset`` with the ``label`` column and at least one
     feature column.
+
+    Args:
+        ref, label, params: The config's ``ray_dataset``, ``label`` and params.
+        field: The config field the input is (``input``, ``eval.input``), for
+            the error messages.
 
     NOTE: only the driver calls this, after Ray is up.
     """
@@ -32,27 +38,28 @@ def load_dataset(ref: str, label: str, params: Mapping[str, Any]):
 
     from distributed.model import load_function
     quiet()
-    fn = load_function(ref, FIELD, 1)
-    with user_code(FIELD, ref):
+    where = f"{field}.ray_dataset"
+    fn = load_function(ref, where, 1)
+    with user_code(where, ref):
         dataset = fn(dict(params))
     if not isinstance(dataset, ray.data.Dataset):
         raise ConfigError(
-            f"{FIELD}: {ref} returned {type(dataset).__name__}, not a "
+            f"{where}: {ref} returned {type(dataset).__name__}, not a "
             "ray.data.Dataset; return e.g. ray.data.read_parquet(path)")
-    with user_code(FIELD, ref):
+    with user_code(where, ref):
         schema = dataset.schema()
     if schema is None or not list(schema.names):
-        raise ConfigError(f"{FIELD}: {ref} returned an empty dataset (no rows, no "
+        raise ConfigError(f"{where}: {ref} returned an empty dataset (no rows, no "
                           "columns); check the path or query it reads")
     names = list(schema.names)
     if label not in names:
         close = difflib.get_close_matches(label, names, n=1)
         raise ConfigError(
-            f"input.label: the dataset of {ref} has no column {label!r}"
+            f"{field}.label: the dataset of {ref} has no column {label!r}"
             + (f" (did you mean {close[0]!r}?)" if close else "")
             + f"; its columns are {', '.join(names)}")
     if len(names) < 2:
-        raise ConfigError(f"input.label: {label!r} is the only column of the dataset "
+        raise ConfigError(f"{field}.label: {label!r} is the only column of the dataset "
                           f"of {ref}; the other columns are the features")
     return dataset
 
@@ -97,18 +104,26 @@ def split_batches(data_iterator, batch_size: int, label: str, ref: str,
     """``(features, labels)`` numpy batches of one split, epoch after epoch."""
     while True:
         n = 0
-        for batch in data_iterator.iter_batches(
-                batch_size=batch_size, batch_format="numpy", drop_last=True,
-                prefetch_batches=prefetch):
-            batch = dict(batch)
-            labels = _column(batch.pop(label), label, ref)
-            yield {k: _column(v, k, ref) for k, v in batch.items()}, labels
+        for batch in epoch_batches(data_iterator, batch_size, label, ref,
+                                   drop_last=True, prefetch=prefetch):
+            yield batch
             n += 1
         if n == 0:
             raise ConfigError(
                 f"{FIELD}: {ref} gave worker {rank} no full batch of {batch_size} "
                 "rows; the dataset is empty or has fewer than workers x batch_size "
                 "rows")
+
+
+def epoch_batches(data, batch_size: int, label: str, ref: str, drop_last: bool,
+                  prefetch: int = 2) -> Iterator:
+    """One pass over ``data`` (a dataset or a split) as ``(features, labels)``
+    numpy batches: every column but ``label`` is a feature."""
+    for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                   drop_last=drop_last, prefetch_batches=prefetch):
+        batch = dict(batch)
+        labels = _column(batch.pop(label), label, ref)
+        yield {k: _column(v, k, ref) for k, v in batch.items()}, labels
 
 
 def _column(values: np.ndarray, name: str, ref: str) -> np.ndarray:

@@ -61,11 +61,12 @@ class Coordinator:
         plan.update(self.open_run())
         return plan
 
-    def build(self, input_spec=None) -> dict[str, Any]:
+    def build(self, input_spec=None, eval_dataset=None) -> dict[str, Any]:
         """Builds the chief graph, the selection and the writers; writes nothing.
 
         ``input_spec`` is given for a Ray Data input (worker 0's); otherwise
         the coordinator learns it from the input function itself.
+        ``eval_dataset``: a Ray Data eval input's dataset, as the driver loaded it.
         """
         import tensorflow as tf
 
@@ -114,16 +115,16 @@ class Coordinator:
                                          config=session_config(shards))
         self.loader = VariableLoader(self.tg.variables)
         if cfg.eval is not None:
-            self._build_evaluator()
+            self._build_evaluator(eval_dataset)
         return {"input_spec": self.input_spec, "serving_names": self.serving_names,
                 "num_variables": len(self.tg.variables), "warnings": self.warnings,
                 "serving_bytes": self.writers["serving"].total_bytes,
                 "full_bytes": self.writers["full"].total_bytes}
 
-    def _build_evaluator(self) -> None:
+    def _build_evaluator(self, eval_dataset=None) -> None:
         from distributed.train.evaluation import Evaluator
         cfg = self.config
-        self.evaluator = Evaluator(cfg, list(self.serving_sources))
+        self.evaluator = Evaluator(cfg, list(self.serving_sources), eval_dataset)
         known = self.evaluator.metric_names()
         uses = [("eval.stop_when.metric", cfg.eval.stop_when and cfg.eval.stop_when.metric)]
         for tier, rules in (cfg.retention or {}).items():
@@ -160,6 +161,10 @@ class Coordinator:
             from distributed.train.evaluation import EarlyStop, EvalPipeline
             rule = self.config.eval.stop_when
             self.early_stop = rule and EarlyStop(rule.metric, rule.mode, rule.patience)
+            if self.early_stop:  # a restarted or resumed run goes on counting
+                for entry in self.store.catalog.entries("serving"):
+                    if entry.step <= start_step:
+                        self.early_stop.observe(entry.step, entry.metrics)
             self.pipeline = EvalPipeline(self.evaluator.evaluate, self._commit_evaluated)
         return {"start_step": start_step, "resumed_from": resumed,
                 "recreated_serving": recreated, "warnings": self.warnings,

@@ -30,9 +30,17 @@ from distributed.model import EVAL
 
 
 class Evaluator:
-    """An eval-mode graph and Session for one run's model and eval input."""
+    """An eval-mode graph and Session for one run's model and eval input.
 
-    def __init__(self, config, value_names):
+    Args:
+        config: The run's config (with an ``eval`` block).
+        value_names: The names serving checkpoints hold (what :meth:`evaluate`
+            is given); the eval graph's other variables keep initial values.
+        dataset: A Ray Data eval input's dataset, as the driver loaded it
+            (``None``: loaded here, as the driver would).
+    """
+
+    def __init__(self, config, value_names, dataset=None):
         import tensorflow as tf
 
         from distributed.inputs.sources import DatasetSource, call_input_fn, is_dataset
@@ -42,19 +50,25 @@ class Evaluator:
         self.config, self.batches = config, ev.batches
         self.batch_size = ev.batch_size or config.batch_size
         self.params = config.input_params if ev.input_params is None else ev.input_params
-        self.ref = ev.input
+        self.ref = ev.input_ref
+        self._dataset = self._source = None
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.compat.v1.set_random_seed(config.seed)
-            self._input_fn = load_function(self.ref, "eval.input", 4)
-            first = call_input_fn(self._input_fn, self.ref, 0, 1, self.batch_size,
-                                  self.params)
+            if ev.ray_input:
+                from distributed.inputs import raydata
+                self._dataset = dataset if dataset is not None else raydata.load_dataset(
+                    self.ref, ev.input_label, self.params, field="eval.input")
+                first = self._python_batches()
+            else:
+                self._input_fn = load_function(self.ref, "eval.input", 4)
+                first = call_input_fn(self._input_fn, self.ref, 0, 1, self.batch_size,
+                                      self.params)
             if is_dataset(first):
                 self._source = DatasetSource(first, self.ref, 0)
                 features, labels = self._source.tensors()
                 self._check_finite(first)
             else:
-                self._source = None
                 from distributed.inputs.sources import PythonSource
                 probe = PythonSource(first, self.ref, "eval.input", 0, prefetch=0)
                 probe.close()
@@ -62,20 +76,7 @@ class Evaluator:
                 features, labels = self.spec.placeholders()
                 self._placeholders = (features, labels)
             spec = call_model_fn(config, features, labels, EVAL)
-            if spec.loss is None:
-                raise ConfigError(f"model: {config.model} returned no loss in eval mode; "
-                                  "evaluation records eval/loss")
-            loss_value, loss_update = tf.compat.v1.metrics.mean(spec.loss)
-            self.values, updates = {"eval/loss": loss_value}, [loss_update]
-            for name, pair in dict(spec.eval_metrics or {}).items():
-                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                    raise ConfigError(
-                        f"model: eval_metrics[{name!r}] of {config.model} is "
-                        f"{type(pair).__name__}; give (value_tensor, update_op), "
-                        "e.g. tf.compat.v1.metrics.accuracy(labels, predictions)")
-                self.values[f"eval/{name}"] = pair[0]
-                updates.append(pair[1])
-            self._updates = tf.group(*updates)
+            self._updates = self._metrics(config, spec)
             variables = tf.compat.v1.global_variables()
             self._loader = VariableLoader(variables) if variables else None
             self._names = {v.op.name for v in variables}
@@ -84,6 +85,36 @@ class Evaluator:
         self.missing = sorted(self._names - set(value_names))
         self.sess = tf.compat.v1.Session(graph=self.graph)
         self.sess.run(init)
+
+    def _metrics(self, config, spec):
+        """Sets ``self.values`` (``eval/loss`` and ``eval/<name>``); returns the
+        op that updates them all with one batch."""
+        import tensorflow as tf
+        if spec.loss is None:
+            raise ConfigError(f"model: {config.model} returned no loss in eval mode; "
+                              "evaluation records eval/loss")
+        loss_value, loss_update = tf.compat.v1.metrics.mean(spec.loss)
+        self.values, updates = {"eval/loss": loss_value}, [loss_update]
+        for name, pair in dict(spec.eval_metrics or {}).items():
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ConfigError(
+                    f"model: eval_metrics[{name!r}] of {config.model} is "
+                    f"{type(pair).__name__}; give (value_tensor, update_op), "
+                    "e.g. tf.compat.v1.metrics.accuracy(labels, predictions)")
+            self.values[f"eval/{name}"] = pair[0]
+            updates.append(pair[1])
+        return tf.group(*updates)
+
+    def _python_batches(self):
+        """A fresh pass over the Python eval input: the ``input_fn``'s
+        generator, or the Ray Data dataset from its first row to its last."""
+        if self._dataset is not None:
+            from distributed.inputs import raydata
+            return raydata.epoch_batches(self._dataset, self.batch_size,
+                                         self.config.eval.input_label, self.ref,
+                                         drop_last=False)
+        with user_code("eval.input", self.ref):
+            return iter(self._input_fn(0, 1, self.batch_size, dict(self.params)))
 
     def _check_finite(self, dataset) -> None:
         import tensorflow as tf
@@ -116,9 +147,7 @@ class Evaluator:
                 n += 1
         else:
             features, labels = self._placeholders
-            with user_code("eval.input", self.ref):
-                batches = iter(self._input_fn(0, 1, self.batch_size, dict(self.params)))
-            for batch in _take(batches, self.batches, self.ref):
+            for batch in _take(self._python_batches(), self.batches, self.ref):
                 feed = {features[k]: v for k, v in batch[0].items()}
                 feed[labels] = batch[1]
                 self.sess.run(self._updates, feed)

@@ -124,6 +124,31 @@ def check_functions(config: TrainConfig) -> None:
         load_function(config.input_ref, "input.ray_dataset", 1)
     else:
         load_function(config.input_ref, "input", 4)
+    if config.eval is not None and config.eval.ray_input:
+        load_function(config.eval.input_ref, "eval.input.ray_dataset", 1)
+    elif config.eval is not None:
+        load_function(config.eval.input_ref, "eval.input", 4)
+
+
+def _load_ray_datasets(config: TrainConfig) -> tuple[Any, Any]:
+    """The Ray Data datasets of the input and the eval input (``None`` where
+    that input is not Ray Data), loaded and checked in the driver before the
+    actors take their CPUs."""
+    if not config.ray_input and not (config.eval and config.eval.ray_input):
+        return None, None
+    from distributed.inputs import raydata
+    dataset = eval_dataset = None
+    if config.ray_input:
+        dataset = raydata.load_dataset(config.input_ref, config.input_label,
+                                       config.input_params)
+        raydata.check_cpus(dataset, _free_cpus(config), config.input_ref)
+    if config.eval is not None and config.eval.ray_input:
+        ev = config.eval
+        params = config.input_params if ev.input_params is None else ev.input_params
+        eval_dataset = raydata.load_dataset(ev.input_ref, ev.input_label, params,
+                                            field="eval.input")
+        raydata.check_cpus(eval_dataset, _free_cpus(config), ev.input_ref)
+    return dataset, eval_dataset
 
 
 def train(config: TrainConfig, echo: Callable[[str], None] = print,
@@ -154,16 +179,11 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
     started = connect_ray()
     try:
         _check_resources(config)
-        dataset = None
-        if config.ray_input:
-            from distributed.inputs import raydata
-            dataset = raydata.load_dataset(config.input_ref, config.input_label,
-                                           config.input_params)
-            raydata.check_cpus(dataset, _free_cpus(config), config.input_ref)
+        dataset, eval_dataset = _load_ray_datasets(config)
         failures: list[str] = []
         run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0,
                         actor_env=None if started else {"env_vars": actor_env_vars()},
-                        dataset=dataset)
+                        dataset=dataset, eval_dataset=eval_dataset)
         while True:
             try:
                 summary = run.attempt(restarting=bool(failures))
@@ -211,9 +231,10 @@ class _GroupRun:
     """Starts one group of actors (coordinator + workers) per attempt."""
 
     def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float,
-                 actor_env: dict | None, dataset=None):
+                 actor_env: dict | None, dataset=None, eval_dataset=None):
         self.config = config
         self.dataset = dataset  # Ray Data input: split anew for every group
+        self.eval_dataset = eval_dataset  # Ray Data eval input: the coordinator's
         self.actor_env = actor_env  # None: the actors inherit the driver's
         self.status = StatusLine()
         self.echo = self.status.wrap(echo)
@@ -253,7 +274,8 @@ class _GroupRun:
         worker_names = [f"worker {r}" for r in range(len(workers))]
         # The coordinator learns the input spec from the input function while
         # the workers set up; a Ray Data input's spec comes from worker 0.
-        plan_ref = None if self.dataset is not None else coordinator.build.remote()
+        plan_ref = (None if self.dataset is not None else
+                    coordinator.build.remote(None, self.eval_dataset))
         addresses = self._get([w.address.remote() for w in workers], worker_names)
         if len(set(addresses)) != len(addresses):
             raise GroupFailure(f"two workers picked the same TF server address "
@@ -262,7 +284,8 @@ class _GroupRun:
                   raydata_split(self.dataset, len(workers)))
         setups = [w.setup.remote(addresses, s) for w, s in zip(workers, splits)]
         if plan_ref is None:
-            plan_ref = coordinator.build.remote(self._get(setups[0], "worker 0")[1])
+            plan_ref = coordinator.build.remote(self._get(setups[0], "worker 0")[1],
+                                                self.eval_dataset)
         plan = self._get(plan_ref, "the coordinator")
         for rank, (_, spec) in enumerate(self._get(setups, worker_names)):
             if spec != plan["input_spec"]:
