@@ -64,12 +64,14 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 PY = sys.executable
+
+from _benchlib import Table, fail_tail, log, run_stamped, run_train_job  # noqa: E402
 
 # Targets: never change these to make a run pass.
 T_THROUGHPUT_VS_RAYTRAIN = 2.0     # ours / Ray Train steps/s, at least (model.fit peer)
@@ -93,10 +95,6 @@ MLP_CONFIG = {
     "selection": {"policy": "trainable"},
     "checkpoint": {"serving_every": 0, "full_every": 0},
 }
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def parse_args(argv=None):
@@ -179,61 +177,6 @@ def peer_steps_per_call(peer: str) -> int:
     return int(peer[len("strong-k"):]) if peer.startswith("strong-k") else 1
 
 
-# -- table -------------------------------------------------------------------
-
-class Table:
-    def __init__(self):
-        self.rows = []
-
-    def add(self, name, ours, base, ratio, target, ok):
-        self.rows.append((name, ours, base, ratio, target,
-                          "" if ok is None else ("PASS" if ok else "FAIL")))
-
-    def print(self):
-        heads = ("measure", "ours", "baseline", "ratio", "target", "result")
-        widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(heads)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        print(fmt.format(*heads))
-        print(fmt.format(*("-" * w for w in widths)))
-        for r in self.rows:
-            print(fmt.format(*r).rstrip())
-
-    @property
-    def fails(self):
-        return sum(r[5] == "FAIL" for r in self.rows)
-
-
-# -- subprocesses ------------------------------------------------------------
-
-def run_stamped(cmd, env=None, timeout=300):
-    """Runs ``cmd``; returns (wall time at start, [(wall time, line)], rc)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    full_env.pop("RAY_ADDRESS", None)  # every command starts its own local Ray
-    lines = []
-    t_start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-
-    def reader():
-        for line in proc.stdout:
-            lines.append((time.time(), line.rstrip("\n")))
-
-    th = threading.Thread(target=reader, daemon=True)
-    th.start()
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
-    th.join(5)
-    return t_start, lines, rc
-
-
-def fail_tail(name, lines, rc):
-    tail = "\n".join(l for _, l in lines[-25:])
-    raise RuntimeError(f"{name} exited {rc}; last output:\n{tail}")
-
-
 def warm_page_cache():
     """Imports TensorFlow, tf_keras and Ray once in a throwaway process, so
     that whichever of the two timed commands runs first does not pay alone
@@ -245,42 +188,13 @@ def warm_page_cache():
 
 
 def part_ours_mlp(args, scratch, tag=""):
-    import yaml
     cfg = dict(MLP_CONFIG, steps=args.mlp_steps, log_every=args.mlp_log_every,
                storage=os.path.join(scratch, "mlp"), run="bench-mlp")
-    path = os.path.join(scratch, "mlp.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
     log(f"ours: python -m jobs.train, digits MLP, {args.mlp_steps} steps{tag} ...")
-    # Its own Ray temp dir: ``ray.init()`` without an address joins the cluster
-    # that /tmp/ray/ray_current_cluster names (another user's ``ray start`` on
-    # this shared machine) instead of starting a local one.
-    ray_tmp = tempfile.mkdtemp(prefix="bray", dir="/tmp")  # short: socket paths
-    t0, lines, rc = run_stamped([PY, "-m", "jobs.train", "--config", path],
-                                env={"RAY_TMPDIR": ray_tmp})
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    if rc != 0:
-        fail_tail("jobs.train", lines, rc)
-    first = next(((t, l) for t, l in lines if "first step after" in l), None)
-    if first is None:
-        fail_tail("jobs.train (no 'first step after' line)", lines, rc)
-    own = float(re.search(r"first step after ([\d.]+)s", first[1]).group(1))
-    chunks = []
-    for _, l in lines:
-        m = re.match(r"step (\d+)/\d+\s+loss \S+\s+([\d.]+) steps/s", l)
-        if m:
-            chunks.append((int(m.group(1)), float(m.group(2))))
-    prev, per = 0, []
-    for step, sps in chunks:
-        per.append((step - prev, sps))
-        prev = step
-    steady = per[1:]
-    steps = sum(n for n, _ in steady)
-    secs = sum(n / s for n, s in steady)
+    result = run_train_job(cfg, scratch, "mlp", timeout=300)
     shutil.rmtree(cfg["storage"], ignore_errors=True)
-    return {"first_step_cmd": first[0] - t0, "first_step_own": own,
-            "chunks": [round(s, 1) for _, s in per], "steady_sps": steps / secs,
-            "steady_steps": steps, "total": lines[-1][0] - t0}
+    del result["lines"]
+    return result
 
 
 def part_raytrain(args, scratch, peer, tag=""):
