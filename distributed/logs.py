@@ -114,6 +114,8 @@ _NATIVE_NOISE = (
     r"^[IW][0-9]{4} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] ",
     r"^E[0-9]{4} [0-9:.]+ +[0-9]+ [^ ]+:[0-9]+\] (failed call to cuInit|"
     r"Unable to register cu(DNN|FFT|BLAS) factory)",
+    r"^To enable the following instructions: .*rebuild TensorFlow with the "
+    r"appropriate compiler flags",
 )
 # Python log records with nothing to act on: (logger, text in the message).
 _PYTHON_NOISE = (
