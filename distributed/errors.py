@@ -44,6 +44,16 @@ class SchemaVersionError(ManifestError):
     """A table carries a ``schema_version`` this code does not know."""
 
 
+class SliceLayoutError(ManifestError):
+    """A checkpoint's slices of a partitioned variable do not tile it exactly
+    (a slice is missing, overlaps another or lies outside the variable)."""
+
+
+class PartitionMismatchError(DistributedError, ValueError):
+    """Two graphs of one run partition a variable differently (other part
+    names or shapes), so values cannot be handed over part by part."""
+
+
 class CheckpointCorruptError(DistributedError, ValueError):
     """Checkpoint bytes do not match the manifest.
 

@@ -54,7 +54,7 @@ def test_manifest_agrees_with_tf_index_bytes(tiny_model, storage):
     store, entry, _ = save(tiny_model, storage, SelectionSpec("all"), shards=2)
     ckpt = store.checkpoint_dir(entry)
     manifest = read_manifest(ckpt)
-    index = read_index(os.path.join(ckpt, "model.ckpt.index"))
+    index = {e.name: e for e in read_index(os.path.join(ckpt, "model.ckpt.index"))}
     reader = tf.train.load_checkpoint(os.path.join(ckpt, "model.ckpt"))
     assert {t.name for t in manifest.tensors} == set(index)
     for t in manifest.tensors:
@@ -78,7 +78,7 @@ def test_manifest_agrees_with_tf_index_bytes(tiny_model, storage):
     row_bytes = open(os.path.join(store.catalog.directory, row), "rb").read()
     assert row == f"step-000000010.serving.{crc32c.crc32c(row_bytes):08x}.parquet"
     meta = manifest.metadata
-    assert meta["schema_version"] == "2" and meta["tier"] == "serving"
+    assert meta["schema_version"] == "3" and meta["tier"] == "serving"
     assert meta["step"] == "10" and meta["run"] == "run" and meta["tf_version"] == tf.__version__
     assert "created_at" in meta and '"policy": "all"' in meta["selection"]
     trainable = {t.name: t.trainable for t in manifest.tensors}

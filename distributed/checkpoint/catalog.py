@@ -99,7 +99,7 @@ class CatalogEntry:
         step: Global training step of the checkpoint.
         tier: ``serving`` or ``full``.
         path: Checkpoint directory relative to the run root.
-        num_tensors: Tensors in the checkpoint.
+        num_tensors: Tensors in the checkpoint (a partitioned variable counts once).
         num_bytes: Tensor bytes (sum of manifest lengths).
         num_shards: ``.data`` files.
         save_seconds: Time from start of write to commit.

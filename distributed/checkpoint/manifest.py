@@ -6,6 +6,12 @@ own ``.index`` entries so a reader can verify or stream a checkpoint with no
 TensorFlow. ``crc32c`` is the plain (unmasked) CRC-32C of the tensor's bytes;
 TensorFlow's index stores the same value masked.
 
+A partitioned variable is one logical tensor with a row per slice: every row
+has the logical ``name`` and the whole tensor's ``shape``, and ``slice`` says
+which block of it the row's bytes are, in TensorFlow's syntax (``0,525000:-``;
+see :mod:`~distributed.checkpoint.slices`). ``slice`` is null for an unsliced
+tensor. A reader checks that the slices of each tensor tile it exactly.
+
 Schema metadata: ``schema_version``, ``run``, ``step``, ``tier``, ``selection``
 (JSON), ``tf_version``, ``created_at`` and ``index_crc32c``: the CRC-32C of the
 whole ``model.ckpt.index`` file (8 hex digits), so a flip anywhere in the index,
@@ -36,11 +42,15 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed.checkpoint import layout
-from distributed.errors import CheckpointCorruptError, ManifestError, SchemaVersionError
+from distributed.checkpoint import layout, slices
+from distributed.errors import (CheckpointCorruptError, ManifestError, SchemaVersionError,
+                                SliceLayoutError)
 
 # 2: adds ``index_crc32c`` to the metadata (the catalog row records this file's CRC).
-SCHEMA_VERSION = "2"
+# 3: adds the ``slice`` column: a row per slice of a partitioned variable.
+SCHEMA_VERSION = "3"
+# Versions read_manifest reads; a version-2 manifest has no ``slice`` column.
+READABLE_VERSIONS = ("2", "3")
 _FORMAT = "distributed-tf-ray/manifest"
 
 MANIFEST_SCHEMA = pa.schema([
@@ -52,7 +62,10 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("offset", pa.int64(), nullable=False),
     pa.field("length", pa.int64(), nullable=False),
     pa.field("crc32c", pa.uint32(), nullable=False),
+    pa.field("slice", pa.string(), nullable=True),
 ])
+# The columns of a version-2 manifest (no slices).
+_V2_FIELDS = tuple(f for f in MANIFEST_SCHEMA if f.name != "slice")
 
 _METADATA_KEYS = ("schema_version", "run", "step", "tier", "selection",
                   "tf_version", "created_at", "index_crc32c")
@@ -74,7 +87,11 @@ _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\.data-\d{5}-of-\d{5}$")
 
 @dataclasses.dataclass(frozen=True)
 class TensorRecord:
-    """One manifest row."""
+    """One manifest row: a tensor, or one slice of a partitioned one.
+
+    ``shape`` is the whole tensor's; ``slice`` (TensorFlow slice syntax) says
+    which block of it the bytes are, or is ``None`` for an unsliced tensor.
+    """
 
     name: str
     dtype: str
@@ -84,6 +101,20 @@ class TensorRecord:
     offset: int
     length: int
     crc32c: int
+    slice: str | None = None
+
+    @property
+    def extents(self) -> slices.Extents:
+        """``(start, length)`` per dimension of the block this row holds (the
+        whole tensor when unsliced). Raises ``ValueError`` on a bad slice."""
+        if self.slice is None:
+            return tuple((0, d) for d in self.shape)
+        return slices.parse_slice(self.slice, self.shape)
+
+    @property
+    def label(self) -> str:
+        """How messages name the row: ``'emb' (slice 0,3:-)`` or ``'w'``."""
+        return repr(self.name) + (f" (slice {self.slice})" if self.slice else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +122,7 @@ class Manifest:
     """A validated manifest.
 
     Attributes:
-        tensors: Rows, in name order.
+        tensors: Rows, in name order (a partitioned variable's slices by start).
         metadata: The schema metadata (``step`` stays a string as stored).
     """
 
@@ -116,6 +147,18 @@ class Manifest:
         return sum(t.length for t in self.tensors)
 
     @property
+    def num_tensors(self) -> int:
+        """Logical tensors (a partitioned variable counts once)."""
+        return len({t.name for t in self.tensors})
+
+    def by_name(self) -> dict[str, tuple[TensorRecord, ...]]:
+        """Each logical tensor's rows (one, or one per slice)."""
+        out: dict[str, list[TensorRecord]] = {}
+        for t in self.tensors:
+            out.setdefault(t.name, []).append(t)
+        return {name: tuple(rows) for name, rows in out.items()}
+
+    @property
     def shards(self) -> tuple[str, ...]:
         return tuple(sorted({t.shard for t in self.tensors}))
 
@@ -127,7 +170,7 @@ def build_manifest_table(records: list[TensorRecord],
     missing = [k for k in _METADATA_KEYS if k != "schema_version" and k not in metadata]
     if missing:
         raise ValueError(f"manifest metadata lacks {missing}")
-    records = sorted(records, key=lambda r: r.name)
+    records = sorted(records, key=_row_order)
     columns = {f.name: [getattr(r, f.name) for r in records] for f in MANIFEST_SCHEMA}
     columns["shape"] = [list(s) for s in columns["shape"]]
     meta = {k: str(v) for k, v in metadata.items()}
@@ -143,18 +186,31 @@ def manifest_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
+def _row_order(r: TensorRecord):
+    """Name, then slice starts as numbers (``"10,2"`` after ``"9,1"``)."""
+    starts = tuple(int(x) if x.isdigit() else -1
+                   for x in re.split(r"[,:]", r.slice)) if r.slice else ()
+    return r.name, starts
+
+
 def check_schema_version(metadata: Mapping[bytes, bytes] | None, what: str,
-                         supported: str) -> dict[str, str]:
-    """Decodes Arrow schema metadata and rejects an unknown ``schema_version``."""
-    meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+                         supported: str | tuple[str, ...]) -> dict[str, str]:
+    """Decodes Arrow schema metadata and rejects an unknown ``schema_version``
+    (``supported``: the one version, or the versions, this reader knows)."""
+    try:
+        meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{what}: its schema metadata is not UTF-8 ({e}); the "
+                            "file is damaged") from None
     version = meta.get("schema_version")
     if version is None:
         raise ManifestError(f"{what}: no schema_version in its metadata; it was "
                             "not written by this project or is damaged")
-    if version != supported:
+    known = (supported,) if isinstance(supported, str) else supported
+    if version not in known:
         raise SchemaVersionError(
             f"{what}: schema_version {version!r} is not supported (this code reads "
-            f"version {supported}); upgrade distributed-tf-ray to read it")
+            f"version {' or '.join(known)}); upgrade distributed-tf-ray to read it")
     return meta
 
 
@@ -192,9 +248,10 @@ def read_manifest(checkpoint_dir: str,
         table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
     except (pa.ArrowException, OSError) as e:
         raise ManifestError(f"{path}: manifest is unreadable ({e})") from e
-    meta = check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
+    meta = check_schema_version(table.schema.metadata, path, READABLE_VERSIONS)
     _check_metadata(meta, path)
-    for field in MANIFEST_SCHEMA:
+    fields = _V2_FIELDS if meta["schema_version"] == "2" else tuple(MANIFEST_SCHEMA)
+    for field in fields:
         if field.name not in table.column_names:
             raise ManifestError(f"{path}: column {field.name!r} is missing")
         if not table.schema.field(field.name).type.equals(field.type):
@@ -202,14 +259,14 @@ def read_manifest(checkpoint_dir: str,
                 f"{path}: column {field.name!r} has type "
                 f"{table.schema.field(field.name).type}, expected {field.type}")
     records = []
-    for row in table.select(MANIFEST_SCHEMA.names).to_pylist():
-        if any(v is None for v in row.values()) or None in row["shape"]:
+    for row in table.select([f.name for f in fields]).to_pylist():
+        if (any(v is None for k, v in row.items() if k != "slice")
+                or None in row["shape"]):
             raise ManifestError(f"{path}: tensor {row.get('name')!r} has null fields")
         row["shape"] = tuple(row["shape"])
         records.append(TensorRecord(**row))
     _validate_records(records, checkpoint_dir, path)
-    return Manifest(tensors=tuple(sorted(records, key=lambda r: r.name)),
-                    metadata=meta)
+    return Manifest(tensors=tuple(sorted(records, key=_row_order)), metadata=meta)
 
 
 def _check_metadata(meta: Mapping[str, str], path: str) -> None:
@@ -268,12 +325,12 @@ def safe_shard_path(checkpoint_dir: str, shard: str, what: str) -> str:
 
 def _validate_records(records: list[TensorRecord], checkpoint_dir: str,
                       path: str) -> None:
-    names = set()
+    keys = set()
     by_shard: dict[str, list[TensorRecord]] = {}
     for r in records:
-        if r.name in names:
-            raise ManifestError(f"{path}: tensor {r.name!r} appears twice")
-        names.add(r.name)
+        if (r.name, r.slice) in keys:
+            raise ManifestError(f"{path}: tensor {r.label} appears twice")
+        keys.add((r.name, r.slice))
         if r.dtype not in KNOWN_DTYPES:
             raise ManifestError(
                 f"{path}: tensor {r.name!r} has unknown dtype {r.dtype!r} (known: "
@@ -281,16 +338,46 @@ def _validate_records(records: list[TensorRecord], checkpoint_dir: str,
         safe_shard_path(checkpoint_dir, r.shard, path)
         if r.offset < 0 or r.length < 0 or any(d < 0 for d in r.shape):
             raise ManifestError(
-                f"{path}: tensor {r.name!r} has a negative offset, length or dim")
-        want = expected_length(r.dtype, r.shape)
+                f"{path}: tensor {r.label} has a negative offset, length or dim")
+        try:
+            block = slices.slice_shape(r.extents)
+        except ValueError as e:
+            raise SliceLayoutError(f"{path}: tensor {r.name!r}: {e}") from None
+        want = expected_length(r.dtype, block)
         if want is not None and want != r.length:
             raise ManifestError(
-                f"{path}: tensor {r.name!r} is {r.dtype}{list(r.shape)} = {want} "
+                f"{path}: tensor {r.label} is {r.dtype}{list(block)} = {want} "
                 f"bytes but the manifest says {r.length}")
         by_shard.setdefault(r.shard, []).append(r)
+    _validate_slices(records, path)
     for shard, rows in by_shard.items():
         rows.sort(key=lambda r: r.offset)
         for a, b in zip(rows, rows[1:]):
             if a.offset + a.length > b.offset:
                 raise ManifestError(
                     f"{path}: tensors {a.name!r} and {b.name!r} overlap in {shard}")
+
+
+def _validate_slices(records: list[TensorRecord], path: str) -> None:
+    """Each logical tensor: one unsliced row, or slices of one dtype and shape
+    that tile it exactly (so a restore never reads a gap or one element twice)."""
+    groups: dict[str, list[TensorRecord]] = {}
+    for r in records:
+        groups.setdefault(r.name, []).append(r)
+    for name, rows in groups.items():
+        if len(rows) == 1 and rows[0].slice is None:
+            continue
+        if any(r.slice is None for r in rows):
+            raise SliceLayoutError(
+                f"{path}: tensor {name!r} has both an unsliced row and slices")
+        if len({(r.dtype, r.shape, r.trainable) for r in rows}) > 1:
+            raise SliceLayoutError(
+                f"{path}: the slices of {name!r} disagree on dtype, shape or "
+                "trainable")
+        gap = slices.uncovered(rows[0].shape, [r.extents for r in rows])
+        if gap:
+            raise SliceLayoutError(
+                f"{path}: the slices of partitioned variable {name!r} "
+                f"{list(rows[0].shape)} do not cover it: {gap}. The checkpoint is "
+                "incomplete or damaged; restore an earlier checkpoint (the restore "
+                "job falls back to one unless --step names this one)")

@@ -14,6 +14,13 @@ Then names matching any ``include`` regex are kept (no ``include`` keeps all) an
 names matching any ``exclude`` regex are dropped. Regexes use ``re.search``;
 anchor with ``^`` for scope prefixes (``^tower/``).
 
+A partitioned variable (``get_variable(..., partitioner=...)``: parts
+``emb/part_0`` ...) is selected or not as a whole, by its logical name
+(``emb``, what the checkpoint holds): the regexes see ``emb``, never the part
+names, and when the policy picks any part (the predict outputs read it) it
+picks all of them. A checkpoint with some parts of a table could not be
+restored.
+
 The trainable-only recipe silently drops batch-norm statistics, and inference
 then runs with their initial values; :func:`select` warns, naming them.
 
@@ -120,12 +127,22 @@ class SelectionSpec:
 
 @dataclasses.dataclass(frozen=True)
 class VariableInfo:
-    """What selection needs to know about one variable (no TF objects)."""
+    """What selection needs to know about one variable (no TF objects).
+
+    ``partition_of`` is the logical name of the partitioned variable this is
+    a part of (``emb`` for ``emb/part_0``), ``None`` for a whole variable.
+    """
 
     name: str
     trainable: bool
     dtype: str = "float32"
     shape: tuple[int, ...] = ()
+    partition_of: str | None = None
+
+    @property
+    def logical_name(self) -> str:
+        """The name the checkpoint holds it under (and selection regexes see)."""
+        return self.partition_of or self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,16 +185,19 @@ def select(variables: Sequence[VariableInfo], spec: SelectionSpec,
         by_policy = [v for v in variables if v.trainable or v.name in reads]
     else:
         by_policy = [v for v in variables if v.trainable]
-    names = tuple(v.name for v in by_policy if spec.matches_name(v.name))
+    # Whole partitioned variables: a part picked by policy picks its siblings.
+    groups = {v.logical_name for v in by_policy if spec.matches_name(v.logical_name)}
+    names = tuple(v.name for v in variables if v.logical_name in groups)
     if not names:
-        sample = ", ".join(v.name for v in list(variables)[:8]) or "(none)"
+        logical = list(dict.fromkeys(v.logical_name for v in variables))
+        sample = ", ".join(logical[:8]) or "(none)"
         raise SelectionError(
             f"selection {spec.to_json()} matches no variable. The graph has "
-            f"{len(variables)} variable(s), e.g. {sample}. Check the include/"
+            f"{len(logical)} variable(s), e.g. {sample}. Check the include/"
             "exclude regexes (they use re.search) and the policy.")
     chosen = set(names)
-    missing = tuple(sorted(n for n in reads if n not in chosen
-                           and any(v.name == n for v in variables)))
+    missing = tuple(sorted({v.logical_name for v in variables
+                            if v.name in reads and v.name not in chosen}))
     if missing and spec.policy != "all":
         hint = ("; use policy: inference to keep them"
                 if spec.policy == "trainable" else
@@ -245,11 +265,13 @@ def describe_variables(variables: Iterable[Any]) -> list[VariableInfo]:
         if trainable_names is None:
             trainable_names = {t.op.name for t in v.graph.get_collection(
                 "trainable_variables")}
+        part = getattr(v, "_save_slice_info", None)
         infos.append(VariableInfo(
             name=v.op.name,
             trainable=v.op.name in trainable_names,
             dtype=v.dtype.base_dtype.name,
             shape=tuple(int(d) for d in v.shape.as_list()),
+            partition_of=part.full_name if part is not None else None,
         ))
     return infos
 

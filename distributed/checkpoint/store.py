@@ -196,7 +196,7 @@ class CheckpointStore:
         entry = CatalogEntry(
             run=self.layout.run, step=step, tier=tier,
             path=self.layout.relative_checkpoint_path(tier, step),
-            num_tensors=len(written.records),
+            num_tensors=len({r.name for r in written.records}),  # slices count once
             num_bytes=sum(r.length for r in written.records),
             num_shards=num_shards,
             save_seconds=self._clock() - start,

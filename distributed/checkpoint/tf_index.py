@@ -10,6 +10,15 @@ but not offsets or checksums, which the manifest needs; so this module parses th
 table directly. TensorFlow writes the table uncompressed; a compressed block is
 rejected with a clear error rather than misread.
 
+A partitioned variable (see :mod:`~distributed.checkpoint.slices`) has a
+full-tensor entry under its name, with its dtype, full shape and the list of
+its slices (``BundleEntryProto.slices``) but no bytes, and one entry per slice
+under the key ``checkpoint::EncodeTensorNameSlice(name, slice)``: an
+``OrderedCode`` string (a 0 number, the name, the rank, then start and length
+of each dimension as signed numbers, length -1 for a whole dimension) whose
+entry holds that slice's bytes. :func:`read_index` decodes those keys and
+returns one :class:`IndexEntry` per slice under the logical name.
+
 The table's own block checksums leave the 48-byte footer uncovered, so the
 manifest also records the CRC-32C of the whole file; :func:`check_index_file`
 checks it first when given it.
@@ -22,6 +31,8 @@ import struct
 
 import crc32c as _crc32c
 
+from distributed.checkpoint.slices import FULL, Extents, format_slice
+
 _FOOTER_SIZE = 48
 _TABLE_MAGIC = 0xDB4775248B80FB57
 _BLOCK_TRAILER_SIZE = 5  # 1 byte compression type + 4 bytes masked crc32c
@@ -30,16 +41,19 @@ _MASK_DELTA = 0xA282EAD8
 
 @dataclasses.dataclass(frozen=True)
 class IndexEntry:
-    """One tensor's entry in a checkpoint ``.index``.
+    """One tensor's (or one slice's) entry in a checkpoint ``.index``.
 
     Attributes:
-        name: Checkpoint key (the variable's op name for ``Saver`` checkpoints).
+        name: Checkpoint key (the variable's op name for ``Saver`` checkpoints;
+            a partitioned variable's logical name for each of its slices).
         dtype: TensorFlow ``DataType`` enum value.
-        shape: Tensor shape.
+        shape: Tensor shape (of the whole logical tensor, for a slice).
         shard_id: Which ``.data-<shard_id>-of-<N>`` file holds the bytes.
         offset: Byte offset of the tensor inside that file.
         size: Number of bytes.
         crc32c: Unmasked CRC-32C of the bytes (TensorFlow stores it masked).
+        slice: ``(start, length)`` per dimension (``FULL`` length: the whole
+            dimension) of a slice; ``None`` for an unsliced tensor.
     """
 
     name: str
@@ -49,6 +63,7 @@ class IndexEntry:
     offset: int
     size: int
     crc32c: int
+    slice: Extents | None = None
 
 
 def mask_crc(crc: int) -> int:
@@ -114,8 +129,9 @@ def _block_entries(block: bytes):
         pos += value_len
 
 
-def read_index(path: str, verify: bool = True) -> dict[str, IndexEntry]:
-    """Parses a V2 checkpoint ``.index`` into ``{tensor name: IndexEntry}``.
+def read_index(path: str, verify: bool = True) -> list[IndexEntry]:
+    """Parses a V2 checkpoint ``.index``: one :class:`IndexEntry` per tensor,
+    and one per slice of each partitioned tensor, sorted by name then slice.
 
     Args:
         path: Path of the ``<prefix>.index`` file.
@@ -123,12 +139,32 @@ def read_index(path: str, verify: bool = True) -> dict[str, IndexEntry]:
 
     Raises:
         ValueError: The file is not a well-formed, uncompressed TF index table,
-            or holds partitioned (sliced) tensors, which this project never writes.
+            or its slice entries disagree with their full-tensor entries.
     """
     from tensorflow.core.protobuf import tensor_bundle_pb2  # heavy import
 
     with open(path, "rb") as f:
         data = f.read()
+    plain: list[IndexEntry] = []
+    full: dict[str, object] = {}
+    sliced: list[tuple[str, Extents, object]] = []
+    for key, value in _table_entries(data, path, verify):
+        if not key:  # the BundleHeaderProto
+            continue
+        proto = tensor_bundle_pb2.BundleEntryProto.FromString(value)
+        if key[0] == 0:  # checkpoint::EncodeTensorNameSlice
+            name, extents = decode_slice_key(key)
+            sliced.append((name, extents, proto))
+        elif proto.slices:
+            full[key.decode("utf-8")] = proto
+        else:
+            plain.append(_entry(key.decode("utf-8"), proto))
+    entries = plain + _slice_entries(path, full, sliced)
+    return sorted(entries, key=lambda e: (e.name, e.slice or ()))
+
+
+def _table_entries(data: bytes, path: str, verify: bool):
+    """Yields the (key, value) pairs of every data block of an index table."""
     if len(data) < _FOOTER_SIZE:
         raise ValueError(f"{path}: too short to be a checkpoint index")
     (magic,) = struct.unpack_from("<Q", data, len(data) - 8)
@@ -139,30 +175,138 @@ def read_index(path: str, verify: bool = True) -> dict[str, IndexEntry]:
     _, pos = _varint(data, pos)  # metaindex size
     index_offset, pos = _varint(data, pos)
     index_size, pos = _varint(data, pos)
-
-    entries: dict[str, IndexEntry] = {}
-    index_block = _read_block(data, index_offset, index_size, verify)
-    for _, handle in _block_entries(index_block):
+    for _, handle in _block_entries(_read_block(data, index_offset, index_size, verify)):
         block_offset, hpos = _varint(handle, 0)
         block_size, _ = _varint(handle, hpos)
-        for key, value in _block_entries(
-                _read_block(data, block_offset, block_size, verify)):
-            if not key:  # the BundleHeaderProto
-                continue
-            proto = tensor_bundle_pb2.BundleEntryProto.FromString(value)
-            name = key.decode("utf-8")
-            if proto.slices:
-                raise ValueError(f"{path}: tensor {name!r} is partitioned")
-            entries[name] = IndexEntry(
-                name=name,
-                dtype=int(proto.dtype),
-                shape=tuple(int(d.size) for d in proto.shape.dim),
-                shard_id=int(proto.shard_id),
-                offset=int(proto.offset),
-                size=int(proto.size),
-                crc32c=unmask_crc(proto.crc32c),
-            )
-    return entries
+        yield from _block_entries(_read_block(data, block_offset, block_size, verify))
+
+
+def _entry(name: str, proto, shape=None, extents: Extents | None = None) -> IndexEntry:
+    return IndexEntry(
+        name=name, dtype=int(proto.dtype),
+        shape=shape if shape is not None else tuple(int(d.size) for d in proto.shape.dim),
+        shard_id=int(proto.shard_id), offset=int(proto.offset), size=int(proto.size),
+        crc32c=unmask_crc(proto.crc32c), slice=extents)
+
+
+def _slice_entries(path: str, full: dict, sliced: list) -> list[IndexEntry]:
+    """Pairs each slice entry with its full-tensor entry, which must list
+    exactly those slices, in the same dtype, with shapes that agree."""
+    listed = {name: {tuple((e.start, e.length if e.HasField("length") else FULL)
+                           for e in s.extent) for s in proto.slices}
+              for name, proto in full.items()}
+    out, seen = [], {name: set() for name in full}
+    for name, extents, proto in sliced:
+        if name not in full or extents not in listed[name]:
+            raise ValueError(f"{path}: slice {format_slice(extents)} of {name!r} is "
+                             "not listed in a full-tensor entry")
+        shape = tuple(int(d.size) for d in full[name].shape.dim)
+        want = tuple(dim if length == FULL else length
+                     for (_, length), dim in zip(extents, shape))
+        got = tuple(int(d.size) for d in proto.shape.dim)
+        if proto.dtype != full[name].dtype or got != want or len(extents) != len(shape):
+            raise ValueError(f"{path}: slice {format_slice(extents)} of {name!r} has "
+                             f"dtype {proto.dtype} shape {list(got)}, its tensor "
+                             f"dtype {full[name].dtype} shape {list(shape)}")
+        seen[name].add(extents)
+        out.append(_entry(name, proto, shape, extents))
+    for name, wanted in listed.items():
+        if wanted - seen[name]:
+            missing = ", ".join(sorted(format_slice(e) for e in wanted - seen[name]))
+            raise ValueError(f"{path}: slice(s) {missing} of {name!r} have no entry")
+    return out
+
+
+# -- OrderedCode (tensorflow/core/lib/strings/ordered_code.cc), decoding only --
+
+_U64 = (1 << 64) - 1
+# Header bits that a signed number of each encoded length carries in its payload.
+_LENGTH_TO_MASK = (0, 0x80, 0xC000, 0xE00000, 0xF0000000, 0xF800000000,
+                   0xFC0000000000, 0xFE000000000000, 0xFF00000000000000,
+                   0x8000000000000000, 0)
+
+
+def decode_slice_key(key: bytes) -> tuple[str, Extents]:
+    """``(name, extents)`` of an ``EncodeTensorNameSlice`` key (``FULL`` length
+    for a whole dimension).
+
+    Raises:
+        ValueError: The key is not such an encoding.
+    """
+    number, pos = _ordered_unsigned(key, 0)
+    if number != 0:
+        raise ValueError("not a tensor slice key")
+    name, pos = _ordered_string(key, pos)
+    rank, pos = _ordered_unsigned(key, pos)
+    if rank > 64:
+        raise ValueError(f"slice key of rank {rank}")
+    extents = []
+    for _ in range(rank):
+        start, pos = _ordered_signed(key, pos)
+        length, pos = _ordered_signed(key, pos)
+        if start < 0 or length < FULL:
+            raise ValueError(f"slice key with extent ({start}, {length})")
+        extents.append((start, length))
+    if pos != len(key):
+        raise ValueError("trailing bytes after a tensor slice key")
+    return name.decode("utf-8"), tuple(extents)
+
+
+def _ordered_unsigned(buf: bytes, pos: int) -> tuple[int, int]:
+    """``WriteNumIncreasing``: a length byte, then that many big-endian bytes."""
+    if pos >= len(buf) or buf[pos] > 8 or pos + 1 + buf[pos] > len(buf):
+        raise ValueError("truncated number in a slice key")
+    n = buf[pos]
+    return int.from_bytes(buf[pos + 1:pos + 1 + n], "big"), pos + 1 + n
+
+
+def _ordered_string(buf: bytes, pos: int) -> tuple[bytes, int]:
+    """``WriteString``: bytes with 0x00 -> 00 ff and 0xff -> ff 00, ended by 00 01."""
+    out = bytearray()
+    while pos + 1 < len(buf):
+        c, nxt = buf[pos], buf[pos + 1]
+        if c == 0x00 and nxt == 0x01:
+            return bytes(out), pos + 2
+        if c in (0x00, 0xFF):
+            if (c, nxt) not in ((0x00, 0xFF), (0xFF, 0x00)):
+                raise ValueError("bad escape in a slice key")
+            out.append(c)
+            pos += 2
+        else:
+            out.append(c)
+            pos += 1
+    raise ValueError("unterminated name in a slice key")
+
+
+def _ordered_signed(buf: bytes, pos: int) -> tuple[int, int]:
+    """``WriteSignedNumIncreasing``: sign bit, unary length bits, payload."""
+    if pos >= len(buf):
+        raise ValueError("truncated number in a slice key")
+    xor = 0 if buf[pos] & 0x80 else _U64
+    first = buf[pos] ^ (xor & 0xFF)
+    if first != 0xFF:
+        length = 8 - (first ^ 0xFF).bit_length()
+        if pos + length > len(buf):
+            raise ValueError("truncated number in a slice key")
+        x = xor
+        for b in buf[pos:pos + length]:
+            x = ((x << 8) | b) & _U64
+    else:
+        length = 8
+        second = buf[pos + 1] ^ (xor & 0xFF) if pos + 1 < len(buf) else 0
+        if second >= 0x80:
+            third = buf[pos + 2] ^ (xor & 0xFF) if pos + 2 < len(buf) else 0xFF
+            if second < 0xC0:
+                length = 9
+            elif second == 0xC0 and third < 0x80:
+                length = 10
+            else:
+                raise ValueError("number too long in a slice key")
+        if pos + length > len(buf):
+            raise ValueError("truncated number in a slice key")
+        x = int.from_bytes(buf[pos + length - 8:pos + length], "big")
+    x ^= _LENGTH_TO_MASK[length]
+    return (x - (1 << 64) if x >> 63 else x), pos + length
 
 
 def check_index_file(path: str, expected_crc32c: int | None = None) -> int:

@@ -8,7 +8,10 @@ records, and block by block, since that is what TensorFlow reads when it restore
 
 Together with the catalog this is a checksum chain with no gap: the row file's
 name holds the CRC of its bytes, the row the manifest's, the manifest the
-index's and every tensor's, and the tensors tile their shard files. So one
+index's and every tensor's (every slice's, for a partitioned variable), and
+the tensors tile their shard files. The manifest reader has already checked
+that each partitioned variable's slices tile it, so :func:`read_verified`
+assembles whole tensors with no element missing or written twice. So one
 flipped byte in any of these files is always found, and the error names the
 file. Checksum mismatches raise :class:`CheckpointCorruptError`; structurally
 impossible or hostile manifests raise :class:`ManifestError`.
@@ -20,10 +23,12 @@ import concurrent.futures
 import dataclasses
 import mmap
 import os
+import threading
 import time
 
 import crc32c as _crc32c
 
+from distributed.checkpoint import slices
 from distributed.checkpoint.catalog import Catalog
 from distributed.checkpoint.layout import CKPT_PREFIX, RunLayout
 from distributed.checkpoint.manifest import (Manifest, read_manifest, safe_member_path,
@@ -89,16 +94,17 @@ def _check_shard(path: str, rows) -> list[Problem]:
     try:
         view = memoryview(mm) if mm is not None else memoryview(b"")
         for r in rows:
+            part = f"slice {r.slice}: " if r.slice else ""
             if r.offset + r.length > size:
                 problems.append(Problem(
-                    path, r.name, f"bytes [{r.offset}, {r.offset + r.length}) run "
-                    f"past the end of the file ({size} bytes)"))
+                    path, r.name, f"{part}bytes [{r.offset}, {r.offset + r.length}) "
+                    f"run past the end of the file ({size} bytes)"))
                 continue
             actual = _crc32c.crc32c(view[r.offset:r.offset + r.length])
             if actual != r.crc32c:
                 problems.append(Problem(
-                    path, r.name, f"CRC-32C mismatch (manifest {r.crc32c:#010x}, "
-                    f"file {actual:#010x}): the bytes are corrupt"))
+                    path, r.name, f"{part}CRC-32C mismatch (manifest "
+                    f"{r.crc32c:#010x}, file {actual:#010x}): the bytes are corrupt"))
         view.release()
     finally:
         if mm is not None:
@@ -131,7 +137,7 @@ def verify_manifest(checkpoint_dir: str, manifest: Manifest,
                               sorted(by_shard)):
             problems.extend(found)
     return VerifyReport(checkpoint_dir=checkpoint_dir,
-                        num_tensors=len(manifest.tensors),
+                        num_tensors=manifest.num_tensors,
                         num_bytes=manifest.num_bytes,
                         seconds=time.perf_counter() - start,
                         problems=tuple(problems))
@@ -215,20 +221,26 @@ def read_verified(checkpoint_dir: str, manifest: Manifest, names,
 
     Every tensor's bytes are CRC-checked (not only the wanted ones), so this is
     :func:`verify_manifest` and loading at the cost of a single read: the
-    wanted tensors are read straight into fresh numpy arrays.
+    wanted tensors are read straight into fresh numpy arrays. A partitioned
+    variable comes back whole: each slice is read into its block of the
+    array (in place when the block is contiguous, as partitioners make it).
 
     Args:
         checkpoint_dir: The checkpoint directory.
         manifest: Its validated manifest.
-        names: Tensor names to return.
+        names: (Logical) tensor names to return.
         numpy_dtype: Maps a manifest dtype name to a numpy dtype.
 
     Raises:
         CheckpointCorruptError: Naming the first bad file (and tensor), before
             allocating anything for a tensor that runs past its file's end.
         ManifestError: The index or a shard is a symlink out of the directory.
+        KeyError: A wanted name is not in the checkpoint.
     """
     wanted = set(names)
+    missing = wanted - {r.name for r in manifest.tensors}
+    if missing:
+        raise KeyError(f"not in the checkpoint: {sorted(missing)}")
     index_path = _index_path(checkpoint_dir)
     try:
         check_index_file(index_path, manifest.index_crc32c)
@@ -239,66 +251,96 @@ def read_verified(checkpoint_dir: str, manifest: Manifest, names,
     by_shard: dict[str, list] = {}
     for r in manifest.tensors:
         by_shard.setdefault(r.shard, []).append(r)
+    out: dict = {}
+    lock = threading.Lock()
 
-    def read_shard(shard: str) -> dict:
+    def array_for(row):
+        """The array a wanted tensor is read into, made once, on first use
+        (after its shard passed the size checks)."""
+        with lock:
+            if row.name not in out:
+                out[row.name] = _aligned_empty(row.shape, numpy_dtype(row.dtype))
+            return out[row.name]
+
+    def read_shard(shard: str) -> None:
         path = safe_shard_path(checkpoint_dir, shard, checkpoint_dir)
-        out = {}
-        scratch = bytearray(_CHUNK)
-        try:
-            f = open(path, "rb", buffering=0)
-        except OSError as e:
-            raise CheckpointCorruptError(
-                f"checkpoint {checkpoint_dir} is corrupt: {path}: cannot read shard "
-                f"({e.strerror or e})", path=path) from None
-        with f:
-            rows = sorted(by_shard[shard], key=lambda r: r.offset)
-            size = os.fstat(f.fileno()).st_size
-            for r in rows:  # before allocating anything the manifest asks for
-                if r.offset + r.length > size:
-                    raise CheckpointCorruptError(
-                        f"checkpoint {checkpoint_dir} is corrupt: tensor {r.name!r} in "
-                        f"{path}: bytes [{r.offset}, {r.offset + r.length}) run past "
-                        f"the end of the file ({size} bytes)", path=path, tensor=r.name)
-            gap = _untiled(rows, size)
-            if gap:
-                raise CheckpointCorruptError(
-                    f"checkpoint {checkpoint_dir} is corrupt: {path}: {gap}", path=path)
-            for r in rows:
-                f.seek(r.offset)
-                if r.name in wanted:
-                    arr = _aligned_empty(r.shape, numpy_dtype(r.dtype))
-                    view = memoryview(arr.reshape(-1)).cast("B")
-                    out[r.name] = arr
-                else:
-                    view = None
-                crc, got = 0, 0
-                while got < r.length:
-                    n = min(r.length - got, _CHUNK)
-                    dest = (view[got:got + n] if view is not None
-                            else memoryview(scratch)[:n])
-                    n = f.readinto(dest)
-                    if not n:
-                        break
-                    crc = _crc32c.crc32c(dest[:n], crc)
-                    got += n
-                if got != r.length:
-                    raise CheckpointCorruptError(
-                        f"checkpoint {checkpoint_dir} is corrupt: tensor {r.name!r} in "
-                        f"{path}: bytes run past the end of the file", path=path,
-                        tensor=r.name)
-                if crc != r.crc32c:
-                    raise CheckpointCorruptError(
-                        f"checkpoint {checkpoint_dir} is corrupt: tensor {r.name!r} in "
-                        f"{path}: CRC-32C mismatch (manifest {r.crc32c:#010x}, file "
-                        f"{crc:#010x})", path=path, tensor=r.name)
-        return out
+        _read_shard(checkpoint_dir, path, by_shard[shard], wanted, array_for)
 
-    result: dict = {}
     workers = max_workers or min(len(by_shard), os.cpu_count() or 1) or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for part in pool.map(read_shard, sorted(by_shard)):
-            result.update(part)
-    missing = wanted - set(result)
-    if missing:
-        raise KeyError(f"not in the checkpoint: {sorted(missing)}")
-    return result
+        list(pool.map(read_shard, sorted(by_shard)))
+    return out
+
+
+def _corrupt(checkpoint_dir: str, path: str, what: str, tensor=None):
+    return CheckpointCorruptError(f"checkpoint {checkpoint_dir} is corrupt: {what}",
+                                  path=path, tensor=tensor)
+
+
+def _read_shard(checkpoint_dir: str, path: str, rows, wanted: set, array_for) -> None:
+    """Reads and CRC-checks every row of one shard, filling the wanted arrays."""
+    try:
+        f = open(path, "rb", buffering=0)
+    except OSError as e:
+        raise _corrupt(checkpoint_dir, path, f"{path}: cannot read shard "
+                       f"({e.strerror or e})") from None
+    scratch = bytearray(_CHUNK)
+    with f:
+        rows = sorted(rows, key=lambda r: r.offset)
+        size = os.fstat(f.fileno()).st_size
+        for r in rows:  # before allocating anything the manifest asks for
+            if r.offset + r.length > size:
+                raise _corrupt(checkpoint_dir, path, f"tensor {r.label} in {path}: "
+                               f"bytes [{r.offset}, {r.offset + r.length}) run past "
+                               f"the end of the file ({size} bytes)", r.name)
+        gap = _untiled(rows, size)
+        if gap:
+            raise _corrupt(checkpoint_dir, path, f"{path}: {gap}")
+        for r in rows:
+            f.seek(r.offset)
+            view, finish = (_destination(array_for(r), r) if r.name in wanted
+                            else (None, None))
+            crc, got = _read_into(f, r.length, view, scratch)
+            if got != r.length:
+                raise _corrupt(checkpoint_dir, path, f"tensor {r.label} in {path}: "
+                               "bytes run past the end of the file", r.name)
+            if crc != r.crc32c:
+                raise _corrupt(checkpoint_dir, path, f"tensor {r.label} in {path}: "
+                               f"CRC-32C mismatch (manifest {r.crc32c:#010x}, file "
+                               f"{crc:#010x})", r.name)
+            if finish is not None:
+                finish()
+
+
+def _destination(array, row):
+    """``(bytes view to read into, callback after the read or None)``: the
+    row's block of ``array`` itself when contiguous, else a buffer copied into
+    the block afterwards."""
+    import numpy as np
+    extents = row.extents
+    offset = slices.contiguous_offset(array.shape, extents)
+    flat = memoryview(array.reshape(-1)).cast("B")
+    if offset is not None:
+        start = offset * array.itemsize
+        return flat[start:start + row.length], None
+    buffer = np.empty(row.length, np.uint8)
+
+    def finish():
+        block = buffer.view(array.dtype).reshape(slices.slice_shape(extents))
+        array[slices.region(extents)] = block
+    return memoryview(buffer), finish
+
+
+def _read_into(f, length: int, view, scratch: bytearray) -> tuple[int, int]:
+    """Reads ``length`` bytes into ``view`` (or through ``scratch`` when
+    ``None``); returns ``(crc32c, bytes read)``."""
+    crc, got = 0, 0
+    while got < length:
+        n = min(length - got, _CHUNK)
+        dest = view[got:got + n] if view is not None else memoryview(scratch)[:n]
+        n = f.readinto(dest)
+        if not n:
+            break
+        crc = _crc32c.crc32c(dest[:n], crc)
+        got += n
+    return crc, got

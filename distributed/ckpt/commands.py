@@ -66,20 +66,22 @@ def show(run_layout: RunLayout, step: int, tier: str | None, depth: int,
     tensors = [dataclasses.asdict(t) for t in manifest.tensors]
     scopes = _scopes(manifest, depth)
     total = manifest.num_bytes
+    sliced = (f" ({len(tensors)} rows: a partitioned variable has one per slice)"
+              if len(tensors) > manifest.num_tensors else "")
     head = (f"run {run_layout.run!r}, {tier} checkpoint at step {step}: "
-            f"{len(tensors)} tensors, {mib(total)} MiB in {len(manifest.shards)} "
-            f"shard(s)\ncommitted {timestamp(entry.committed_at)}"
+            f"{manifest.num_tensors} tensors{sliced}, {mib(total)} MiB in "
+            f"{len(manifest.shards)} shard(s)\ncommitted {timestamp(entry.committed_at)}"
             + "".join(f", {k} {number(v)}" for k, v in sorted(entry.metrics.items()))
             + f"; TensorFlow {manifest.metadata['tf_version']}; selection "
             f"{entry.selection}; {entry.path}")
-    tensor_rows = [[t["name"], t["dtype"], list(t["shape"]), t["length"], t["shard"]]
-                   for t in tensors]
+    tensor_rows = [[t["name"], t["dtype"], list(t["shape"]), t["slice"], t["length"],
+                    t["shard"]] for t in tensors]
     scope_rows = [[s["scope"], s["tensors"], s["bytes"], mib(s["bytes"]),
                    f"{100 * s['bytes'] / total:.1f}%" if total else ""] for s in scopes]
     text = "\n\n".join([
         head,
-        format_table(["tensor", "dtype", "shape", "bytes", "shard"], tensor_rows,
-                     "<<<><"),
+        format_table(["tensor", "dtype", "shape", "slice", "bytes", "shard"],
+                     tensor_rows, "<<<<><"),
         f"bytes per scope (depth {depth}):\n" + format_table(
             ["scope", "tensors", "bytes", "MiB", "share"], scope_rows, "<>>>>")])
     document = {"run": run_layout.run, "checkpoint": entry.to_json_dict(),
@@ -92,13 +94,13 @@ def show(run_layout: RunLayout, step: int, tier: str | None, depth: int,
 
 
 def _scopes(manifest: Manifest, depth: int) -> list[dict]:
-    """Tensors and bytes per scope, biggest first."""
-    acc: dict[str, list[int]] = {}
+    """Tensors (a partitioned one once) and bytes per scope, biggest first."""
+    acc: dict[str, list] = {}
     for t in manifest.tensors:
-        count = acc.setdefault(scope_of(t.name, depth), [0, 0])
-        count[0] += 1
+        count = acc.setdefault(scope_of(t.name, depth), [set(), 0])
+        count[0].add(t.name)
         count[1] += t.length
-    return [{"scope": s, "tensors": n, "bytes": b}
+    return [{"scope": s, "tensors": len(n), "bytes": b}
             for s, (n, b) in sorted(acc.items(), key=lambda kv: (-kv[1][1], kv[0]))]
 
 

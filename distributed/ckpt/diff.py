@@ -3,7 +3,10 @@
 Both checkpoints are read with the verified reader (every tensor's CRC-32C is
 checked, so a diff never reports on damaged bytes) under reader leases. Only
 tensors whose CRC-32C differs are loaded and compared; equal CRC-32Cs (same
-dtype and shape) are reported unchanged without comparing values. No
+dtype and shape) are reported unchanged without comparing values. A
+partitioned variable is compared as the one logical tensor it is: unchanged
+when every slice's CRC-32C is, else loaded whole (so a table saved in other
+slices with the same values is unchanged, not changed). No
 TensorFlow: manifest dtypes map to numpy ones (``bfloat16`` via ``ml_dtypes``
 when it is installed); values of other dtypes (``string``) are reported as
 changed or not by their checksums only.
@@ -87,11 +90,10 @@ def diff(run_layout: RunLayout, step_a: int, step_b: int, tier: str | None,
             fetch(tier_b, step_b)
         dir_a, man_a = read_committed_manifest(run_layout, step_a, tier_a)
         dir_b, man_b = read_committed_manifest(run_layout, step_b, tier_b)
-        a = {t.name: t for t in man_a.tensors}
-        b = {t.name: t for t in man_b.tensors}
+        a, b = man_a.by_name(), man_b.by_name()
         wanted = [n for n in sorted(a.keys() & b.keys())
-                  if _same_layout(a[n], b[n]) and a[n].crc32c != b[n].crc32c
-                  and numpy_dtype(a[n].dtype) is not None]
+                  if _same_layout(a[n][0], b[n][0]) and _crcs(a[n]) != _crcs(b[n])
+                  and numpy_dtype(a[n][0].dtype) is not None]
         values_a = read_verified(dir_a, man_a, wanted, numpy_dtype)
         values_b = read_verified(dir_b, man_b, wanted, numpy_dtype)
     rows = [_row(n, a.get(n), b.get(n), values_a, values_b)
@@ -119,9 +121,14 @@ def _same_layout(a: TensorRecord, b: TensorRecord) -> bool:
     return (a.dtype, a.shape) == (b.dtype, b.shape)
 
 
-def _row(name: str, a: TensorRecord | None, b: TensorRecord | None,
-         values_a: dict, values_b: dict) -> dict:
-    """One tensor's comparison, as a :data:`DIFF_SCHEMA` row."""
+def _crcs(rows) -> tuple:
+    """A tensor's slices and their CRC-32Cs: equal means equal bytes."""
+    return tuple((r.slice, r.crc32c) for r in rows)
+
+
+def _row(name: str, rows_a, rows_b, values_a: dict, values_b: dict) -> dict:
+    """One tensor's comparison (all its rows), as a :data:`DIFF_SCHEMA` row."""
+    a, b = rows_a and rows_a[0], rows_b and rows_b[0]
     row = {"name": name,
            "dtype_a": a and a.dtype, "shape_a": a and list(a.shape),
            "dtype_b": b and b.dtype, "shape_b": b and list(b.shape),
@@ -132,7 +139,8 @@ def _row(name: str, a: TensorRecord | None, b: TensorRecord | None,
         row["status"] = "only_b"
     elif not _same_layout(a, b):
         row["status"] = "retyped"
-    elif a.crc32c == b.crc32c:
+    elif _crcs(rows_a) == _crcs(rows_b) or (
+            name in values_a and _same_bytes(values_a[name], values_b[name])):
         row.update(status="unchanged", max_abs_diff=0.0, rel_l2_change=0.0)
     else:
         row["status"] = "changed"
@@ -140,6 +148,12 @@ def _row(name: str, a: TensorRecord | None, b: TensorRecord | None,
             row["max_abs_diff"], row["rel_l2_change"] = change(values_a[name],
                                                                values_b[name])
     return row
+
+
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bitwise equality (a partitioned table written in other slices)."""
+    return a.shape == b.shape and np.array_equal(a.reshape(-1).view(np.uint8),
+                                                 b.reshape(-1).view(np.uint8))
 
 
 def _layout_cells(row: dict) -> list[str]:

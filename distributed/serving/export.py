@@ -4,7 +4,9 @@ Steps: read the catalog and pick a checkpoint (latest, a step, or best by a
 metric); verify it against its manifest (falling back to the newest one that
 verifies unless a step was asked for); build the predict-mode graph from the
 run's recorded config; check every variable the outputs read is in the
-checkpoint; restore with optional scope maps; export a SavedModel with a
+checkpoint; restore with optional scope maps (a partitioned variable from its
+logical tensor, into whatever partitioning the predict graph has: see
+:mod:`.restore_plan`); export a SavedModel with a
 ``serving_default`` signature, written under a tmp name and renamed into place so
 a server watching the directory never loads half a model.
 """
@@ -27,6 +29,7 @@ from distributed.checkpoint import layout
 from distributed.checkpoint.catalog import Catalog, CatalogEntry
 from distributed.checkpoint.lease import Lease
 from distributed.checkpoint.verify import read_committed_manifest, read_verified
+from distributed.serving.restore_plan import block, restore_plan
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ConfigError, ManifestError, StorageError)
 
@@ -260,6 +263,8 @@ def export_checkpoint(storage: str, run: str, export_root: str,
     Raises:
         CheckpointNotFoundError: Variables the outputs read are missing from the
             checkpoint (named, with the likely cause).
+        ConfigError: The predict graph's variable shapes differ from the
+            checkpoint's.
         StorageError: The export directory cannot be written.
     """
     run_layout = layout.RunLayout(os.path.abspath(storage), run)
@@ -299,7 +304,6 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
     t = time.perf_counter()
     _check_export_root(export_root)
     ckpt_dir, manifest = _read_committed(run_layout, entry)
-    in_ckpt = {r.name for r in manifest.tensors}
     config = record.config
     if model:
         config = dataclasses.replace(config, model=model)
@@ -310,20 +314,12 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
         from distributed.checkpoint.selection import variables_read_by
         reads = variables_read_by(list(spec.predictions.values()))
         by_name = {v.op.name: v for v in tf.compat.v1.global_variables()}
-        needed = {name: _ckpt_name(name, maps) for name in sorted(reads)}
-        missing = [f"{g}" + (f" (as {c})" if c != g else "")
-                   for g, c in needed.items() if c not in in_ckpt]
-        if missing:
-            trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
-            non_trainable = [g for g in needed
-                             if needed[g] not in in_ckpt and g not in trainable]
-            hint = (" These are non-trainable (e.g. batch-norm moving statistics): the "
-                    "run's selection probably used policy: trainable; train with "
-                    "selection policy: inference." if non_trainable else
-                    " Check the selection's include/exclude regexes and --map.")
-            raise CheckpointNotFoundError(
-                f"{entry.tier} checkpoint at step {entry.step} lacks {len(missing)} "
-                f"variable(s) the inference outputs read: {', '.join(missing)}.{hint}")
+        # Graph variable -> its checkpoint tensor and block (partitioned ones
+        # may be cut differently here than in training, or not at all).
+        needed = restore_plan(
+            by_name, reads, {v.op.name for v in tf.compat.v1.trainable_variables()},
+            manifest, lambda name: _ckpt_name(name, maps),
+            f"{entry.tier} checkpoint at step {entry.step}")
         loader = {g: (by_name[g], tf.compat.v1.placeholder(
             by_name[g].dtype.base_dtype, by_name[g].shape)) for g in needed}
         assigns = [v.assign(ph, read_value=False) for v, ph in loader.values()]
@@ -332,14 +328,15 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
         timings["build"] = time.perf_counter() - t
         t = time.perf_counter()
         # One read pass: every tensor is CRC-checked, the needed ones loaded.
-        tensors = read_verified(ckpt_dir, manifest, set(needed.values()),
+        tensors = read_verified(ckpt_dir, manifest, {p.tensor for p in needed.values()},
                                 lambda name: tf.as_dtype(name).as_numpy_dtype)
         timings["verify+read"] = time.perf_counter() - t
         t = time.perf_counter()
         sess = tf.compat.v1.Session(graph=graph)
         try:
             sess.run(init_rest)
-            sess.run(assigns, {ph: tensors[needed[g]] for g, (_, ph) in loader.items()})
+            sess.run(assigns, {ph: block(tensors, needed[g])
+                               for g, (_, ph) in loader.items()})
             del tensors
             timings["restore"] = time.perf_counter() - t
             t = time.perf_counter()

@@ -70,8 +70,7 @@ class Coordinator:
         """
         import tensorflow as tf
 
-        from distributed.checkpoint.selection import (checkpoint_sources,
-                                                      describe_variables, select)
+        from distributed.checkpoint.selection import describe_variables, select
         from distributed.checkpoint.writer import CheckpointWriter, session_config
         from distributed.inputs import probe_spec
         from distributed.train.graph import (VariableLoader, build_train_graph,
@@ -85,6 +84,7 @@ class Coordinator:
             warnings.simplefilter("always")
             selection = select(describe_variables(self.tg.variables),
                                cfg.selection_spec(), reads)
+            self._build_writers(selection, CheckpointWriter)  # ShardImbalanceWarning
         self.warnings = [str(w.message) for w in caught]
         stale = never_updated_statistics(self.tg, reads)
         if stale:
@@ -96,20 +96,6 @@ class Coordinator:
                 "model, inputs) after model(inputs, training=...) in model_fn "
                 "(README: Keras 2 layers). Ignore this if they are frozen on "
                 "purpose.")
-        chosen = set(selection.names)
-        by_name = {v.op.name: v for v in self.tg.variables}
-        # Serving checkpoint name -> the variable saved under it (serve_ema: its
-        # average). Rank 0 hands values over by variable name, never renamed.
-        self.serving_sources = checkpoint_sources(
-            [n for n in by_name if n in chosen], self.tg.averages,
-            cfg.selection_spec().serve_ema)
-        self.serving_names = list(dict.fromkeys(self.serving_sources.values()))
-        self.writers = {
-            "serving": CheckpointWriter(
-                {c: by_name[n] for c, n in self.serving_sources.items()},
-                num_shards=cfg.checkpoint.shards),
-            "full": CheckpointWriter(self.tg.variables, num_shards=cfg.checkpoint.shards),
-        }
         shards = max(w.num_shards for w in self.writers.values())
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
                                          config=session_config(shards))
@@ -120,6 +106,25 @@ class Coordinator:
                 "num_variables": len(self.tg.variables), "warnings": self.warnings,
                 "serving_bytes": self.writers["serving"].total_bytes,
                 "full_bytes": self.writers["full"].total_bytes}
+
+    def _build_writers(self, selection, writer_cls) -> None:
+        """The serving and full tiers' sharded writers."""
+        from distributed.checkpoint.selection import checkpoint_sources
+        cfg = self.config
+        chosen = set(selection.names)
+        by_name = {v.op.name: v for v in self.tg.variables}
+        # Serving checkpoint name -> the variable saved under it (serve_ema: its
+        # average). Rank 0 hands values over by variable name, never renamed.
+        self.serving_sources = checkpoint_sources(
+            [n for n in by_name if n in chosen], self.tg.averages,
+            cfg.selection_spec().serve_ema)
+        self.serving_names = list(dict.fromkeys(self.serving_sources.values()))
+        self.writers = {
+            "serving": writer_cls(
+                {c: by_name[n] for c, n in self.serving_sources.items()},
+                num_shards=cfg.checkpoint.shards),
+            "full": writer_cls(self.tg.variables, num_shards=cfg.checkpoint.shards),
+        }
 
     def _build_evaluator(self, eval_dataset=None) -> None:
         from distributed.train.evaluation import Evaluator
@@ -250,8 +255,9 @@ class Coordinator:
                     "before it")
                 continue
             with self.tg.graph.as_default():
-                saver = tf.compat.v1.train.Saver(var_list={v.op.name: v for v in
-                                                           self.tg.variables})
+                # A list, not {name: variable}: a partitioned variable's parts
+                # then restore from its logical tensor's slices, as saved.
+                saver = tf.compat.v1.train.Saver(var_list=list(self.tg.variables))
                 saver.restore(self.sess, os.path.join(self.store.checkpoint_dir(entry),
                                                       layout.CKPT_PREFIX))
             return int(self.sess.run(self.tg.global_step)), entry.step

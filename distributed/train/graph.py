@@ -258,8 +258,9 @@ class VariableLoader:
             self._ops = dict(zip(self._by_name, ops))
 
     def load(self, sess, values: Mapping[str, np.ndarray]) -> None:
-        unknown = set(values) - set(self._by_name)
-        if unknown:
-            raise KeyError(f"no variable named {sorted(unknown)[:5]}")
+        # Parts of a partitioned variable must match the sender's, by name and
+        # shape: a clear error naming the variable, not a feed traceback.
+        from distributed.checkpoint.partition import check_values_fit
+        check_values_fit(self._by_name, values)
         sess.run([self._ops[n] for n in values],
                  {self._feeds[n]: v for n, v in values.items()})
