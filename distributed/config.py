@@ -329,6 +329,13 @@ class TrainConfig:
             coordinator dies, a collective times out) and be restarted from the
             latest full checkpoint before the job gives up; 0 fails at once.
         bucket_mib: Gradient bytes per all-reduce bucket.
+        sparse_density_threshold: A sparse gradient (``tf.IndexedSlices``, an
+            embedding lookup's) is all-gathered, rows and indices, when that
+            is at most this times its dense bytes, and all-reduced densely
+            otherwise: 0.5 gathers a 200,000-row table's gradient of 1,024
+            rows a step rather than send the whole table. 0 always
+            all-reduces densely. Decided when the graph is built, from static
+            shapes; an unknown batch dimension counts as ``batch_size``.
         seed: Graph-level random seed.
         eval: Evaluation of serving checkpoints, see :class:`EvalConfig`
             (``null``: none; the only metric is then the training ``loss``).
@@ -358,6 +365,7 @@ class TrainConfig:
     collective_timeout: float = 120.0
     max_failures: int = 3
     bucket_mib: float = 8.0
+    sparse_density_threshold: float = 0.5
     seed: int = 0
     eval: EvalConfig | None = None
 
@@ -378,6 +386,7 @@ class TrainConfig:
             raise ConfigError(f"max_failures: expected an integer >= 0, got "
                               f"{self.max_failures!r}")
         _positive(self.bucket_mib, "bucket_mib")
+        _check_density_threshold(self.sparse_density_threshold)
         _check_storage(self.storage)
         from distributed.checkpoint.layout import check_run_name
         try:
@@ -651,6 +660,14 @@ def _choice(value: Any, choices: tuple[str, ...], path: str) -> None:
     if value not in choices:
         raise ConfigError(f"{path}: {value!r} is not valid; use one of "
                           f"{', '.join(choices)}")
+
+
+def _check_density_threshold(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError(
+            f"sparse_density_threshold: expected a number >= 0 (e.g. 0.5: gather a "
+            f"sparse gradient when its rows are at most half the dense bytes; 0: "
+            f"always all-reduce densely), got {value!r}")
 
 
 def _positive(value: Any, path: str) -> None:

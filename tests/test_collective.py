@@ -133,6 +133,7 @@ class _Worker:
             vs.append(tf.compat.v1.get_variable("emb", [6, 5]))
             grads = [tf.constant(g) for g in _rank_grads(rank)]
             # Sparse gradient of `emb`: rows 1 and 4 (row 4 twice, summed when densified).
+            # Gathered it would be 2 x 3 rows x 28 B > 0.5 x 120 B: it goes dense.
             grads[-1] = tf.IndexedSlices(grads[-1], tf.constant([1, 4, 4]),
                                          tf.constant([6, 5]))
             pairs = list(zip(grads, vs)) + [(None, vs[0])]

@@ -145,6 +145,10 @@ BAD = [
      "optimizer.learning_rate", "positive"),
     ("collective-timeout-zero", {"collective_timeout": 0}, "collective_timeout",
      "positive"),
+    ("sparse-density-negative", {"sparse_density_threshold": -0.5},
+     "sparse_density_threshold", "expected a number >= 0"),
+    ("sparse-density-nan", {"sparse_density_threshold": float("nan")},
+     "sparse_density_threshold", "expected a number >= 0"),
     ("unknown-selection-key-typo", {"selection": {"polcy": "all"}}, "selection", "polcy"),
 ]
 

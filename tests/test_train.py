@@ -397,19 +397,47 @@ def cosine_warmup_lr(step: int) -> float:
     return 0.01 * 0.5 * (1 + np.cos(np.pi * min(step, 30) / 30)) * min(1.0, step / 5)
 
 
-@pytest.mark.parametrize("model,input_fn,optimizer", [
-    (CNN, digits.__name__ + ":digits_input_fn", None),
+EMBEDDING = "distributed.examples.embedding"
+# A 5000 x 16 table read by 32 x 8 ids a worker: its gradient is all-gathered
+# (2 x 256 rows x 72 bytes <= 0.5 x 320,000 bytes), and Adagrad applies it sparsely.
+EMBEDDING_ADAGRAD = {"model_params": {"vocab": 5000}, "input_params": {"vocab": 5000},
+                     "optimizer": {"name": "adagrad", "learning_rate": 0.5}}
+
+
+def _gathers_sparse_gradients(config) -> bool:
+    """Whether the workers' graph of ``config`` all-gathers a sparse gradient."""
+    import functools
+
+    from distributed.inputs.spec import InputSpec
+    from distributed.train import collective
+    from distributed.train.graph import build_train_graph
+    reduce_fn = functools.partial(
+        collective.allreduce_gradients,
+        spec=collective.GroupSpec(("127.0.0.1:1", "127.0.0.1:2"), 0),
+        sparse_density_threshold=config.sparse_density_threshold,
+        batch_size=config.batch_size)
+    spec = InputSpec({"ids": ("int64", (8,))}, ("int64", ()))
+    graph = build_train_graph(config, spec, reduce_fn=reduce_fn).graph
+    return any(op.type == "CollectiveGatherV2" for op in graph.get_operations())
+
+
+@pytest.mark.parametrize("model,input_fn,overrides", [
+    (CNN, digits.__name__ + ":digits_input_fn", {}),
     ("tests.scoped_models:ref_variables_model_fn", digits.__name__ + ":digits_input_fn",
-     None),
-    (CNN, TFDATA, None),
-    (CNN, digits.__name__ + ":digits_input_fn", CLIPPED_RMSPROP)],
-    ids=["cnn", "tf1-reference-variables", "cnn-tfdata", "cnn-rmsprop-clip-cosine"])
+     {}),
+    (CNN, TFDATA, {}),
+    (CNN, digits.__name__ + ":digits_input_fn", {"optimizer": CLIPPED_RMSPROP}),
+    (f"{EMBEDDING}:embedding_model_fn", f"{EMBEDDING}:embedding_input_fn",
+     EMBEDDING_ADAGRAD)],
+    ids=["cnn", "tf1-reference-variables", "cnn-tfdata", "cnn-rmsprop-clip-cosine",
+         "embedding-sparse-adagrad"])
 def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage, model,
-                                                              input_fn, optimizer):
+                                                              input_fn, overrides):
     """Drives the actors as ``train()`` does, to read every worker's variables."""
     config = make_config(storage, "replicas", steps=30, model=model, input=input_fn,
-                         checkpoint={"serving_every": 0, "full_every": 10},
-                         **({"optimizer": optimizer} if optimizer else {}))
+                         checkpoint={"serving_every": 0, "full_every": 10}, **overrides)
+    if overrides is EMBEDDING_ADAGRAD:
+        assert _gathers_sparse_gradients(config)
     with actor_group(config) as (coordinator, workers, plan, setups, initial):
         assert [spec for _, spec in setups] == [plan["input_spec"]] * 2
         ray.get([w.train.remote(10) for w in workers])
@@ -428,9 +456,11 @@ def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage
         # The workers saw different data, yet their BN statistics agree (and moved).
         for name in CNN_BN_STATS if model == CNN else ():
             assert not np.allclose(lead[name], initial[name]), name
+        if overrides is EMBEDDING_ADAGRAD:  # the rows looked up moved
+            assert not np.allclose(lead["embedding/table"], initial["embedding/table"])
     assert reports[0]["step"] == 30 and not [
         e for e in reports[0]["events"] if e["event"] != "committed"]
-    if optimizer:  # the rate of the round's last step (global step 29)
+    if overrides.get("optimizer") is CLIPPED_RMSPROP:  # the last step's (29) rate
         assert [r["learning_rate"] for r in reports] == pytest.approx(
             [cosine_warmup_lr(29)] * 2, rel=1e-5)
         assert {"cnn/logits/kernel/RMSProp", "cnn/logits/kernel/RMSProp_1"} <= set(at30[0])

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
-from distributed.model import EVAL, MODES, PREDICT, TRAIN, ModelSpec
+from distributed.model import EVAL, MODES, PREDICT, ModelSpec
 
 ID_FEATURES = ("user", "item", "category")
 DENSE_KEY = "dense"

@@ -5,7 +5,8 @@ task = rank) and a graph-mode Session that targets it. Gradients never pass
 through Python or the Ray object store: ``CollectiveReduceV2`` ops inside the
 worker graph exchange them over gRPC (``ring``) or NCCL, overlapped with the
 rest of backprop, packed into a few buckets because each launch has a fixed
-cost.
+cost. Sparse gradients (``tf.IndexedSlices``) are all-gathered instead where
+that sends fewer bytes (:mod:`distributed.train.sparse`).
 
 Caller's steps, per worker (``rank`` 0..N-1)::
 
@@ -25,7 +26,8 @@ step would pair with a peer's other step, bucket by bucket, and replicas
 could silently diverge.
 
 Every worker must build the same graph (same variables, same order, same
-``bucket_bytes`` and ``instance_key_start``): the bucket plan and the instance
+``bucket_bytes``, ``instance_key_start``, ``sparse_density_threshold`` and
+``batch_size``): the bucket plan, the sparse/dense choice and the instance
 keys are derived from it and must match across ranks.
 """
 
@@ -38,6 +40,7 @@ from typing import Any, Sequence
 import tensorflow as tf
 
 from distributed.errors import ConfigError
+from distributed.train import sparse
 
 JOB_NAME = "worker"
 GROUP_LEADER = f"/job:{JOB_NAME}/replica:0/task:0"
@@ -231,24 +234,99 @@ def _static_shape(grad: tf.Tensor, var: Any) -> tf.TensorShape:
     return shape
 
 
+class _Launcher:
+    """Builds the group's collectives in launch order, one instance key each.
+
+    With NCCL each collective waits on the previous one's output, so every GPU
+    launches them in the same order (NCCL deadlocks otherwise); the ring
+    transport matches peers by instance key and needs no ordering.
+    """
+
+    def __init__(self, spec: GroupSpec, first_key: int):
+        self._spec = spec
+        self._hint = spec.resolved_hint()
+        self._key = first_key
+        self._previous: tf.Tensor | None = None
+
+    def _launch(self, op: Any, tensor: tf.Tensor, key_offset: Any = None, keys: int = 1,
+                **attrs: Any) -> tf.Tensor:
+        chained = self._hint == "nccl" and self._previous is not None
+        key = self._key if key_offset is None else self._key + key_offset
+        with tf.control_dependencies([self._previous] if chained else []):
+            out = op(input=tensor, group_size=self._spec.group_size,
+                     group_key=self._spec.group_key, instance_key=key,
+                     ordering_token=[], communication_hint=self._hint,
+                     timeout_seconds=0.0, **attrs)
+        self._key += keys
+        self._previous = out
+        return out
+
+    def reduce(self, tensor: tf.Tensor) -> tf.Tensor:
+        """The group's mean of ``tensor`` (same shape on every rank)."""
+        return self._launch(tf.raw_ops.CollectiveReduceV2, tensor, merge_op="Add",
+                            final_op="Div")
+
+    def gather(self, tensor: tf.Tensor, key_offset: Any = None, keys: int = 1) -> tf.Tensor:
+        """Every rank's ``tensor`` (same shape on every rank), concatenated
+        along axis 0 in rank order. A tensor whose shape changes between steps
+        reserves ``keys`` instance keys and runs on the ``key_offset``-th (an
+        int32 tensor, the same on every rank), one per shape it can take."""
+        return self._launch(tf.raw_ops.CollectiveGatherV2, tensor, key_offset, keys)
+
+
+def _reduce_dense(pairs: Sequence[tuple[Any, Any]], launch: _Launcher,
+                  bucket_bytes: int) -> list[tf.Tensor]:
+    """Averages ``(gradient, variable)`` pairs densely, one reduction per bucket."""
+    dense = [_dense(g) for g, _ in pairs]
+    shapes = [_static_shape(t, v) for t, (_, v) in zip(dense, pairs)]
+    for shape, (_, var) in zip(shapes, pairs):
+        if not shape.is_fully_defined():
+            raise ConfigError(f"model: the gradient of {var!r} has no static shape "
+                              f"({shape}); all-reduce buckets need known sizes")
+    items = [(t.dtype.name, s.num_elements() * t.dtype.size) for t, s in zip(dense, shapes)]
+    out: list[Any] = [None] * len(dense)
+    for bucket in plan_buckets(items, bucket_bytes):
+        flat = tf.concat([tf.reshape(dense[i], [-1]) for i in bucket.indices], axis=0)
+        parts = tf.split(launch.reduce(flat),
+                         [shapes[i].num_elements() for i in bucket.indices], axis=0)
+        for i, part in zip(bucket.indices, parts):
+            out[i] = tf.reshape(part, shapes[i])
+    return out
+
+
 def allreduce_gradients(grads_and_vars: Sequence[tuple[Any, Any]],
                         spec: GroupSpec,
                         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                        instance_key_start: int = DEFAULT_INSTANCE_KEY_START
-                        ) -> list[tuple[Any, Any]]:
+                        instance_key_start: int = DEFAULT_INSTANCE_KEY_START,
+                        sparse_density_threshold: float = sparse.DEFAULT_DENSITY_THRESHOLD,
+                        batch_size: int | None = None) -> list[tuple[Any, Any]]:
     """Averages gradients across the group, bucketed, in the default graph.
 
-    Builds one ``CollectiveReduceV2`` (``Add`` then ``Div`` by group size) per
-    bucket of :func:`plan_buckets`, with instance keys ``instance_key_start,
-    instance_key_start + 1, ...`` in plan order. Instance keys are reused on
-    every ``Session.run`` (TF's step id tells steps apart), but two collectives
-    in one graph, or in two graphs of one process with different shapes, must
-    not share a key: give another call a disjoint ``instance_key_start``.
+    Dense gradients (and model state) get one ``CollectiveReduceV2`` (``Add``
+    then ``Div`` by group size) per bucket of :func:`plan_buckets`.
 
-    ``tf.IndexedSlices`` gradients (embedding lookups) are made dense before
-    reducing: exact, but a full-size tensor goes over the wire each step.
+    ``tf.IndexedSlices`` gradients (embedding lookups) stay sparse where that
+    sends fewer bytes: every rank's rows and indices are all-gathered
+    (``CollectiveGatherV2``, see :mod:`distributed.train.sparse`), the values
+    divided by the group size, and the optimizer applies the result sparsely.
+    One whose gathered slices would exceed ``sparse_density_threshold`` times
+    its dense bytes is made dense and joins the buckets instead (exact, but the
+    whole tensor goes over the wire each step). The choice is made here, from
+    static shapes, so every rank makes it alike; an unknown row count is
+    estimated from ``batch_size`` (:func:`sparse.estimate_rows`).
+
     ``None`` gradients pass through untouched. With one worker no collective is
     built and the pairs come back as they are (IndexedSlices included).
+
+    Instance keys are ``instance_key_start, instance_key_start + 1, ...`` in
+    launch order: the gather of the sparse gradients' row counts (only where a
+    count is not static; it needs only the indices, so it goes first), the
+    dense buckets, then the sparse gathers (one of rows whose count is not
+    static reserves :data:`sparse.SIZE_CLASSES` keys, one per padded size).
+    Keys are reused on every ``Session.run`` (TF's step id tells steps apart),
+    but two collectives in one graph, or in two graphs of one process with
+    different shapes, must not share a key: give another call a disjoint
+    ``instance_key_start``.
 
     The ops carry no ``timeout_seconds`` on purpose: on TF 2.21 a nonzero
     value makes every launch park two threads that sleep for the whole
@@ -256,9 +334,10 @@ def allreduce_gradients(grads_and_vars: Sequence[tuple[Any, Any]],
     a process holds tens of thousands of threads and aborts when thread
     creation fails. Bound steps with :func:`run_options` instead.
 
-    With NCCL each bucket's collective waits on the previous one's output, so
-    every GPU launches them in the same order (NCCL deadlocks otherwise); the
-    ring transport matches peers by instance key and needs no ordering.
+    With NCCL each collective (gathers included) waits on the previous one's
+    output, so every GPU launches them in the same order (NCCL deadlocks
+    otherwise); the ring transport matches peers by instance key and needs no
+    ordering.
 
     Args:
         grads_and_vars: ``(gradient or None, variable)`` pairs; the variable is
@@ -266,6 +345,10 @@ def allreduce_gradients(grads_and_vars: Sequence[tuple[Any, Any]],
         spec: This worker's group.
         bucket_bytes: Upper bound on a bucket's bytes.
         instance_key_start: First instance key this call uses.
+        sparse_density_threshold: Gather an ``IndexedSlices`` when its gathered
+            bytes are at most this times its dense bytes; 0 never gathers.
+        batch_size: Examples per worker per step, for estimating the rows of
+            an ``IndexedSlices`` whose row count is not static.
 
     Returns:
         ``(averaged gradient or None, variable)`` pairs in the input order.
@@ -274,35 +357,18 @@ def allreduce_gradients(grads_and_vars: Sequence[tuple[Any, Any]],
     if spec.group_size == 1:
         return pairs
     out: list[Any] = [g for g, _ in pairs]
-    dense: dict[int, tf.Tensor] = {}
-    items: list[tuple[str, int]] = []
-    positions: list[int] = []
-    for pos, (grad, var) in enumerate(pairs):
-        if grad is None:
-            continue
-        tensor = _dense(grad)
-        shape = _static_shape(tensor, var)
-        if not shape.is_fully_defined():
-            raise ConfigError(f"model: the gradient of {var!r} has no static shape "
-                              f"({shape}); all-reduce buckets need known sizes")
-        dense[pos] = tensor
-        positions.append(pos)
-        items.append((tensor.dtype.name, shape.num_elements() * tensor.dtype.size))
-    hint = spec.resolved_hint()
-    previous: tf.Tensor | None = None
+    gathered = [p for p, (g, v) in enumerate(pairs) if isinstance(g, tf.IndexedSlices)
+                and sparse.should_gather(g, v, spec.group_size, sparse_density_threshold,
+                                         batch_size)]
+    reduced = [p for p, (g, _) in enumerate(pairs) if g is not None and p not in gathered]
+    slices = [pairs[p][0] for p in gathered]
+    launch = _Launcher(spec, instance_key_start)
     with tf.name_scope("allreduce"), tf.device(spec.task_device):
-        for key, bucket in enumerate(plan_buckets(items, bucket_bytes), instance_key_start):
-            members = [positions[i] for i in bucket.indices]
-            shapes = [_static_shape(dense[p], pairs[p][1]) for p in members]
-            flat = tf.concat([tf.reshape(dense[p], [-1]) for p in members], axis=0)
-            deps = [previous] if hint == "nccl" and previous is not None else []
-            with tf.control_dependencies(deps):
-                reduced = tf.raw_ops.CollectiveReduceV2(
-                    input=flat, group_size=spec.group_size, group_key=spec.group_key,
-                    instance_key=key, ordering_token=[], merge_op="Add",
-                    final_op="Div", communication_hint=hint, timeout_seconds=0.0)
-            previous = reduced
-            parts = tf.split(reduced, [s.num_elements() for s in shapes], axis=0)
-            for p, part, shape in zip(members, parts, shapes):
-                out[p] = tf.reshape(part, shape)
+        counts = sparse.gather_row_counts(slices, launch.gather, spec.group_size)
+        dense = _reduce_dense([pairs[p] for p in reduced], launch, bucket_bytes)
+        gathered_slices = sparse.gather_slices(slices, counts, launch.gather,
+                                               spec.group_size, bucket_bytes,
+                                               plan_buckets, batch_size)
+    for p, grad in zip(reduced + gathered, dense + gathered_slices):
+        out[p] = grad
     return [(g, v) for g, (_, v) in zip(out, pairs)]

@@ -208,8 +208,11 @@ class Worker:
             intra_op_parallelism_threads=max(1, int(cfg.cpus_per_worker + 0.999)),
             inter_op_parallelism_threads=2)
         self.server = collective.start_server(self.spec, base)
-        reduce_fn = functools.partial(collective.allreduce_gradients, spec=self.spec,
-                                      bucket_bytes=int(cfg.bucket_mib * 2**20))
+        reduce_fn = functools.partial(
+            collective.allreduce_gradients, spec=self.spec,
+            bucket_bytes=int(cfg.bucket_mib * 2**20),
+            sparse_density_threshold=cfg.sparse_density_threshold,
+            batch_size=cfg.batch_size)
         self.tg = build_train_graph(
             cfg, lambda: inputs.open_source(cfg, self.rank, split, gpu=gpu),
             reduce_fn=reduce_fn, device="/device:GPU:0" if gpu else None)
