@@ -336,6 +336,13 @@ class TrainConfig:
             rows a step rather than send the whole table. 0 always
             all-reduces densely. Decided when the graph is built, from static
             shapes; an unknown batch dimension counts as ``batch_size``.
+        steps_per_run: Training steps per ``Session.run`` on the workers: an
+            in-graph loop (as Keras' ``steps_per_execution`` or
+            TPUEstimator's ``iterations_per_loop``) that saves the per-run
+            round trip and Python time on all but one step of the loop; the
+            steps and their results are the same. Worth it for small, fast
+            steps (a few ms); 1 runs one step per ``Session.run``. A run never
+            crosses a checkpoint step or a ``log_every`` boundary.
         seed: Graph-level random seed.
         eval: Evaluation of serving checkpoints, see :class:`EvalConfig`
             (``null``: none; the only metric is then the training ``loss``).
@@ -366,6 +373,7 @@ class TrainConfig:
     max_failures: int = 3
     bucket_mib: float = 8.0
     sparse_density_threshold: float = 0.5
+    steps_per_run: int = 1
     seed: int = 0
     eval: EvalConfig | None = None
 
@@ -376,7 +384,7 @@ class TrainConfig:
         _non_negative_int(self.input_prefetch, "input_prefetch")
         self.optimizer.validate("optimizer")
         self.checkpoint.validate("checkpoint")
-        for field in ("batch_size", "steps", "workers", "log_every"):
+        for field in ("batch_size", "steps", "workers", "log_every", "steps_per_run"):
             _positive_int(getattr(self, field), field)
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker: expected >= 0, got {self.gpus_per_worker!r}")

@@ -5,7 +5,8 @@ Parts (``--parts``, default all; each can run alone):
 
 1. ``throughput``: steady-state steps/s of ours (``python -m jobs.train``, i.e.
    ``trainer.train(config)``, digits MLP 64-256-256-10, batch 64 per worker,
-   2 CPU workers, checkpoints off but the last step) vs Ray Train's
+   2 CPU workers, checkpoints off but the last step, ``steps_per_run``
+   ``--steps-per-run``, 10 by default, and once at 1 as an extra row) vs Ray Train's
    ``TensorflowTrainer`` + ``MultiWorkerMirroredStrategy`` on the same MLP built
    with tf_keras (``scripts/_bench_raytrain.py``), same batch, workers and CPUs
    per worker, as its users run it (``--peers``): ``strong`` is a custom loop
@@ -83,6 +84,7 @@ T_STALL_VS_SAVER = 0.25            # time lost per checkpoint / blocking Saver.s
 T_CKPT_THROUGHPUT = 0.95           # steps/s with serving ckpt every 10 / off, at least
 T_PREMISE_BLOCKING_COST = 0.25     # a blocking save every 10 steps must cost >= this
 
+OURS_K1 = "ours, steps_per_run 1"
 MLP_CONFIG = {
     "model": "distributed.examples.digits:mlp_model_fn",
     "model_params": {"hidden": [256, 256]},
@@ -113,6 +115,10 @@ def parse_args(argv=None):
     p.add_argument("--extra-peers", default="strong,fit",
                    help="parts 1-2: peers run once, in the first round only, as extra "
                         "rows (default strong,fit; '' for none)")
+    p.add_argument("--steps-per-run", type=int, default=10,
+                   help="ours, part 1-2: steps_per_run (default 10, as the strongest "
+                        "peer's 10 steps per tf.function call); with another value "
+                        "than 1 ours also runs once at 1, an extra row")
     p.add_argument("--mlp-steps", type=int, default=1500,
                    help="ours, part 1-2: total steps (default 1500)")
     p.add_argument("--mlp-log-every", type=int, default=300,
@@ -187,10 +193,13 @@ def warm_page_cache():
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
-def part_ours_mlp(args, scratch, tag=""):
+def part_ours_mlp(args, scratch, tag="", steps_per_run=None):
+    steps_per_run = args.steps_per_run if steps_per_run is None else steps_per_run
     cfg = dict(MLP_CONFIG, steps=args.mlp_steps, log_every=args.mlp_log_every,
-               storage=os.path.join(scratch, "mlp"), run="bench-mlp")
-    log(f"ours: python -m jobs.train, digits MLP, {args.mlp_steps} steps{tag} ...")
+               storage=os.path.join(scratch, "mlp"), run="bench-mlp",
+               steps_per_run=steps_per_run)
+    log(f"ours: python -m jobs.train, digits MLP, {args.mlp_steps} steps, "
+        f"steps_per_run {steps_per_run}{tag} ...")
     result = run_train_job(cfg, scratch, "mlp", timeout=300)
     shutil.rmtree(cfg["storage"], ignore_errors=True)
     del result["lines"]
@@ -224,11 +233,16 @@ def part_ours_vs_peers(args, scratch):
     """Rounds of (ours, each peer), ``--pairs`` times, the extra peers once in
     the first round; returns the runs by name."""
     runs = {"ours": [], **{peer: [] for peer in args.peers + args.extra_peers}}
+    if args.steps_per_run != 1:
+        runs[OURS_K1] = []
     for pair in range(args.pairs):
         tag = f" (round {pair + 1}/{args.pairs})"
         runs["ours"].append(part_ours_mlp(args, scratch, tag))
         log(f"  ours: {runs['ours'][-1]['steady_sps']:.1f} steps/s, first step "
             f"{runs['ours'][-1]['first_step_cmd']:.1f}s")
+        if pair == 0 and OURS_K1 in runs:  # what steps_per_run buys, once
+            runs[OURS_K1].append(part_ours_mlp(args, scratch, tag, steps_per_run=1))
+            log(f"  {OURS_K1}: {runs[OURS_K1][-1]['steady_sps']:.1f} steps/s")
         for peer in args.peers + (args.extra_peers if pair == 0 else []):
             runs[peer].append(part_raytrain(args, scratch, peer, tag))
             log(f"  {peer}: {runs[peer][-1]['steady_sps']:.1f} steps/s, first step "
@@ -537,6 +551,11 @@ def main(argv=None) -> int:
                     f"{args.rt_steps - args.rt_warmup} timed after {args.rt_warmup} "
                     f"warm-up, TF threads intra={args.rt_intra or 'default'} "
                     f"inter={args.rt_inter or 'default'}")
+                if OURS_K1 in runs:
+                    k1 = med[OURS_K1]["steady_sps"]
+                    table.add(f"1 ours steps_per_run {args.steps_per_run} vs 1 (1 run)",
+                              f"{ours_sps:.1f}", f"{k1:.1f}", f"{ours_sps / k1:.2f}x",
+                              "", None)
                 for name in ["ours"] + peers:
                     extra = (f"; chunks {[r['chunks'] for r in runs['ours']]}"
                              if name == "ours" else "")

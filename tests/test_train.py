@@ -428,9 +428,12 @@ def _gathers_sparse_gradients(config) -> bool:
     (CNN, TFDATA, {}),
     (CNN, digits.__name__ + ":digits_input_fn", {"optimizer": CLIPPED_RMSPROP}),
     (f"{EMBEDDING}:embedding_model_fn", f"{EMBEDDING}:embedding_input_fn",
-     EMBEDDING_ADAGRAD)],
+     EMBEDDING_ADAGRAD),
+    # 4 steps per Session.run: runs end at 4, 8, 10 (a checkpoint), 14, ...
+    (CNN, digits.__name__ + ":digits_input_fn",
+     {"optimizer": CLIPPED_RMSPROP, "steps_per_run": 4})],
     ids=["cnn", "tf1-reference-variables", "cnn-tfdata", "cnn-rmsprop-clip-cosine",
-         "embedding-sparse-adagrad"])
+         "embedding-sparse-adagrad", "cnn-rmsprop-steps-per-run-4"])
 def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage, model,
                                                               input_fn, overrides):
     """Drives the actors as ``train()`` does, to read every worker's variables."""

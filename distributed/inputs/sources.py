@@ -10,7 +10,10 @@
 
 Both have ``spec`` (:class:`InputSpec`), ``tensors()`` (called once, inside the
 graph), ``start(sess)`` and ``feed(step)`` (the step's ``feed_dict`` or
-``None``).
+``None``). For several steps per ``Session.run`` (an in-graph loop,
+``steps_per_run``) they also have ``step_reader()`` (called once, outside the
+loop: a function of the loop's counter that gives that step's tensors, called
+inside the loop's body) and ``feed_steps(step, n)`` (the feed of ``n`` steps).
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ class DatasetSource:
 
     def feed(self, step: int) -> None:
         return None
+
+    def step_reader(self) -> Callable[[Any], tuple[dict[str, Any], Any]]:
+        """Each step of an in-graph loop reads the iterator's next batch."""
+        return lambda i: self.tensors()
+
+    def feed_steps(self, step: int, n: int) -> None:
+        return None
+
+    def fed_names(self) -> set[str]:
+        """Placeholders a step feeds: none."""
+        return set()
 
     def ended(self, step: int) -> ConfigError:
         """The error for a dataset that ran out (``OutOfRangeError`` in a step)."""
@@ -139,8 +153,10 @@ class PythonSource:
         self._features: dict[str, Any] = {}
         self._labels = None
 
-    def tensors(self) -> tuple[dict[str, Any], Any]:
-        self._features, self._labels = self.spec.placeholders()
+    def tensors(self, stacked: bool = False) -> tuple[dict[str, Any], Any]:
+        """The placeholders the batches are fed to; ``stacked``: with a
+        leading dimension of steps (see :meth:`step_reader`)."""
+        self._features, self._labels = self.spec.placeholders(stacked=stacked)
         self._dtypes = {name: np.dtype(object) if d == "string" else np.dtype(d)
                         for name, (d, _) in self.spec.features.items()}
         d = self.spec.labels[0]
@@ -159,6 +175,45 @@ class PythonSource:
         self._first = None
 
     def feed(self, step: int) -> dict:
+        features, labels = self._next(step)
+        feed = {self._features[k]: v for k, v in features.items()}
+        feed[self._labels] = labels
+        return feed
+
+    def step_reader(self) -> Callable[[Any], tuple[dict[str, Any], Any]]:
+        """Stacked placeholders (made here, outside the loop); step ``i`` of a
+        run reads their ``i``-th batch."""
+        features, labels = self.tensors(stacked=True)
+        return lambda i: ({k: v[i] for k, v in features.items()}, labels[i])
+
+    def feed_steps(self, step: int, n: int) -> dict:
+        """The next ``n`` batches, stacked, for the steps after ``step``. Every
+        batch of one run must have the same shape (a partial batch cannot be
+        stacked with full ones: the error says so)."""
+        batches = [self._next(step + k) for k in range(n)]
+        feed = {}
+        for name, placeholder in self._features.items():
+            feed[placeholder] = self._stack([b[0][name] for b in batches], name)
+        feed[self._labels] = self._stack([b[1] for b in batches], "labels")
+        return feed
+
+    def fed_names(self) -> set[str]:
+        """Names of the placeholders the steps feed."""
+        return {t.op.name for t in [*self._features.values(), self._labels]}
+
+    def _stack(self, arrays: list, name: str):
+        try:
+            return np.stack(arrays)
+        except ValueError:
+            shapes = sorted({a.shape for a in arrays})
+            raise ConfigError(
+                f"{self.field}: {self.ref} yielded {name} of shapes {shapes} on worker "
+                f"{self.rank} within one run of steps_per_run steps, which are fed "
+                "stacked; yield batches of one shape (drop or pad a partial batch) "
+                "or set steps_per_run: 1") from None
+
+    def _next(self, step: int):
+        """The next converted batch (raising the input's error or its end)."""
         if self._queue is not None:
             item = self._queue.get()
         else:
@@ -171,10 +226,7 @@ class PythonSource:
                 f"after step {step}; {self._ended_hint}")
         if isinstance(item, _Failure):
             raise item.error
-        features, labels = item
-        feed = {self._features[k]: v for k, v in features.items()}
-        feed[self._labels] = labels
-        return feed
+        return item
 
     def ended(self, step: int) -> ConfigError:
         """The error for an ``OutOfRangeError`` in a step (a dataset the

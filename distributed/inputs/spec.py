@@ -70,15 +70,18 @@ class InputSpec:
             spec[str(name)] = _tensor_spec(ts, f"feature {name!r}", where, tf)
         return cls(spec, _tensor_spec(labels, "the labels", where, tf))
 
-    def placeholders(self) -> tuple[dict[str, Any], Any]:
-        """One placeholder per feature (``input/<name>``) and for the labels."""
+    def placeholders(self, stacked: bool = False) -> tuple[dict[str, Any], Any]:
+        """One placeholder per feature (``input/<name>``) and for the labels,
+        ``[batch, ...]``; ``stacked``: ``[steps, batch, ...]``, the batches of
+        several steps fed at once."""
         import tensorflow as tf
+        lead = (None, None) if stacked else (None,)
         features = {
-            name: tf.compat.v1.placeholder(tf.as_dtype(dtype), (None,) + tuple(shape),
+            name: tf.compat.v1.placeholder(tf.as_dtype(dtype), lead + tuple(shape),
                                            name=f"input/{name}")
             for name, (dtype, shape) in sorted(self.features.items())}
         ldtype, lshape = self.labels
-        labels = tf.compat.v1.placeholder(tf.as_dtype(ldtype), (None,) + tuple(lshape),
+        labels = tf.compat.v1.placeholder(tf.as_dtype(ldtype), lead + tuple(lshape),
                                           name="input/labels")
         return features, labels
 

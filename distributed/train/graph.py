@@ -57,7 +57,14 @@ def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec
 
 @dataclasses.dataclass
 class TrainGraph:
-    """Handles into one process's training graph."""
+    """Handles into one process's training graph.
+
+    With ``steps_per_run`` > 1 one ``Session.run`` of ``train_op`` runs
+    ``steps`` (a fed scalar, at most ``steps_per_run``) training steps in an
+    in-graph loop; ``loss`` then holds each step's loss and ``learning_rate``
+    the last step's rate, and ``features``/``labels`` are the step's tensors
+    inside the loop (feed through ``source.feed_steps``).
+    """
 
     graph: tf.Graph
     features: dict[str, tf.Tensor]
@@ -72,11 +79,24 @@ class TrainGraph:
     learning_rate: Any = None  # the schedule's value at the global step
     # optimizer.ema_decay: variable name -> its moving average's variable name
     averages: dict = dataclasses.field(default_factory=dict)
+    steps_per_run: int = 1
+    steps: Any = None  # steps_per_run > 1: the fed number of steps of a run
+
+
+@dataclasses.dataclass
+class _Step:
+    """One training step's ops (see :func:`_build_step`)."""
+
+    loss: Any
+    train_op: Any
+    learning_rate: Any
+    model_state: list
+    averages: dict
 
 
 def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any],
                       reduce_fn: ReduceFn | None = None,
-                      device: str | None = None) -> TrainGraph:
+                      device: str | None = None, steps_per_run: int = 1) -> TrainGraph:
     """Builds input, model, loss, (reduced) gradients and optimizer in a new graph.
 
     Args:
@@ -87,58 +107,148 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
         reduce_fn: Averages a list of ``(tensor, variable)`` pairs across
             workers; ``None`` on the coordinator (which never steps).
         device: Device for the model's ops (e.g. ``/device:GPU:0``).
+        steps_per_run: Steps per ``Session.run``: above 1 the step is the body
+            of an in-graph loop (:func:`_build_loop`). The variables, their
+            names and every step's arithmetic are the same either way.
     """
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.set_random_seed(config.seed)
         source = inputs if isinstance(inputs, InputSpec) else inputs()
     with graph.as_default(), tf.device(device):
+        if steps_per_run > 1:
+            return _build_loop(config, graph, source, reduce_fn, steps_per_run)
         if isinstance(source, InputSpec):
             features, labels = source.placeholders()
         else:
             features, labels = source.tensors()
-        before = set(v.op.name for v in tf.compat.v1.global_variables())
-        spec = call_model_fn(config, features, labels, TRAIN)
-        created = [v for v in tf.compat.v1.global_variables()
-                   if v.op.name not in before]
-        trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
-        update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
-        fed = _fed_placeholders(features, labels)
-        # A functional Keras model's updates on its own Input can never run.
-        update_ops = [op for op, needs in zip(update_ops, placeholders_needed(update_ops))
-                      if needs <= fed]
-        updated = _variables_written_by(update_ops)
-        model_state = [v for v in created if v.op.name not in trainable
-                       and v.op.name in updated and v.dtype.base_dtype.is_floating]
-        global_step = tf.compat.v1.train.get_or_create_global_step()
-        optimizer, learning_rate = optimizers.make_optimizer(
-            config.optimizer, global_step, config.model_params)
-        loss = tf.convert_to_tensor(spec.loss)
-        grads_and_vars = [(g, v) for g, v in optimizer.compute_gradients(loss)
-                          if g is not None]
-        if not grads_and_vars:
-            raise ConfigError(f"model: {config.model} has no trainable variable "
-                              "that the loss depends on")
-        with tf.control_dependencies(update_ops):
-            state_values = [tf.identity(v.read_value()) for v in model_state]
-        pairs = list(grads_and_vars) + list(zip(state_values, model_state))
-        if reduce_fn is not None:
-            pairs = reduce_fn(pairs)
-        grads_and_vars, state_pairs = pairs[:len(grads_and_vars)], pairs[len(grads_and_vars):]
-        # After the all-reduce: every replica clips the same gradients alike.
-        grads_and_vars = optimizers.clip_gradients(grads_and_vars,
-                                                   config.optimizer.clip_global_norm)
-        with tf.control_dependencies(update_ops):
-            apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
-        apply, averages = optimizers.apply_moving_average(config.optimizer, apply,
-                                                          global_step)
-        assigns = [v.assign(value, read_value=False) for value, v in state_pairs]
-        train_op = tf.group(apply, *assigns, name="train_op")
-        _check_fed(config, train_op, fed)
+        step = _build_step(config, features, labels,
+                           _fed_placeholders(features, labels), reduce_fn)
         init_op = tf.compat.v1.global_variables_initializer()
         variables = list(tf.compat.v1.global_variables())
-    return TrainGraph(graph, features, labels, source, loss, train_op, global_step,
-                      variables, model_state, init_op, learning_rate, averages)
+        global_step = tf.compat.v1.train.get_global_step()
+    return TrainGraph(graph, features, labels, source, step.loss, step.train_op,
+                      global_step, variables, step.model_state, init_op,
+                      step.learning_rate, step.averages)
+
+
+def _build_step(config: TrainConfig, features, labels, fed: set[str],
+                reduce_fn: ReduceFn | None) -> _Step:
+    """Model, loss, (reduced) gradients, optimizer update, state averaging and
+    moving averages of one step, in the current graph (and loop, if any)."""
+    before = set(v.op.name for v in tf.compat.v1.global_variables())
+    ops_before = len(tf.compat.v1.get_default_graph().get_operations())
+    spec = call_model_fn(config, features, labels, TRAIN)
+    created = [v for v in tf.compat.v1.global_variables()
+               if v.op.name not in before]
+    trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
+    update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
+    update_ops += _function_updates(ops_before, update_ops)
+    # A functional Keras model's updates on its own Input can never run.
+    in_graph = _fed_in_graph(fed)
+    update_ops = [op for op, needs in zip(update_ops, placeholders_needed(update_ops))
+                  if needs <= in_graph]
+    updated = _variables_written_by(update_ops)
+    model_state = [v for v in created if v.op.name not in trainable
+                   and v.op.name in updated and v.dtype.base_dtype.is_floating]
+    global_step = tf.compat.v1.train.get_or_create_global_step()
+    optimizer, learning_rate = optimizers.make_optimizer(
+        config.optimizer, global_step, config.model_params)
+    loss = tf.convert_to_tensor(spec.loss)
+    grads_and_vars = [(g, v) for g, v in optimizer.compute_gradients(loss)
+                      if g is not None]
+    if not grads_and_vars:
+        raise ConfigError(f"model: {config.model} has no trainable variable "
+                          "that the loss depends on")
+    with tf.control_dependencies(update_ops):
+        state_values = [tf.identity(v.read_value()) for v in model_state]
+    pairs = list(grads_and_vars) + list(zip(state_values, model_state))
+    if reduce_fn is not None:
+        pairs = reduce_fn(pairs)
+    grads_and_vars, state_pairs = pairs[:len(grads_and_vars)], pairs[len(grads_and_vars):]
+    # After the all-reduce: every replica clips the same gradients alike.
+    grads_and_vars = optimizers.clip_gradients(grads_and_vars,
+                                               config.optimizer.clip_global_norm)
+    with tf.control_dependencies(update_ops):
+        apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+    apply, averages = optimizers.apply_moving_average(config.optimizer, apply,
+                                                      global_step)
+    assigns = [v.assign(value, read_value=False) for value, v in state_pairs]
+    train_op = tf.group(apply, *assigns, name="train_op")
+    _check_fed(config, train_op, _fed_in_graph(fed))
+    return _Step(loss, train_op, learning_rate, model_state, averages)
+
+
+def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
+                reduce_fn: ReduceFn | None, steps_per_run: int) -> TrainGraph:
+    """Up to ``steps_per_run`` steps per ``Session.run``: the step of
+    :func:`_build_step` as the body of a ``tf.while_loop`` over a fed count.
+
+    Saves the per-run costs (the ``Session.run`` round trip to the worker's
+    TF server, feeding, Python between steps) on all but one step of a run.
+    Iterations run one after another (``parallel_iterations=1``): a step
+    reads the variables the previous one wrote. Collectives inside the loop
+    keep their instance keys; TF's collective runtime tells the iterations
+    apart by the loop frame and iteration. The body is a function graph
+    (control flow v2): resource variables made in it are created in the outer
+    graph, under the names they get without a loop, and its collections
+    (``UPDATE_OPS``, the variable store) are the outer graph's.
+    """
+    if isinstance(source, InputSpec):  # the coordinator's shape of a worker graph
+        stacked = source.placeholders(stacked=True)
+        read, fed = (lambda i: ({k: v[i] for k, v in stacked[0].items()},
+                                stacked[1][i])), {
+            t.op.name for t in [*stacked[0].values(), stacked[1]]}
+    else:
+        read = source.step_reader()
+        fed = source.fed_names()
+    global_step = tf.compat.v1.train.get_or_create_global_step()
+    steps = tf.compat.v1.placeholder(tf.int32, [], name="steps_per_run")
+    built: list[_Step] = []
+    step_tensors: list = []
+
+    def body(i, losses, rate):
+        features, labels = read(i)
+        step_tensors[:] = [features, labels]
+        step = _build_step(config, features, labels, fed, reduce_fn)
+        built.append(step)
+        rate = (tf.cast(step.learning_rate, tf.float32)
+                if step.learning_rate is not None else rate)
+        with tf.control_dependencies([step.train_op]):
+            return i + 1, losses.write(i, tf.cast(step.loss, tf.float32)), \
+                tf.identity(rate)
+
+    try:
+        _, losses, rate = tf.compat.v1.while_loop(
+            lambda i, *_: i < steps, body,
+            [tf.constant(0), tf.TensorArray(tf.float32, size=steps), tf.constant(0.0)],
+            parallel_iterations=1, name="steps")
+    except (TypeError, ValueError):
+        _check_loop_variables(config)  # the likely cause, said plainly
+        raise
+    _check_loop_variables(config)
+    loss = losses.stack(name="losses")
+    train_op = tf.group(loss, rate, name="train_op")
+    step = built[0]
+    init_op = tf.compat.v1.global_variables_initializer()
+    variables = list(tf.compat.v1.global_variables())
+    return TrainGraph(graph, step_tensors[0], step_tensors[1], source, loss, train_op,
+                      global_step, variables, step.model_state, init_op,
+                      rate if step.learning_rate is not None else None,
+                      step.averages, steps_per_run, steps)
+
+
+def _check_loop_variables(config: TrainConfig) -> None:
+    """Reference variables (``use_resource=False``) cannot live in a loop's
+    body; say so instead of TensorFlow's control-flow error."""
+    refs = [v.op.name for v in tf.compat.v1.global_variables()
+            if v.op.type in ("VariableV2", "Variable")]
+    if refs:
+        raise ConfigError(
+            f"steps_per_run: {config.model} makes reference variables "
+            f"({', '.join(refs[:3])}{' ...' if len(refs) > 3 else ''}), which an "
+            "in-graph loop of steps cannot update; make resource variables (the "
+            "default; drop use_resource=False) or set steps_per_run: 1")
 
 
 _WRITE_OPS = frozenset({"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp",
@@ -153,13 +263,47 @@ def _variables_written_by(ops) -> set[str]:
     """
     from distributed.checkpoint.selection import variables_read_by, walk_back
     writes = walk_back(ops, lambda op: op.type in _WRITE_OPS)
-    return variables_read_by([op.inputs[0] for op in writes])
+    # In a function body (the loop of steps_per_run) a write's handle is a
+    # placeholder standing for the captured outer handle.
+    captured = {(t.op.name, t.value_index): external for external, t in
+                getattr(tf.compat.v1.get_default_graph(), "captures", ())}
+    return variables_read_by([captured.get((op.inputs[0].op.name,
+                                            op.inputs[0].value_index), op.inputs[0])
+                              for op in writes])
 
 
 def _fed_placeholders(features: Mapping[str, Any], labels: Any) -> set[str]:
     """Names of the placeholders the framework feeds each step: the input's."""
     tensors = list(features.values()) + ([labels] if labels is not None else [])
     return {t.op.name for t in tensors if t.op.type == "Placeholder"}
+
+
+def _function_updates(ops_before: int, update_ops: Sequence[Any]) -> list:
+    """In a function body (the loop of ``steps_per_run``): the variable writes
+    the model function made that ``UPDATE_OPS`` lacks. A Keras layer called in
+    a function makes its batch-norm updates there and relies on the function
+    running every stateful op (as ``tf.function`` does), so ``model.updates``
+    leaves them out; the step runs them as update ops."""
+    graph = tf.compat.v1.get_default_graph()
+    if not hasattr(graph, "captures"):
+        return []
+    known = set(update_ops)
+    return [op for op in graph.get_operations()[ops_before:]
+            if op.type in _WRITE_OPS and op not in known]
+
+
+def _fed_in_graph(fed: set[str]) -> set[str]:
+    """``fed`` plus, in a function body (the loop of ``steps_per_run``), the
+    placeholders that stand for its arguments (the loop's variables) and for
+    its captured outer tensors, where those need no placeholder but fed ones."""
+    graph = tf.compat.v1.get_default_graph()
+    if not hasattr(graph, "captures"):
+        return fed
+    captures = list(graph.captures)
+    internal = {t.op.name for _, t in captures}
+    needs = placeholders_needed([external.op for external, _ in captures])
+    return fed | {t.op.name for t in graph.inputs if t.op.name not in internal} | {
+        t.op.name for (_, t), need in zip(captures, needs) if need <= fed}
 
 
 def placeholders_needed(ops: Sequence[Any]) -> list[frozenset]:

@@ -29,6 +29,17 @@ class CheckpointSchedule:
             tiers.append("serving")
         return tuple(tiers)
 
+    def run_end(self, step: int, limit: int, steps_per_run: int) -> int:
+        """Where a run of up to ``steps_per_run`` steps after ``step`` ends: at
+        ``limit`` (the round's end) or the first checkpoint step before it,
+        whichever is first, so a snapshot is taken at exactly its step. Every
+        worker computes the same ends (their collectives must pair up)."""
+        end = min(limit, step + steps_per_run)
+        for s in range(step + 1, end):
+            if self.due(s):
+                return s
+        return end
+
 
 @dataclasses.dataclass(frozen=True)
 class BusyPolicy:

@@ -215,7 +215,8 @@ class Worker:
             batch_size=cfg.batch_size)
         self.tg = build_train_graph(
             cfg, lambda: inputs.open_source(cfg, self.rank, split, gpu=gpu),
-            reduce_fn=reduce_fn, device="/device:GPU:0" if gpu else None)
+            reduce_fn=reduce_fn, device="/device:GPU:0" if gpu else None,
+            steps_per_run=cfg.steps_per_run)
         self.source = self.tg.source
         self.sess = tf.compat.v1.Session(
             self.server.target, graph=self.tg.graph,
@@ -224,6 +225,9 @@ class Worker:
         self.sess.run(self.tg.init_op)
         self.source.start(self.sess)
         self.loader = VariableLoader(self.tg.variables)
+        # Every worker ends its runs at the same steps (the collectives pair up).
+        self._schedule = CheckpointSchedule(cfg.checkpoint.serving_every,
+                                            cfg.checkpoint.full_every, cfg.steps)
         return os.getpid(), self.source.spec
 
     def load(self, values: Mapping[str, np.ndarray], step: int,
@@ -243,36 +247,32 @@ class Worker:
     def train(self, until_step: int) -> dict[str, Any]:
         """Runs steps up to ``until_step``; returns rank 0's progress report."""
         import tensorflow as tf
-        tg = self.tg
-        losses = []
+        losses: list[float] = []
         start = time.perf_counter()
         first = self.step
-        fetches = [tg.train_op, tg.loss]
         learning_rate = None
         while self.step < until_step:
-            feed = self.source.feed(self.step)
-            # The round's last step also reads the learning rate it used.
-            last = self.step + 1 == until_step and tg.learning_rate is not None
+            end = self._schedule.run_end(self.step, until_step, self.tg.steps_per_run)
+            # The round's last run also reads the learning rate its last step used.
             try:
-                out = self.sess.run(fetches + [tg.learning_rate] if last else fetches,
-                                    feed, options=self.run_options)
-                loss = out[1]
-                learning_rate = float(out[2]) if last else learning_rate
+                run_losses, rate = self._run(end - self.step, end == until_step)
             except tf.errors.OutOfRangeError:
                 raise self.source.ended(self.step) from None
-            self.step += 1
+            learning_rate = rate if rate is not None else learning_rate
+            for loss in run_losses:
+                self.step += 1
+                if not np.isfinite(loss):
+                    if self._checkpointer is not None:
+                        self._checkpointer.flush()  # let the in-flight save commit
+                    raise LossDivergedError(
+                        f"loss became {loss} at step {self.step} on worker {self.rank}; "
+                        "lower optimizer.learning_rate or check the input. The "
+                        "checkpoints committed before it are kept (none of NaN "
+                        "values is saved).")
+                losses.append(float(loss))
             logs.set_step(self.step)
-            if not np.isfinite(loss):
-                if self._checkpointer is not None:
-                    self._checkpointer.flush()  # let the in-flight save commit
-                raise LossDivergedError(
-                    f"loss became {loss} at step {self.step} on worker {self.rank}; "
-                    "lower optimizer.learning_rate or check the input. The "
-                    "checkpoints committed before it are kept (none of NaN "
-                    "values is saved).")
-            losses.append(float(loss))
             if self._checkpointer is not None:
-                self._checkpointer.maybe_save(self.step, {"loss": float(loss)})
+                self._checkpointer.maybe_save(self.step, {"loss": losses[-1]})
         seconds = time.perf_counter() - start
         report = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
                   "steps_per_sec": (self.step - first) / seconds if seconds > 0 else 0.0,
@@ -281,6 +281,25 @@ class Worker:
             report["events"] = self._checkpointer.drain_events()
             report["stall_seconds"] = self._checkpointer.stall_seconds
         return report
+
+    def _run(self, n: int, read_rate: bool) -> tuple[list[float], float | None]:
+        """``n`` steps in one ``Session.run`` (one, or an in-graph loop of
+        ``steps_per_run``); returns each step's loss, and with ``read_rate``
+        the learning rate the last step used."""
+        tg = self.tg
+        fetches = [tg.train_op, tg.loss]
+        if read_rate and tg.learning_rate is not None:
+            fetches.append(tg.learning_rate)
+        if tg.steps_per_run > 1:
+            feed = self.source.feed_steps(self.step, n) or {}
+            feed[tg.steps] = n
+            out = self.sess.run(fetches, feed, options=self.run_options)
+            losses = [float(x) for x in out[1]]
+        else:
+            out = self.sess.run(fetches, self.source.feed(self.step),
+                                options=self.run_options)
+            losses = [float(out[1])]
+        return losses, float(out[2]) if len(out) > 2 else None
 
     def finish(self) -> dict[str, Any]:
         """Rank 0, after the last step: waits for the saves in flight; returns
