@@ -96,6 +96,25 @@ def _ancestors(op):
     return seen
 
 
+@pytest.mark.parametrize("addresses,hint,mean,op", [
+    (TWO, "ring", "auto", "CollectiveGatherV2"),
+    (TWO + ("127.0.0.1:3",), "ring", "auto", "CollectiveReduceV2"),
+    (TWO, "nccl", "auto", "CollectiveReduceV2"),
+    (TWO, "ring", "allreduce", "CollectiveReduceV2"),
+    (TWO + ("127.0.0.1:3",), "ring", "gather", "CollectiveGatherV2"),
+], ids=["2-ring", "3-ring", "2-nccl", "2-ring-allreduce", "3-ring-gather"])
+def test_dense_mean_gathers_for_two_ranks_on_the_ring(addresses, hint, mean, op):
+    spec = GroupSpec(addresses, 0, communication_hint=hint, dense_mean=mean)
+    graph = tf.Graph()
+    with graph.as_default():
+        v = tf.compat.v1.get_variable("v", [4, 3])
+        collective.allreduce_gradients([(tf.ones([4, 3]), v)], spec)
+    ops = [o for o in graph.get_operations() if o.type.startswith("Collective")]
+    assert [o.type for o in ops] == [op]
+    with pytest.raises(ConfigError, match="dense_mean"):
+        GroupSpec(TWO, 0, dense_mean="median")
+
+
 def test_single_worker_builds_no_collective():
     graph = tf.Graph()
     with graph.as_default():

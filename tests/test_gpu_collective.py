@@ -63,7 +63,8 @@ class _Traced:
         with tf.compat.v1.Session(server.target, graph=graph,
                                   config=collective.session_config(spec)) as sess:
             out = sess.run(fetch, options=options, run_metadata=metadata)
-        names = {op.name for op in graph.get_operations() if op.type == "CollectiveReduceV2"}
+        names = {op.name for op in graph.get_operations()
+                 if op.type in ("CollectiveReduceV2", "CollectiveGatherV2")}
         ran = sorted({(node.node_name, dev.device) for dev in metadata.step_stats.dev_stats
                       for node in dev.node_stats if node.node_name in names})
         planned = len(names)

@@ -14,6 +14,7 @@ from distributed.train import collective, sparse
 from distributed.train.collective import GroupSpec
 from distributed.train.graph import build_train_graph
 from tests.conftest import start_local_ray
+from tests.test_collective import _ancestors
 
 TWO = ("127.0.0.1:1", "127.0.0.1:2")
 EMBEDDING = "distributed.examples.embedding"
@@ -88,16 +89,6 @@ def _collectives(graph):
     return sorted(ops, key=_key)
 
 
-def _ancestors(op):
-    seen, todo = set(), list(op.control_inputs) + [t.op for t in op.inputs]
-    while todo:
-        cur = todo.pop()
-        if cur not in seen:
-            seen.add(cur)
-            todo += list(cur.control_inputs) + [t.op for t in cur.inputs]
-    return seen
-
-
 def _embedding_train_graph(hint: str, threshold: float, vocab: int = 200_000):
     cfg = config_lib.from_dict({
         "model": f"{EMBEDDING}:embedding_model_fn",
@@ -106,7 +97,9 @@ def _embedding_train_graph(hint: str, threshold: float, vocab: int = 200_000):
         "optimizer": {"name": "adagrad", "learning_rate": 0.1},
         "sparse_density_threshold": threshold})
     reduce_fn = functools.partial(
-        collective.allreduce_gradients, spec=GroupSpec(TWO, 0, communication_hint=hint),
+        collective.allreduce_gradients,
+        # (Dense buckets all-reduced, as with NCCL: the sparse exchange is tested.)
+        spec=GroupSpec(TWO, 0, communication_hint=hint, dense_mean="allreduce"),
         sparse_density_threshold=cfg.sparse_density_threshold, batch_size=cfg.batch_size)
     return build_train_graph(cfg, InputSpec({"ids": ("int64", (8,))}, ("int64", ())),
                              reduce_fn=reduce_fn).graph
@@ -191,7 +184,8 @@ class _SparseWorker:
         return self.address
 
     def setup(self, addresses, rank):
-        self.spec = GroupSpec(tuple(addresses), rank, timeout_seconds=60.0)
+        self.spec = GroupSpec(tuple(addresses), rank, timeout_seconds=60.0,
+                              dense_mean="allreduce")
         self.server = collective.start_server(self.spec)
         graph = tf.Graph()
         with graph.as_default():
