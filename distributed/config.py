@@ -217,8 +217,30 @@ class StopWhen:
         _positive_int(self.patience, f"{path}.patience")
 
 
+class _NamedInput:
+    """The parts of an ``input`` field: an ``input_fn``'s reference, or a Ray
+    Data input ``{ray_dataset: package.module:function, label: COLUMN}``."""
+
+    input: Any
+
+    @property
+    def ray_input(self) -> bool:
+        """Whether the input is a Ray Data dataset (``input: {ray_dataset: ...}``)."""
+        return isinstance(self.input, Mapping)
+
+    @property
+    def input_ref(self) -> str:
+        """The ``package.module:function`` the input names."""
+        return self.input["ray_dataset"] if self.ray_input else self.input
+
+    @property
+    def input_label(self) -> str | None:
+        """Ray Data input: the label column."""
+        return self.input["label"] if self.ray_input else None
+
+
 @dataclasses.dataclass
-class EvalConfig:
+class EvalConfig(_NamedInput):
     """Evaluation of serving checkpoints on the coordinator's side (the
     workers never wait for it); see :mod:`distributed.train.evaluation`.
 
@@ -245,21 +267,6 @@ class EvalConfig:
     input_params: dict | None = None
     stop_when: StopWhen | None = None
 
-    @property
-    def ray_input(self) -> bool:
-        """Whether the eval input is a Ray Data dataset."""
-        return isinstance(self.input, Mapping)
-
-    @property
-    def input_ref(self) -> str:
-        """The ``package.module:function`` the eval input names."""
-        return self.input["ray_dataset"] if self.ray_input else self.input
-
-    @property
-    def input_label(self) -> str | None:
-        """Ray Data eval input: the label column."""
-        return self.input["label"] if self.ray_input else None
-
     def validate(self, path: str, serving_every: int) -> None:
         if self.input is None:
             raise ConfigError(f"{path}.input: missing; name the eval input_fn "
@@ -285,7 +292,7 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(_NamedInput):
     """A training run.
 
     Attributes:
@@ -430,21 +437,6 @@ class TrainConfig:
                     f"retention.{tier}.keep_best.metric: {metric} is recorded only "
                     "when the config has an eval block (eval: {input: ...}); add "
                     "one or keep the best by loss")
-
-    @property
-    def ray_input(self) -> bool:
-        """Whether the input is a Ray Data dataset (``input: {ray_dataset: ...}``)."""
-        return isinstance(self.input, Mapping)
-
-    @property
-    def input_ref(self) -> str:
-        """The ``package.module:function`` the input names."""
-        return self.input["ray_dataset"] if self.ray_input else self.input
-
-    @property
-    def input_label(self) -> str | None:
-        """Ray Data input: the label column."""
-        return self.input["label"] if self.ray_input else None
 
     @property
     def remote(self) -> bool:
