@@ -126,3 +126,38 @@ def test_the_config_runs_as_it_is_and_its_export_serves(local_ray, storage,  # n
     best = max(scored, key=lambda e: (e.metrics["eval/auc"], e.step))
     assert result.step == best.step
     assert _auc(out, y) == pytest.approx(best.metrics["eval/auc"], abs=0.02)
+
+
+@pytest.mark.parametrize("optimizer,sparse_apply", [
+    ({"name": "adagrad", "learning_rate": 0.1}, "ResourceSparseApplyAdagrad"),
+    ({"name": "ftrl", "learning_rate": 0.1}, "ResourceSparseApplyFtrl"),
+], ids=["adagrad", "ftrl"])
+def test_two_workers_gather_every_table_part_and_apply_it_sparsely(optimizer,
+                                                                   sparse_apply):
+    """The workers' graph for 2 workers (built here, no Ray): each part of the
+    partitioned tables is gathered, never all-reduced whole, and the optimizer
+    updates it with its sparse kernel."""
+    import functools
+
+    from distributed.inputs.spec import InputSpec
+    from distributed.train import collective
+    from distributed.train.graph import build_train_graph
+    config = config_lib.from_dict({
+        "model": "distributed.examples.wide_deep:wide_deep_model_fn",
+        "model_params": SMALL, "optimizer": optimizer, "batch_size": 64})
+    reduce_fn = functools.partial(
+        collective.allreduce_gradients, batch_size=64,
+        spec=collective.GroupSpec(("127.0.0.1:1", "127.0.0.1:2"), 0))
+    spec = InputSpec.from_batch(*next(wide_deep.clicks_input_fn(0, 1, 8, {})), "test")
+    graph = build_train_graph(config, spec, reduce_fn=reduce_fn).graph
+    ops = graph.get_operations()
+    collectives = [op for op in ops if op.type.startswith("Collective")]
+    # Nothing of a table's size crosses the wire: the largest part is 1667 x 8.
+    assert all((op.inputs[0].shape.num_elements() or 0) < 1667 * 8 for op in collectives
+               if op.inputs[0].shape.is_fully_defined())
+    updated = {op.inputs[0].op.name.split("/ResourceSparseApply")[0]
+               for op in ops if op.type == sparse_apply}
+    parts = [f"wide_deep/deep/id_embedding/part_{i}" for i in range(3)] + [
+        f"wide_deep/wide/user_x_item/part_{i}" for i in range(3)]
+    for part in parts:
+        assert any(part in name for name in updated), (part, sorted(updated))
