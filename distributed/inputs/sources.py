@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from distributed.errors import ConfigError, DistributedError, user_code
-from distributed.inputs.spec import InputSpec
+from distributed.inputs.spec import InputSpec, step_of
 
 
 def is_dataset(value: Any) -> bool:
@@ -184,7 +184,7 @@ class PythonSource:
         """Stacked placeholders (made here, outside the loop); step ``i`` of a
         run reads their ``i``-th batch."""
         features, labels = self.tensors(stacked=True)
-        return lambda i: ({k: v[i] for k, v in features.items()}, labels[i])
+        return lambda i: step_of(features, labels, i)
 
     def feed_steps(self, step: int, n: int) -> dict:
         """The next ``n`` batches, stacked, for the steps after ``step``. Every

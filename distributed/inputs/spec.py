@@ -128,3 +128,10 @@ def _tensor_spec(ts: Any, what: str, where: str, tf) -> tuple[str, Shape]:
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
+
+
+def step_of(features: Mapping[str, Any], labels: Any, i: Any) -> tuple[dict[str, Any], Any]:
+    """Step ``i``'s batch of stacked (``[steps, batch, ...]``) input tensors:
+    what one iteration of an in-graph loop of steps reads."""
+    return {k: v[i] for k, v in features.items()}, labels[i]
+

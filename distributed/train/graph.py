@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from distributed.config import OptimizerConfig, TrainConfig
 from distributed.errors import ConfigError, user_code
-from distributed.inputs.spec import InputSpec
+from distributed.inputs.spec import InputSpec, step_of
 from distributed.model import PREDICT, TRAIN, ModelSpec, load_function
 from distributed.train import optimizers
 
@@ -196,22 +196,17 @@ def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
     """
     if isinstance(source, InputSpec):  # the coordinator's shape of a worker graph
         stacked = source.placeholders(stacked=True)
-        read, fed = (lambda i: ({k: v[i] for k, v in stacked[0].items()},
-                                stacked[1][i])), {
-            t.op.name for t in [*stacked[0].values(), stacked[1]]}
+        read, fed = (lambda i: step_of(*stacked, i)), _fed_placeholders(*stacked)
     else:
-        read = source.step_reader()
-        fed = source.fed_names()
+        read, fed = source.step_reader(), source.fed_names()
     global_step = tf.compat.v1.train.get_or_create_global_step()
     steps = tf.compat.v1.placeholder(tf.int32, [], name="steps_per_run")
-    built: list[_Step] = []
-    step_tensors: list = []
+    built: list[tuple] = []  # the body's (step, features, labels), built once
 
     def body(i, losses, rate):
         features, labels = read(i)
-        step_tensors[:] = [features, labels]
         step = _build_step(config, features, labels, fed, reduce_fn)
-        built.append(step)
+        built.append((step, features, labels))
         rate = (tf.cast(step.learning_rate, tf.float32)
                 if step.learning_rate is not None else rate)
         with tf.control_dependencies([step.train_op]):
@@ -229,10 +224,10 @@ def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
     _check_loop_variables(config)
     loss = losses.stack(name="losses")
     train_op = tf.group(loss, rate, name="train_op")
-    step = built[0]
+    step, features, labels = built[0]
     init_op = tf.compat.v1.global_variables_initializer()
     variables = list(tf.compat.v1.global_variables())
-    return TrainGraph(graph, step_tensors[0], step_tensors[1], source, loss, train_op,
+    return TrainGraph(graph, features, labels, source, loss, train_op,
                       global_step, variables, step.model_state, init_op,
                       rate if step.learning_rate is not None else None,
                       step.averages, steps_per_run, steps)
