@@ -267,6 +267,10 @@ class EvalConfig(_NamedInput):
     input_params: dict | None = None
     stop_when: StopWhen | None = None
 
+    def params_or(self, training_params: dict) -> dict:
+        """The eval input's params: its own, else the training input's."""
+        return training_params if self.input_params is None else self.input_params
+
     def validate(self, path: str, serving_every: int) -> None:
         if self.input is None:
             raise ConfigError(f"{path}.input: missing; name the eval input_fn "

@@ -49,7 +49,7 @@ class Evaluator:
         ev = config.eval
         self.config, self.batches = config, ev.batches
         self.batch_size = ev.batch_size or config.batch_size
-        self.params = config.input_params if ev.input_params is None else ev.input_params
+        self.params = ev.params_or(config.input_params)
         self.ref = ev.input_ref
         self._dataset = self._source = None
         self.graph = tf.Graph()

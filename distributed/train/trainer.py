@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _ACTOR_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1",
               "PYTHONUNBUFFERED": "1"}
+COORDINATOR_CPUS = 0.25
 # The driver's own settings of these reach the actors (on a cluster too).
 _PASSED_ENV = ("TF_CPP_MIN_LOG_LEVEL", logs.VERBOSE_ENV, "DTR_LOG_FORMAT")
 
@@ -37,7 +38,6 @@ def actor_env_vars() -> dict[str, str]:
     env = dict(_ACTOR_ENV)
     env.update({k: os.environ[k] for k in _PASSED_ENV if k in os.environ})
     return env
-COORDINATOR_CPUS = 0.25
 
 
 def connect_ray() -> bool:
@@ -120,35 +120,35 @@ def check_functions(config: TrainConfig) -> None:
     load_function(config.model, "model", 4)
     from distributed.train import optimizers
     optimizers.check(config.optimizer, config.model_params)
-    if config.ray_input:
-        load_function(config.input_ref, "input.ray_dataset", 1)
-    else:
-        load_function(config.input_ref, "input", 4)
-    if config.eval is not None and config.eval.ray_input:
-        load_function(config.eval.input_ref, "eval.input.ray_dataset", 1)
-    elif config.eval is not None:
-        load_function(config.eval.input_ref, "eval.input", 4)
+    for field, named, _ in _inputs(config):
+        if named.ray_input:
+            load_function(named.input_ref, f"{field}.ray_dataset", 1)
+        else:
+            load_function(named.input_ref, field, 4)
+
+
+def _inputs(config: TrainConfig) -> list[tuple[str, Any, dict]]:
+    """``(field, config part, params)`` of the input and the eval input."""
+    inputs = [("input", config, config.input_params)]
+    if config.eval is not None:
+        inputs.append(("eval.input", config.eval,
+                       config.eval.params_or(config.input_params)))
+    return inputs
 
 
 def _load_ray_datasets(config: TrainConfig) -> tuple[Any, Any]:
     """The Ray Data datasets of the input and the eval input (``None`` where
     that input is not Ray Data), loaded and checked in the driver before the
     actors take their CPUs."""
-    if not config.ray_input and not (config.eval and config.eval.ray_input):
-        return None, None
-    from distributed.inputs import raydata
-    dataset = eval_dataset = None
-    if config.ray_input:
-        dataset = raydata.load_dataset(config.input_ref, config.input_label,
-                                       config.input_params)
-        raydata.check_cpus(dataset, _free_cpus(config), config.input_ref)
-    if config.eval is not None and config.eval.ray_input:
-        ev = config.eval
-        params = config.input_params if ev.input_params is None else ev.input_params
-        eval_dataset = raydata.load_dataset(ev.input_ref, ev.input_label, params,
-                                            field="eval.input")
-        raydata.check_cpus(eval_dataset, _free_cpus(config), ev.input_ref)
-    return dataset, eval_dataset
+    loaded = {}
+    for field, named, params in _inputs(config):
+        if named.ray_input:
+            from distributed.inputs import raydata
+            dataset = raydata.load_dataset(named.input_ref, named.input_label, params,
+                                           field=field)
+            raydata.check_cpus(dataset, _free_cpus(config), named.input_ref)
+            loaded[field] = dataset
+    return loaded.get("input"), loaded.get("eval.input")
 
 
 def train(config: TrainConfig, echo: Callable[[str], None] = print,
