@@ -65,6 +65,15 @@ SIGNATURES = {
 """The contract of each config field that names a function, for error messages."""
 
 
+def check_mode(mode: str, labels: Any) -> None:
+    """For a ``model_fn``: raises ``ValueError`` for an unknown ``mode`` or
+    missing ``labels`` (required in every mode but predict)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode != PREDICT and labels is None:
+        raise ValueError(f"labels: required in {mode!r} mode, got None")
+
+
 def load_function(ref: str, field: str, num_args: int) -> Callable[..., Any]:
     """Imports ``"package.module:function"`` and checks it takes ``num_args`` args.
 

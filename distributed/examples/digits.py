@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
-from distributed.model import EVAL, MODES, PREDICT, TRAIN, ModelSpec
+from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec, check_mode
 
 NUM_TRAIN = 1500
 """The first ``NUM_TRAIN`` digits are the train split; the rest are the test split."""
@@ -212,14 +212,6 @@ def synthetic_input_fn(worker_index: int, num_workers: int, batch_size: int,
 # ---------------------------------------------------------------------------
 
 
-def _check_mode(mode: str, labels: Any) -> None:
-    """Raises ``ValueError`` for an unknown mode or missing labels."""
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode != PREDICT and labels is None:
-        raise ValueError(f"labels: required in {mode!r} mode, got None")
-
-
 def _glorot(seed: int) -> Any:
     """A seeded Glorot-uniform initializer (deterministic in graph mode)."""
     return tf.compat.v1.glorot_uniform_initializer(seed=seed)
@@ -313,7 +305,7 @@ def mlp_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str,
         A :class:`ModelSpec` with the mean cross-entropy ``loss`` (not in predict
         mode) and ``logits``, ``probabilities`` and ``classes`` predictions.
     """
-    _check_mode(mode, labels)
+    check_mode(mode, labels)
     params = params or {}
     seed = int(params.get("seed", 0))
     x = tf.cast(features[IMAGE_KEY], tf.float32)
@@ -346,7 +338,7 @@ def cnn_bn_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str,
     Returns:
         A :class:`ModelSpec` like :func:`mlp_model_fn`'s.
     """
-    _check_mode(mode, labels)
+    check_mode(mode, labels)
     params = params or {}
     seed = int(params.get("seed", 0))
     momentum = float(params.get("bn_momentum", 0.9))

@@ -362,8 +362,9 @@ def small_cnn_model_fn(features: Mapping[str, Any], labels: Any, mode: str,
     """
     import tensorflow as tf
 
-    from distributed.examples.digits import _check_mode, _dense, _glorot, _head
-    _check_mode(mode, labels)
+    from distributed.examples.digits import _dense, _glorot, _head
+    from distributed.model import check_mode
+    check_mode(mode, labels)
     params = params or {}
     seed = int(params.get("seed", 0))
     x = tf.cast(features[IMAGE_KEY], tf.float32)

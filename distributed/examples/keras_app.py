@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from distributed.examples import digits
 from distributed.examples.keras_digits import _tf_keras, keras_classifier_spec
-from distributed.model import MODES, PREDICT, ModelSpec
+from distributed.model import ModelSpec, check_mode
 
 IMAGE_KEY = "image"
 SIZE = 32
@@ -87,10 +87,7 @@ def app_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str,
         model's regularization losses), ``logits``, ``probabilities`` and
         ``classes``, and ``accuracy`` in eval mode.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode != PREDICT and labels is None:
-        raise ValueError(f"labels: required in {mode!r} mode, got None")
+    check_mode(mode, labels)
     keras = _tf_keras()
     return keras_classifier_spec(keras, _build_app(keras, params or {}),
                                  features[IMAGE_KEY], labels, mode)

@@ -41,7 +41,7 @@ import tensorflow as tf
 from distributed.errors import ConfigError
 from distributed.examples.digits import IMAGE_KEY
 from distributed.keras import add_model_updates, model_losses
-from distributed.model import EVAL, MODES, PREDICT, TRAIN, ModelSpec
+from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec, check_mode
 
 
 def _tf_keras() -> Any:
@@ -113,10 +113,7 @@ def keras_cnn_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str
     Raises:
         ConfigError: ``tf_keras`` is not installed.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode != PREDICT and labels is None:
-        raise ValueError(f"labels: required in {mode!r} mode, got None")
+    check_mode(mode, labels)
     keras = _tf_keras()
     return keras_classifier_spec(keras, _build_cnn(keras, params or {}),
                                  features[IMAGE_KEY], labels, mode)

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
-from distributed.model import EVAL, MODES, PREDICT, ModelSpec
+from distributed.model import EVAL, PREDICT, ModelSpec, check_mode
 
 ID_FEATURES = ("user", "item", "category")
 DENSE_KEY = "dense"
@@ -177,10 +177,7 @@ def wide_deep_model_fn(features: Mapping[str, tf.Tensor], labels: Any, mode: str
         ``probability`` and ``logit`` predictions, and ``auc`` and ``accuracy``
         eval metrics.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode != PREDICT and labels is None:
-        raise ValueError(f"labels: required in {mode!r} mode, got None")
+    check_mode(mode, labels)
     p = _params(params)
     seed = int(p["seed"])
     with tf.compat.v1.variable_scope("wide_deep", reuse=tf.compat.v1.AUTO_REUSE):
