@@ -314,8 +314,10 @@ class TrainConfig(_NamedInput):
         batch_size: Examples per worker per step.
         steps: Total training steps (including steps done before a resume).
         workers: Data-parallel workers (Ray actors).
-        gpus_per_worker: GPUs each worker asks Ray for: 1 on a GPU cluster,
-            0 for CPU workers (local dev mode).
+        gpus_per_worker: GPUs each worker asks Ray for: 1 on a GPU cluster
+            (one worker per GPU; a worker uses its first), 0 for CPU workers
+            (local dev mode); a fraction below 1 with one worker only (NCCL
+            refuses two ranks on one GPU).
         cpus_per_worker: CPUs each worker asks Ray for (fractions allowed).
         storage: Directory shared by every node (local path in dev mode), or an
             object store URI such as ``s3://bucket/prefix`` (see README).
@@ -399,6 +401,7 @@ class TrainConfig(_NamedInput):
             _positive_int(getattr(self, field), field)
         if self.gpus_per_worker < 0:
             raise ConfigError(f"gpus_per_worker: expected >= 0, got {self.gpus_per_worker!r}")
+        self._check_gpus()
         _positive(self.cpus_per_worker, "cpus_per_worker")
         _positive(self.collective_timeout, "collective_timeout")
         if type(self.max_failures) is not int or self.max_failures < 0:
@@ -428,6 +431,21 @@ class TrainConfig(_NamedInput):
 
     def _check_input(self) -> None:
         _check_input_value(self.input, "input")
+
+    def _check_gpus(self) -> None:
+        """One NCCL rank per GPU: a fraction of a GPU is for one worker only
+        (Ray would put two on one GPU, and NCCL refuses two ranks on one
+        device); above 1, Ray takes whole GPUs only."""
+        gpus = self.gpus_per_worker
+        if 0 < gpus < 1 and self.workers > 1:
+            raise ConfigError(
+                f"gpus_per_worker: {gpus:g} with {self.workers} workers would put "
+                "two workers on one GPU, and NCCL refuses two ranks on one device; "
+                "use gpus_per_worker: 1 (one worker per GPU, at most as many "
+                "workers as GPUs) or 0 for CPU workers")
+        if gpus > 1 and gpus != int(gpus):
+            raise ConfigError(f"gpus_per_worker: expected 0, a whole number or (one "
+                              f"worker) a fraction below 1, got {gpus!r}")
 
     def _check_eval_metric_uses(self) -> None:
         """An ``eval/...`` metric named by retention needs an ``eval`` block."""

@@ -33,6 +33,7 @@ keys are derived from it and must match across ranks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 from typing import Any, Sequence
@@ -48,6 +49,8 @@ DEFAULT_BUCKET_BYTES = 8 * 2**20
 DEFAULT_INSTANCE_KEY_START = 1000
 _HINTS = ("auto", "ring", "nccl")
 _MEANS = ("auto", "allreduce", "gather")
+# What NCCL carries in TF 2.21 (nccl_manager.cc, kValidDataTypes): no bfloat16.
+NCCL_DTYPES = frozenset({tf.float16, tf.float32, tf.float64, tf.int32, tf.int64})
 
 
 def pick_free_port() -> int:
@@ -158,6 +161,19 @@ def session_config(spec: GroupSpec,
     Session's view to this worker's own devices: unplaced ops land here, not
     on task 0, and the master never contacts peers for graph partitioning.
 
+    ``allow_soft_placement``: a GPU worker builds its whole step under
+    ``/device:GPU:0``, and an op with no GPU kernel (string ops, the string
+    constant of an ``Assert``, ``tf.print``, ``py_function``) would fail the
+    first ``Session.run`` with "Could not satisfy explicit device
+    specification"; with it that op runs on this worker's CPU (TF's own
+    distribute coordinator turns it on too). The collectives are placed on
+    the GPU explicitly (:class:`_Launcher`) and have GPU kernels for the
+    dtypes they get, so they stay there (``tests/test_placement.py``).
+    ``gpu_options.allow_growth``: the server creates the GPU device when it
+    starts, and TF's default reserves nearly all of the GPU's memory then; a
+    worker takes only what its steps use instead (``TF_FORCE_GPU_ALLOW_GROWTH=
+    false`` in the workers' environment restores the default).
+
     Args:
         spec: This worker's group.
         base: Options to start from (thread pools, GPU options); copied.
@@ -165,6 +181,8 @@ def session_config(spec: GroupSpec,
     config = tf.compat.v1.ConfigProto()
     if base is not None:
         config.CopyFrom(base)
+    config.allow_soft_placement = True
+    config.gpu_options.allow_growth = True
     config.experimental.collective_group_leader = GROUP_LEADER
     if spec.resolved_hint() == "nccl":
         config.experimental.collective_nccl = True
@@ -273,12 +291,25 @@ class _Launcher:
         self._hint = spec.resolved_hint()
         self._key = first_key
         self._previous: tf.Tensor | None = None
+        # NCCL runs on this worker's GPU: placed there explicitly, so the
+        # worker's soft placement (session_config) never moves one to the CPU.
+        self._device = (f"{spec.task_device}/device:GPU:0" if self._hint == "nccl"
+                        else None)
+
+    def _placed(self):
+        return tf.device(self._device) if self._device else contextlib.nullcontext()
 
     def _launch(self, op: Any, tensor: tf.Tensor, key_offset: Any = None, keys: int = 1,
                 **attrs: Any) -> tf.Tensor:
+        if self._hint == "nccl" and tensor.dtype.base_dtype not in NCCL_DTYPES:
+            raise ConfigError(
+                f"model: a {tensor.dtype.name} gradient or state cannot go over NCCL "
+                "(it carries float16, float32, float64, int32, int64); make the "
+                "variable one of those, or set gpus_per_worker: 0")
         chained = self._hint == "nccl" and self._previous is not None
         key = self._key if key_offset is None else self._key + key_offset
-        with tf.control_dependencies([self._previous] if chained else []):
+        with self._placed(), \
+                tf.control_dependencies([self._previous] if chained else []):
             out = op(input=tensor, group_size=self._spec.group_size,
                      group_key=self._spec.group_key, instance_key=key,
                      ordering_token=[], communication_hint=self._hint,
@@ -290,10 +321,17 @@ class _Launcher:
     def reduce(self, tensor: tf.Tensor) -> tf.Tensor:
         """The group's mean of ``tensor`` (a flat bucket, the same shape on
         every rank): all-reduced, or gathered and summed (see
-        :meth:`GroupSpec.mean_by_gather`)."""
+        :meth:`GroupSpec.mean_by_gather`).
+
+        NCCL has no bfloat16: a bfloat16 bucket is reduced in float32 (its
+        values exactly, the mean rounded once to bfloat16), twice the bytes."""
+        if self._hint == "nccl" and tensor.dtype.base_dtype == tf.bfloat16:
+            with self._placed():
+                mean = self.reduce(tf.cast(tensor, tf.float32))
+                return tf.cast(mean, tf.bfloat16)
         if self._spec.mean_by_gather():
             size = self._spec.group_size
-            gathered = self._launch(tf.raw_ops.CollectiveGatherV2, tensor)
+            gathered = self.gather(tensor)
             return tf.reduce_sum(tf.reshape(gathered, [size, -1]), axis=0) / size
         return self._launch(tf.raw_ops.CollectiveReduceV2, tensor, merge_op="Add",
                             final_op="Div")
@@ -302,7 +340,14 @@ class _Launcher:
         """Every rank's ``tensor`` (same shape on every rank), concatenated
         along axis 0 in rank order. A tensor whose shape changes between steps
         reserves ``keys`` instance keys and runs on the ``key_offset``-th (an
-        int32 tensor, the same on every rank), one per shape it can take."""
+        int32 tensor, the same on every rank), one per shape it can take.
+
+        ``CollectiveGatherV2`` takes no bfloat16 (nor does NCCL); a gather
+        only moves bits, so a bfloat16 tensor travels bitcast to float16."""
+        if tensor.dtype.base_dtype == tf.bfloat16:
+            with self._placed():
+                out = self.gather(tf.bitcast(tensor, tf.float16), key_offset, keys)
+                return tf.bitcast(out, tf.bfloat16)
         return self._launch(tf.raw_ops.CollectiveGatherV2, tensor, key_offset, keys)
 
 
