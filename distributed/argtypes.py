@@ -8,6 +8,13 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
 def key_value(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` (e.g. ``--storage-option endpoint_override=host:9000``)."""
     key, sep, value = text.partition("=")

@@ -73,6 +73,26 @@ class UserCodeError(DistributedError, RuntimeError):
     """The user's model or input function raised; the message carries its traceback."""
 
 
+class StepError(DistributedError, RuntimeError):
+    """An op of the user's graph failed at step time (TF's message, the op and
+    the user's lines that made it are in the message). Not retried: a restart
+    would fail the same way.
+
+    Attributes:
+        op: The failing op's name, or ``None`` if unknown.
+        kind: TF's error class name (``InvalidArgumentError``, ...).
+        tf_message: TF's own one-line message.
+    """
+
+    def __init__(self, message: str, op: str | None = None, kind: str = "",
+                 tf_message: str = ""):
+        super().__init__(message)
+        self.op, self.kind, self.tf_message = op, kind, tf_message
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.op, self.kind, self.tf_message))
+
+
 class LossDivergedError(DistributedError, FloatingPointError):
     """The training loss became NaN or infinite; committed checkpoints are kept."""
 

@@ -46,7 +46,8 @@ _IGNORED = ("train_op", "training_hooks", "training_chief_hooks")
 class EstimatorSpec(NamedTuple):
     """A stand-in for ``tf.estimator.EstimatorSpec`` (same fields and order).
 
-    Only ``loss`` and ``predictions`` are used; see :func:`from_estimator`.
+    ``loss``, ``predictions``, ``eval_metric_ops`` and ``scaffold`` are used;
+    see :func:`from_estimator`.
     """
 
     mode: str
@@ -89,7 +90,10 @@ def from_estimator(model_fn: Callable[..., Any]) -> Callable[..., ModelSpec]:
     From the returned spec ``loss``, ``predictions`` and ``eval_metric_ops``
     (as :attr:`ModelSpec.eval_metrics`, recorded as ``eval/<name>`` when the
     config has an ``eval`` block) are kept; a single prediction tensor becomes
-    ``{"output": tensor}``, the name an Estimator's export gives it.
+    ``{"output": tensor}``, the name an Estimator's export gives it. The
+    ``scaffold`` is honoured as Estimator honours it (its ``init_op``,
+    ``local_init_op`` and ``init_fn``; lookup tables are initialized either
+    way: :func:`distributed.model.initializers`).
     ``export_outputs`` is ignored: the serving signature's outputs are the
     predictions.
 
@@ -156,7 +160,8 @@ def _accepted_args(fn: Callable[..., Any]) -> frozenset[str]:
 
 
 def _to_model_spec(spec: Any, name: str) -> ModelSpec:
-    """Keeps ``loss`` and ``predictions`` of an EstimatorSpec-like object."""
+    """Keeps ``loss``, ``predictions``, ``eval_metric_ops`` and ``scaffold`` of
+    an EstimatorSpec-like object."""
     if isinstance(spec, ModelSpec):
         return spec
     if not (hasattr(spec, "loss") and hasattr(spec, "predictions")):
@@ -170,7 +175,8 @@ def _to_model_spec(spec: Any, name: str) -> ModelSpec:
     elif not isinstance(predictions, Mapping):
         predictions = {"output": predictions}
     return ModelSpec(loss=spec.loss, predictions=dict(predictions),
-                     eval_metrics=dict(getattr(spec, "eval_metric_ops", None) or {}))
+                     eval_metrics=dict(getattr(spec, "eval_metric_ops", None) or {}),
+                     scaffold=getattr(spec, "scaffold", None))
 
 
 def _drop_unused_state(before: set[str], spec: ModelSpec) -> list[str]:

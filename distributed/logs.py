@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 _context = {"run": "-", "step": "-", "actor": "-"}
 _HANDLER_NAME = "distributed-structured"
@@ -164,6 +165,11 @@ def quiet_native_stderr(replace_any: bool = False) -> None:
         return
     for name, text in _PYTHON_NOISE:
         logging.getLogger(name).addFilter(_DropRecord(text))
+    # Keras 2's own deprecation warnings for the v1 layers a graph-mode model
+    # uses (`tf.layers.dense` is deprecated ..., `layer.add_variable` is
+    # deprecated ...): nothing to act on here.
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            message=r"`[\w.]+` is deprecated and will be removed")
     grep = shutil.which("grep")
     if grep is None:
         return
@@ -208,8 +214,12 @@ def in_ray_actor() -> bool:
 
 
 def setup_actor(run: str, actor: str) -> None:
-    """:func:`setup` for an actor; inside a real Ray actor (not when a test
-    builds the class in its own process) also :func:`quiet_native_stderr`."""
+    """:func:`setup` for an actor (warnings and errors only unless verbose);
+    inside a real Ray actor (not when a test builds the class in its own
+    process) also :func:`quiet_native_stderr`."""
     if in_ray_actor():
         quiet_native_stderr(replace_any=True)
-    setup(run, actor)
+    # An actor's INFO records (retention deleted a checkpoint, a leftover was
+    # removed) repeat the job's own lines once Ray forwards them to the
+    # driver; they show with --verbose.
+    setup(run, actor, logging.INFO if verbose() else logging.WARNING)

@@ -50,11 +50,66 @@ class ModelSpec:
             of an Estimator's ``eval_metric_ops`` (``tf.compat.v1.metrics.accuracy``,
             ``auc``, ``mean``, ...). Recorded as ``eval/<name>`` with the
             checkpoint evaluated; the mean loss is always ``eval/loss``.
+        scaffold: Optional ``tf.compat.v1.train.Scaffold`` (an EstimatorSpec's),
+            honoured as Estimator honours it (see :func:`initializers`).
     """
 
     loss: Any = None
     predictions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     eval_metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    scaffold: Any = None
+
+
+@dataclasses.dataclass
+class Initializers:
+    """How a graph the framework runs is initialized (Estimator's Scaffold).
+
+    Attributes:
+        init_op: Initializes the global variables (the scaffold's ``init_op``,
+            else ``global_variables_initializer()``).
+        local_init_op: Runs after ``init_op`` and after a restore: local
+            variables, lookup tables (``TABLE_INITIALIZERS``) and local
+            resources; the scaffold's ``local_init_op``, else the
+            ``LOCAL_INIT_OP`` collection's op, else Scaffold's default.
+        init_fn: The scaffold's ``init_fn`` (``init_fn(session)``, bound to its
+            scaffold), or ``None``. NOTE: only the chief runs it, on a fresh
+            start (never on a resume), as Estimator does; the workers then get
+            the values it set.
+    """
+
+    init_op: Any
+    local_init_op: Any
+    init_fn: Callable[[Any], None] | None = None
+
+    def grouped(self) -> Any:
+        """``init_op`` and ``local_init_op`` as one op (no ``init_fn``)."""
+        import tensorflow as tf
+        return tf.group(self.init_op, self.local_init_op)
+
+    def run(self, session, chief: bool = False) -> None:
+        """``init_op``, then (chief) ``init_fn``, then ``local_init_op``."""
+        session.run(self.init_op)
+        if chief and self.init_fn is not None:
+            self.init_fn(session)
+        session.run(self.local_init_op)
+
+
+def initializers(scaffold: Any = None) -> Initializers:
+    """The :class:`Initializers` of the current default graph, given the
+    model's ``scaffold`` (or ``None``), with ``tf.compat.v1.train.Scaffold``'s
+    rules: what a model_fn built for Estimator expects to have run, lookup
+    tables of ``tf.compat.v1.feature_column`` vocabulary columns included."""
+    import tensorflow as tf
+    check_vocabulary_files()
+    init_op = getattr(scaffold, "init_op", None)
+    if init_op is None:
+        init_op = tf.compat.v1.global_variables_initializer()
+    local = getattr(scaffold, "local_init_op", None)
+    if local is None:
+        collected = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.LOCAL_INIT_OP)
+        local = (tf.group(*collected) if collected else
+                 tf.compat.v1.train.Scaffold.default_local_init_op())
+    return Initializers(init_op, local, getattr(scaffold, "init_fn", None))
 
 
 SIGNATURES = {
@@ -63,6 +118,30 @@ SIGNATURES = {
     "optimizer": "optimizer_fn(learning_rate, params)",
 }
 """The contract of each config field that names a function, for error messages."""
+
+
+def check_vocabulary_files() -> None:
+    """Raises :class:`ConfigError` naming a vocabulary file that a lookup table
+    of the current default graph reads (``categorical_column_with_vocabulary_file``,
+    ``tf.lookup.TextFileInitializer``) and that this node does not have, before
+    initializing the table fails with TensorFlow's ``NotFoundError``."""
+    import socket
+
+    import tensorflow as tf
+    from tensorflow.python.framework import tensor_util
+    for op in tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS):
+        if not op.type.startswith("InitializeTableFromTextFile"):
+            continue
+        path = tensor_util.constant_value(op.inputs[1])
+        if path is None:
+            continue
+        path = path.item() if hasattr(path, "item") else path  # a 0-d array
+        path = path.decode() if isinstance(path, bytes) else str(path)
+        if not tf.io.gfile.exists(path):
+            raise ConfigError(
+                f"model: vocabulary file {path!r} (table {op.inputs[0].op.name!r}) does "
+                f"not exist on node {socket.gethostname()}; put it at the same path on "
+                "every node (a shared mount, or an object store path such as gs://...)")
 
 
 def check_mode(mode: str, labels: Any) -> None:

@@ -12,20 +12,18 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from distributed import logs  # noqa: E402
-from distributed.argtypes import key_value, metric_mode, number  # noqa: E402
+from distributed.argtypes import Parser, key_value, metric_mode, number  # noqa: E402
 from distributed.serving.job import restore_once, watch  # noqa: E402
 from distributed.train.trainer import main_guard  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.restore", description=__doc__,
+    p = Parser(prog="python -m jobs.restore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--storage", required=True,
+    p.add_argument("--storage", default="runs",
                    help="storage of the run: a directory or an object store URI "
-                        "(s3://bucket/prefix)")
+                        "(s3://bucket/prefix); default: %(default)s")
     p.add_argument("--storage-option", action="append", default=[], type=key_value,
                    metavar="KEY=VALUE", dest="storage_options",
                    help="object store option, e.g. endpoint_override=host:9000, "
@@ -46,9 +44,9 @@ def parse_args(argv):
     p.add_argument("--model", help="serving model_fn (module:function) if not the run's")
     p.add_argument("--watch", action="store_true", help="keep exporting new checkpoints")
     p.add_argument("--keep", type=number(int, lambda v: v >= 1, "an integer >= 1"), default=3,
-                   help="versions kept in --watch mode")
+                   help="versions kept in --watch mode (default: %(default)s)")
     p.add_argument("--poll", type=number(float, lambda v: v > 0, "seconds > 0"), default=10.0,
-                   help="seconds between polls in --watch")
+                   help="seconds between polls in --watch (default: %(default)s)")
     p.add_argument("--verbose", action="store_true",
                    help="also show TensorFlow's native start-up lines (same as "
                         "DTR_VERBOSE=1)")

@@ -11,18 +11,14 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The actors run with Keras 2 (trainer._ACTOR_ENV); the driver imports the
-# model's module the same way (and skips importing Keras 3, ~1 s).
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
 from distributed import config as config_lib  # noqa: E402
 from distributed import logs  # noqa: E402
+from distributed.argtypes import Parser  # noqa: E402
 from distributed.train.trainer import main_guard, train  # noqa: E402
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
+    p = Parser(prog="python -m jobs.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file (default: the built-in digits CNN)")
     p.add_argument("--workers", type=int, help="number of data-parallel workers")

@@ -103,7 +103,7 @@ def run_train_job(config: dict, scratch: str, name: str, timeout: float = 600) -
     own = float(re.search(r"first step after ([\d.]+)s", first[1]).group(1))
     chunks = []
     for _, l in lines:
-        m = re.match(r"step (\d+)/\d+\s+loss \S+\s+([\d.]+) steps/s", l)
+        m = re.match(r"step (\d+)/\d+\s+mean loss \S+\s+([\d.]+) steps/s", l)
         if m:
             chunks.append((int(m.group(1)), float(m.group(2))))
     prev, per = 0, []

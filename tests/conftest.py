@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The project's one TF world (Keras 2 routing) before any test module imports
+# TensorFlow: `from tensorflow.keras import ...` is bound at TF's import.
+import distributed  # noqa: E402,F401
 # One throwaway Ray auth token for the whole test session, set before Ray is
 # imported: Ray caches the token on first use, so fixtures that start local Ray
 # instances at different times must all see the same one. It also keeps tests

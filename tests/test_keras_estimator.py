@@ -386,7 +386,7 @@ def test_keras_model_trains_on_local_ray_and_serves(storage, tmp_path):
         summary = trainer.train(config, echo=lines.append)
     assert summary["steps"] == 30
     losses = [float(m.group(1)) for m in
-              (re.match(r"step \d+/\d+\s+loss (\S+)", line) for line in lines) if m]
+              (re.match(r"step \d+/\d+\s+mean loss (\S+)", line) for line in lines) if m]
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0], lines
     assert not [line for line in lines if line.startswith("WARNING")], lines
     prefix = os.path.join(RunLayout(storage, "keras-ray").checkpoint_dir("serving", 30),

@@ -74,7 +74,7 @@ def run_train(config):
 
 def progress_losses(lines: list[str]) -> list[float]:
     return [float(m.group(1)) for m in
-            (re.match(r"step \d+/\d+\s+loss (\S+)", line) for line in lines) if m]
+            (re.match(r"step \d+/\d+\s+mean loss (\S+)", line) for line in lines) if m]
 
 
 def ckpt_prefix(storage: str, run: str, tier: str, step: int) -> str:

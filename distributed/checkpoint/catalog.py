@@ -432,11 +432,15 @@ class Catalog:
         """
         if mode not in ("min", "max"):
             raise ValueError(f"mode {mode!r} is not valid: use 'min' or 'max'")
-        scored = [e for e in self.entries(tier) if metric in e.metrics]
+        entries = self.entries(tier)
+        scored = [e for e in entries if metric in e.metrics]
         if not scored:
+            recorded = sorted({m for e in entries for m in e.metrics})
             raise CheckpointNotFoundError(
                 f"run {self._layout.run!r} has no committed {tier} checkpoint that "
-                f"records metric {metric!r}")
+                f"records metric {metric!r}; "
+                + (f"its checkpoints record {', '.join(recorded)}" if recorded else
+                   f"it has no {tier} checkpoint with metrics yet"))
         if mode == "min":  # ties go to the newest step
             return min(scored, key=lambda e: (e.metrics[metric], -e.step))
         return max(scored, key=lambda e: (e.metrics[metric], e.step))

@@ -85,8 +85,14 @@ class Lease:
         layout.atomic_write_bytes(self.path, json.dumps(record).encode())
 
     def acquire(self) -> "Lease":
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._write()
+        for attempt in range(3):  # another reader's release may remove the dir
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                self._write()
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         self._thread = threading.Thread(target=self._renew, daemon=True,
                                         name="checkpoint-lease")
         self._thread.start()
@@ -107,6 +113,10 @@ class Lease:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
+            pass
+        try:  # a reader leaves nothing behind in the run it read
+            os.rmdir(os.path.dirname(self.path))
+        except OSError:  # other readers' leases are there
             pass
 
     def __enter__(self) -> "Lease":

@@ -212,6 +212,9 @@ class CheckpointWriter:
         self.assignment = sharding.assign_shards(sizes, num_shards)
         self.num_shards = len(set(self.assignment.values()))
         self.total_bytes = sum(sizes.values())
+        # Logical tensors (a partitioned variable's parts are one), as the
+        # manifest and the catalog count them.
+        self.num_tensors = len(self._trainable)
         _warn_oversized(entries, sizes, self.num_shards)
         self.save_meta_graph = save_meta_graph
         with self.graph.as_default(), tf.name_scope("sharded_checkpoint"):

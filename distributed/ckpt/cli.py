@@ -29,7 +29,7 @@ from distributed.checkpoint.catalog import CorruptCatalogRowWarning
 from distributed.checkpoint.layout import STEP_DIGITS, TIERS
 from distributed.ckpt import cleanup, commands, diff
 from distributed.ckpt.output import Report, emit
-from distributed.argtypes import key_value, metric_mode, number
+from distributed.argtypes import Parser, key_value, metric_mode, number
 from distributed.ckpt.run import open_remote_run, resolve_run
 from distributed.errors import ConfigError, DistributedError
 
@@ -47,13 +47,6 @@ With no --keep-* flag gc applies the retention the run trains with (its
 run_config.json); flags replace it for every tier gc touches. The newest
 checkpoint of each tier is always kept, and a checkpoint a reader holds a lease
 on leaves the catalog at once but keeps its files until a later gc."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one ``error:`` line, like every other error here."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
 _step = number(int, lambda v: 0 <= v < 10**STEP_DIGITS,
@@ -83,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     any_tier = argparse.ArgumentParser(add_help=False)
     any_tier.add_argument("--tier", choices=TIERS, help="only this tier (default: both)")
 
-    p = _Parser(prog=PROG, description=__doc__,
+    p = Parser(prog=PROG, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                           parser_class=_Parser)
+                           parser_class=Parser)
     sub.add_parser("ls", parents=[run, out, any_tier], help="list committed checkpoints",
                    description="The run's catalog: one row per committed checkpoint.")
     s = sub.add_parser("show", parents=[run, out, one_tier],

@@ -187,7 +187,10 @@ def candidate_checkpoints(catalog: Catalog, step: int | None = None,
         return sorted(entries, key=lambda e: -e.step)
     scored = [e for e in entries if metric in e.metrics]
     if not scored:
-        raise CheckpointNotFoundError(f"no {tier} checkpoint records metric {metric!r}")
+        recorded = sorted({m for e in entries for m in e.metrics})
+        raise CheckpointNotFoundError(
+            f"--best: no {tier} checkpoint of run {catalog.run!r} records metric "
+            f"{metric!r}; they record {', '.join(recorded) or 'no metric'}")
     sign = 1 if mode == "min" else -1
     return sorted(scored, key=lambda e: (sign * e.metrics[metric], -e.step))
 
@@ -227,6 +230,14 @@ class ExportResult:
     step: int
     export_dir: str
     seconds: dict
+    # serving_default: {"inputs"|"outputs": {name: "dtype [d0, d1, ...]"}}
+    signature: dict = dataclasses.field(default_factory=dict)
+
+    def describe_signature(self) -> list[str]:
+        """The serving signature, a line per side, for the job's output."""
+        return [f"  {side}: " + ", ".join(f"{name} {kind}" for name, kind in
+                                       sorted(self.signature.get(side, {}).items()))
+                for side in ("inputs", "outputs")]
 
 
 def _check_export_root(export_root: str) -> None:
@@ -296,7 +307,7 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
             clock: Callable[[], float]) -> ExportResult:
     import tensorflow as tf
 
-    from distributed.model import PREDICT
+    from distributed.model import PREDICT, initializers
     from distributed.train.graph import call_model_fn
 
     tf.get_logger().setLevel("ERROR")  # TF1 SavedModel builder deprecation chatter
@@ -325,6 +336,11 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
         assigns = [v.assign(ph, read_value=False) for v, ph in loader.values()]
         init_rest = tf.compat.v1.variables_initializer(
             [v for n, v in by_name.items() if n not in needed])
+        # What a server runs after restoring (Estimator's export does the
+        # same): lookup tables (vocabulary columns serve raw strings), local
+        # variables, the model's LOCAL_INIT_OP or scaffold's local_init_op.
+        main_op = initializers(spec.scaffold).local_init_op
+        assets = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS)
         timings["build"] = time.perf_counter() - t
         t = time.perf_counter()
         # One read pass: every tensor is CRC-checked, the needed ones loaded.
@@ -353,6 +369,7 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
                 builder.add_meta_graph_and_variables(
                     sess, [tf.compat.v1.saved_model.tag_constants.SERVING],
                     signature_def_map={"serving_default": signature},
+                    assets_collection=assets or None, main_op=main_op,
                     strip_default_attrs=True)
                 builder.save()
                 layout.fsync_tree(tmp)
@@ -364,9 +381,19 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
         finally:
             sess.close()
     timings["export"] = time.perf_counter() - t
-    result = ExportResult(version, entry.step, final, timings)
+    result = ExportResult(version, entry.step, final, timings, {
+        "inputs": {k: _tensor_kind(t) for k, t in features.items()},
+        "outputs": {k: _tensor_kind(t) for k, t in spec.predictions.items()}})
     _record_export(run_layout, entry, result, clock)
     return result
+
+
+def _tensor_kind(tensor) -> str:
+    """``float32 [-1, 8, 8]``: a tensor's dtype and shape (-1: any size)."""
+    dims = tensor.shape.as_list() if tensor.shape.rank is not None else None
+    shape = "[?]" if dims is None else \
+        "[" + ", ".join("-1" if d is None else str(d) for d in dims) + "]"
+    return f"{tensor.dtype.name} {shape}"
 
 
 def _record_export(run_layout, entry: CatalogEntry, result: ExportResult,

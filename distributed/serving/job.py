@@ -44,6 +44,10 @@ def restore_once(storage: str, run: str, export: str, step: int | None = None,
     echo(f"exported serving checkpoint at step {result.step} of run {run!r} to "
          f"{result.export_dir} in {time.perf_counter() - t0:.2f}s ("
          + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()) + ")")
+    echo("serving_default signature (feed inputs as the input function yields "
+         "them: same dtypes and preprocessing):")
+    for line in result.describe_signature():
+        echo(line)
     return result
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from distributed import logs
 from distributed.checkpoint import layout
 from distributed.config import TrainConfig, from_dict
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, user_code
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class Coordinator:
     """
 
     def __init__(self, config_dict: Mapping[str, Any], restarting: bool = False):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from distributed.train import devices
+        devices.hide_gpus()  # holds no GPU (the evaluator runs here too)
         self.config: TrainConfig = from_dict(config_dict)
         logs.setup_actor(self.config.run, "coordinator")
         self.restarting = restarting
@@ -72,6 +73,7 @@ class Coordinator:
 
         from distributed.checkpoint.selection import describe_variables, select
         from distributed.checkpoint.writer import CheckpointWriter, session_config
+        from distributed.train.devices import cpu_only
         from distributed.inputs import probe_spec
         from distributed.train.graph import (VariableLoader, build_train_graph,
                                              never_updated_statistics, predict_reads)
@@ -98,14 +100,16 @@ class Coordinator:
                 "purpose.")
         shards = max(w.num_shards for w in self.writers.values())
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
-                                         config=session_config(shards))
+                                         config=cpu_only(session_config(shards)))
         self.loader = VariableLoader(self.tg.variables)
         if cfg.eval is not None:
             self._build_evaluator(eval_dataset)
         return {"input_spec": self.input_spec, "serving_names": self.serving_names,
                 "num_variables": len(self.tg.variables), "warnings": self.warnings,
                 "serving_bytes": self.writers["serving"].total_bytes,
-                "full_bytes": self.writers["full"].total_bytes}
+                "full_bytes": self.writers["full"].total_bytes,
+                "serving_tensors": self.writers["serving"].num_tensors,
+                "full_tensors": self.writers["full"].num_tensors}
 
     def _build_writers(self, selection, writer_cls) -> None:
         """The serving and full tiers' sharded writers."""
@@ -188,7 +192,8 @@ class Coordinator:
         cfg = self.config
         due = CheckpointSchedule(cfg.checkpoint.serving_every, cfg.checkpoint.full_every,
                                  cfg.steps).due(step)
-        if "serving" not in due or (step, "serving") in self.store.catalog.committed_keys():
+        if step == 0 or "serving" not in due or \
+                (step, "serving") in self.store.catalog.committed_keys():
             return None
         self._commit(step, "serving")
         return step
@@ -228,7 +233,8 @@ class Coordinator:
         import tensorflow as tf
 
         from distributed.errors import CheckpointCorruptError, ManifestError
-        self.sess.run(self.tg.init_op)
+        init = self.tg.initializers
+        self.sess.run(init.init_op)
         fulls = sorted(self.store.catalog.entries("full"), key=lambda e: -e.step)
         if not fulls:
             if self.store.catalog.committed_keys() and not self.restarting:
@@ -236,6 +242,10 @@ class Coordinator:
                     f"run: {self.config.run!r} already has checkpoints under "
                     f"{self.store.layout.root} but no full checkpoint to resume "
                     "from; pick a new --run name or delete that directory")
+            if init.init_fn is not None:  # the scaffold's, on a fresh start only
+                with user_code("model", f"{self.config.model} (its scaffold's init_fn)"):
+                    init.init_fn(self.sess)
+            self.sess.run(init.local_init_op)
             return 0, None
         for entry in fulls:
             try:
@@ -260,7 +270,16 @@ class Coordinator:
                 saver = tf.compat.v1.train.Saver(var_list=list(self.tg.variables))
                 saver.restore(self.sess, os.path.join(self.store.checkpoint_dir(entry),
                                                       layout.CKPT_PREFIX))
-            return int(self.sess.run(self.tg.global_step)), entry.step
+            self.sess.run(init.local_init_op)
+            restored = int(self.sess.run(self.tg.global_step))
+            if restored != entry.step:
+                raise ConfigError(
+                    f"run: the full checkpoint of run {self.config.run!r} at step "
+                    f"{entry.step} holds global_step {restored}, so resuming would "
+                    f"restart the step count (and any schedule) at {restored}; the "
+                    "optimizer that trained it did not advance global_step. Fix the "
+                    "optimizer (see README: Optimizers) and start a new --run")
+            return restored, entry.step
         raise ConfigError(
             f"run: none of the {len(fulls)} full checkpoint(s) of run "
             f"{self.config.run!r} verifies, so it cannot resume ("

@@ -26,7 +26,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from distributed.errors import ConfigError, user_code
-from distributed.model import EVAL
+from distributed.model import EVAL, initializers
+from distributed.train.devices import cpu_only
 
 
 class Evaluator:
@@ -80,10 +81,11 @@ class Evaluator:
             variables = tf.compat.v1.global_variables()
             self._loader = VariableLoader(variables) if variables else None
             self._names = {v.op.name for v in variables}
+            # Metrics reset (local variables) each evaluation; tables once.
             self._local_init = tf.compat.v1.local_variables_initializer()
-            init = tf.compat.v1.global_variables_initializer()
+            init = initializers(spec.scaffold).grouped()
         self.missing = sorted(self._names - set(value_names))
-        self.sess = tf.compat.v1.Session(graph=self.graph)
+        self.sess = tf.compat.v1.Session(graph=self.graph, config=cpu_only())
         self.sess.run(init)
 
     def _metrics(self, config, spec):
@@ -119,7 +121,7 @@ class Evaluator:
     def _check_finite(self, dataset) -> None:
         import tensorflow as tf
         if self.batches is None:
-            with tf.compat.v1.Session(graph=self.graph) as sess:
+            with tf.compat.v1.Session(graph=self.graph, config=cpu_only()) as sess:
                 if int(sess.run(dataset.cardinality())) == tf.data.INFINITE_CARDINALITY:
                     raise ConfigError(
                         f"eval.input: the tf.data dataset of {self.ref} repeats "
@@ -130,7 +132,20 @@ class Evaluator:
         return sorted(self.values)
 
     def evaluate(self, values: Mapping[str, np.ndarray]) -> tuple[dict[str, float], int]:
-        """The metrics of the checkpoint holding ``values``, and the batches read."""
+        """The metrics of the checkpoint holding ``values``, and the batches read.
+
+        An error of the user's ops is a :class:`~distributed.errors.StepError`
+        naming the op and the user's lines, as in training.
+        """
+        import tensorflow as tf
+
+        from distributed.train.op_errors import user_op_error
+        try:
+            return self._evaluate(values)
+        except tf.errors.OpError as e:
+            raise (user_op_error(e, self.graph, "evaluation") or e) from None
+
+    def _evaluate(self, values: Mapping[str, np.ndarray]) -> tuple[dict[str, float], int]:
         import tensorflow as tf
         if self._loader is not None:
             self._loader.load(self.sess, {n: v for n, v in values.items()

@@ -220,3 +220,48 @@ def apply_moving_average(cfg: OptimizerConfig, apply_op, global_step,
         average_op = ema.apply(variables)
     return (tf.group(apply_op, average_op, name="apply_and_average"),
             {v.op.name: ema.average(v).op.name for v in variables})
+
+
+def advancing_global_step(optimizer: tf.compat.v1.train.Optimizer
+                          ) -> tf.compat.v1.train.Optimizer:
+    """``optimizer`` with an ``apply_gradients`` that also advances ``global_step``.
+
+    For optimizers written by hand whose ``apply_gradients`` ignores its
+    ``global_step`` argument (BERT's ``AdamWeightDecayOptimizer`` is one: its
+    ``create_optimizer`` increments the step itself). The framework checks
+    after the first steps that ``global_step`` advanced, since schedules,
+    checkpoint steps and resuming all count on it; return
+    ``advancing_global_step(MyOptimizer(...))`` from the config's optimizer
+    function to fix such an optimizer without changing it. Do not wrap an
+    optimizer that already advances the step: it would count every step twice.
+    """
+    return _AdvancingGlobalStep(optimizer)
+
+
+class _AdvancingGlobalStep(tf.compat.v1.train.Optimizer):
+    """See :func:`advancing_global_step`. Everything but ``apply_gradients`` is
+    the wrapped optimizer's (its slots, variables and name)."""
+
+    def __init__(self, optimizer: tf.compat.v1.train.Optimizer):
+        super().__init__(use_locking=False, name=optimizer.get_name())
+        self._inner = optimizer
+
+    def compute_gradients(self, *args, **kwargs):
+        return self._inner.compute_gradients(*args, **kwargs)
+
+    def apply_gradients(self, grads_and_vars, global_step=None, name=None):
+        update = self._inner.apply_gradients(grads_and_vars, name=name)
+        if global_step is None:
+            return update
+        with tf.control_dependencies([update]):
+            return tf.group(tf.compat.v1.assign_add(global_step, 1),
+                            name="advance_global_step")
+
+    def get_slot(self, var, name):
+        return self._inner.get_slot(var, name)
+
+    def get_slot_names(self):
+        return self._inner.get_slot_names()
+
+    def variables(self):
+        return self._inner.variables()

@@ -16,26 +16,27 @@ import threading
 import time
 from typing import Any, Callable
 
-from distributed import logs
+from distributed import logs, tfworld
 from distributed.config import TrainConfig
 from distributed.errors import (ConfigError, DistributedError, StorageError,
                                 TrainingFailedError, last_line)
 from distributed.model import load_function
 from distributed.progress import StatusLine
+from distributed.train.op_errors import INFRASTRUCTURE_ERRORS
 
 log = logging.getLogger(__name__)
 
-_ACTOR_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_USE_LEGACY_KERAS": "1",
-              "PYTHONUNBUFFERED": "1"}
+_ACTOR_ENV = {**tfworld.ENV, "PYTHONUNBUFFERED": "1"}
 COORDINATOR_CPUS = 0.25
 # The driver's own settings of these reach the actors (on a cluster too).
-_PASSED_ENV = ("TF_CPP_MIN_LOG_LEVEL", logs.VERBOSE_ENV, "DTR_LOG_FORMAT")
+_PASSED_ENV = (logs.VERBOSE_ENV, "DTR_LOG_FORMAT")
 
 
 def actor_env_vars() -> dict[str, str]:
-    """Environment variables every actor gets: :data:`_ACTOR_ENV`, with the
+    """Environment variables every actor gets: :data:`_ACTOR_ENV` (the one TF
+    world, :mod:`distributed.tfworld`, as the driver has it), with the
     driver's own values of :data:`_PASSED_ENV` where it has them."""
-    env = dict(_ACTOR_ENV)
+    env = {**_ACTOR_ENV, **tfworld.actor_env()}
     env.update({k: os.environ[k] for k in _PASSED_ENV if k in os.environ})
     return env
 
@@ -49,8 +50,10 @@ def connect_ray() -> bool:
     import ray
     if ray.is_initialized():
         return False
+    if not sys.stderr.isatty():  # no colour codes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
         _handle_sigterm()
         return False
     # A local Ray's worker processes inherit this environment, so the actors
@@ -61,7 +64,8 @@ def connect_ray() -> bool:
         p for p in (cwd, os.environ.get("PYTHONPATH")) if p)
     # address="local": a new Ray even when /tmp/ray names a running one (another
     # user's `ray start`); joining a cluster is what RAY_ADDRESS is for.
-    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING)  # not "Started a local Ray instance"
     _handle_sigterm()
     return True
 
@@ -83,6 +87,15 @@ def _check_resources(config: TrainConfig) -> None:
             f"CPU + {COORDINATOR_CPUS} for the coordinator need {need_cpus:g} CPUs "
             f"but the cluster has {total.get('CPU', 0):g}; lower --workers or "
             "cpus_per_worker")
+
+
+def _check_gpus(config: TrainConfig, started: bool) -> None:
+    """GPU workers only: every worker's node has a TensorFlow that sees a GPU
+    (a probe placed like a worker, :mod:`distributed.train.devices`), before
+    the actors start and anything is written."""
+    from distributed.train import devices
+    devices.check_workers_see_gpus(
+        config, None if started else {"env_vars": actor_env_vars()})
 
 
 def _free_cpus(config: TrainConfig) -> float:
@@ -174,11 +187,24 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
     # Ray Data's per-epoch execution banners are not the run's news (set
     # before Ray starts, so a local Ray's split coordinators inherit it).
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    complete = _complete_at(config)
+    if complete is not None:
+        entries = _committed_entries(config)
+        echo(f"run {config.run!r} is complete: its full checkpoint is at step "
+             f"{complete} and steps is {config.steps}. To train further, re-run "
+             f"with a larger --steps (it resumes from step {complete}); for a new "
+             "run, pick another --run.")
+        echo(format_summary(config, entries))
+        return {"run": config.run, "steps": complete, "entries": entries,
+                "complete": True, "early_stop": None, "events": [], "rounds": [],
+                "failures": [], "first_step_seconds": None,
+                "seconds": time.perf_counter() - t0}
     check_functions(config)
     check_storage(config)
     started = connect_ray()
     try:
         _check_resources(config)
+        _check_gpus(config, started)
         dataset, eval_dataset = _load_ray_datasets(config)
         failures: list[str] = []
         run = _GroupRun(config, echo, coordinator_cls or Coordinator, t0,
@@ -208,6 +234,28 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
             ray_shutdown()
 
 
+def _complete_at(config: TrainConfig) -> int | None:
+    """The step of the run's newest full checkpoint if it is at or past
+    ``config.steps`` (nothing is left to train), else ``None``. Local
+    storage only: an object-store run's coordinator decides from the remote
+    catalog."""
+    if config.remote:
+        return None
+    from distributed.checkpoint.store import CheckpointStore
+    try:
+        keys = CheckpointStore(config.storage_path, config.run).catalog.committed_keys()
+    except (StorageError, OSError):
+        return None
+    fulls = [step for step, tier in keys if tier == "full"]
+    return max(fulls) if fulls and max(fulls) >= config.steps else None
+
+
+def _committed_entries(config: TrainConfig) -> list[dict]:
+    from distributed.checkpoint.store import CheckpointStore
+    store = CheckpointStore(config.storage_path, config.run)
+    return [e.to_json_dict() for e in store.catalog.entries()]
+
+
 def raydata_split(dataset, num_workers: int) -> list:
     from distributed.inputs import raydata
     return raydata.split(dataset, num_workers)
@@ -220,11 +268,6 @@ def ray_shutdown() -> None:
 
 class GroupFailure(Exception):
     """The worker group cannot go on (an actor died, a collective failed)."""
-
-
-# TF errors a dead or stalled peer causes in a collective step.
-_PEER_ERRORS = {"DeadlineExceededError", "UnavailableError", "AbortedError",
-                "CancelledError"}
 
 
 class _GroupRun:
@@ -271,6 +314,7 @@ class _GroupRun:
 
     def _run(self, coordinator, workers, restarting: bool) -> dict[str, Any]:
         config, echo = self.config, self.echo
+        self._coordinator = coordinator
         worker_names = [f"worker {r}" for r in range(len(workers))]
         # The coordinator learns the input spec from the input function while
         # the workers set up; a Ray Data input's spec comes from worker 0.
@@ -322,10 +366,10 @@ class _GroupRun:
         self._get([w.load.remote(values, step, plan["serving_names"], coordinator)
                    for w in workers], worker_names)
         if not restarting:
-            echo(f"run {config.run!r}: {config.workers} workers, "
-                 f"{plan['num_variables']} variables, serving checkpoints hold "
-                 f"{len(plan['serving_names'])} "
-                 f"({plan['serving_bytes'] / 2**20:.2f} MiB), storage "
+            echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "
+                 f"{plan['full_tensors']} tensors ({plan['full_bytes'] / 2**20:.2f} MiB)"
+                 f" when full, {plan['serving_tensors']} "
+                 f"({plan['serving_bytes'] / 2**20:.2f} MiB) for serving; storage "
                  f"{config.storage_path}; first step after "
                  f"{time.perf_counter() - self.t0:.1f}s")
             self.first_step_at = time.perf_counter() - self.t0
@@ -340,7 +384,7 @@ class _GroupRun:
             step = self.step = lead["step"]
             self._report(lead.get("events", []))
             self._poll_evaluations(coordinator)
-            echo(f"step {step}/{config.steps}  loss {lead['loss']:.4f}  "
+            echo(f"step {step}/{config.steps}  mean loss {lead['loss']:.4f}  "
                  f"{lead['steps_per_sec']:.1f} steps/s")
             logs.set_step(step)
             scalars = {"train/loss": lead["loss"],
@@ -431,14 +475,51 @@ class _GroupRun:
                 ray.get(ready[0])
             except Exception as e:
                 name = names_list[refs_list.index(ready[0])]
-                failure = _classify(e, name)
+                # A user error on one worker fails its peers' collectives
+                # too; the user's own message is the one to tell.
+                users = None if isinstance(_unwrap(e), DistributedError) else \
+                    _user_error_among(pending)
+                if users is not None:
+                    e = users
+                failure = None if users is not None else _classify(e, name)
                 if failure is not None:
                     raise failure from None
                 if pending:
-                    ray.wait(pending, num_returns=len(pending), timeout=30)
+                    self._settle(pending)
                 raise _unwrap(e) from None
         values = ray.get(refs_list)
         return values[0] if single else values
+
+
+    def _settle(self, pending: list) -> None:
+        """After a user error, before the actors are stopped: lets the saves
+        in flight commit. The coordinator runs calls in turn, so a call queued
+        behind them returns when they are done; the other workers may be
+        waiting in a collective for the failed one and never finish."""
+        import ray
+        coordinator = getattr(self, "_coordinator", None)
+        if coordinator is None:
+            ray.wait(pending, num_returns=len(pending), timeout=30)
+            return
+        ray.wait([coordinator.entries.remote()], timeout=30)
+
+
+def _user_error_among(refs: list, seconds: float = 5.0) -> BaseException | None:
+    """The first of ``refs`` to fail with a user error within ``seconds``."""
+    import ray
+    pending, deadline = list(refs), time.monotonic() + seconds
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                if isinstance(_unwrap(e), DistributedError):
+                    return e
+    return None
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -456,7 +537,7 @@ def _classify(e: BaseException, name: str) -> GroupFailure | None:
         return GroupFailure(f"{name} was lost ({last_line(e)})")
     cause = getattr(e, "cause", None)
     kinds = {c.__name__ for c in type(cause).__mro__} if cause is not None else set()
-    if kinds & _PEER_ERRORS:
+    if kinds & INFRASTRUCTURE_ERRORS:
         return GroupFailure(f"{name}'s collective step failed ({type(cause).__name__}: "
                             f"{last_line(cause)}): a peer died or stalled")
     if "CoordinatorLostError" in kinds:
@@ -504,7 +585,8 @@ def format_summary(config: TrainConfig, entries: list[dict]) -> str:
                                if k.startswith("eval/")})
     widths = [max(8, len(n)) for n in names]
     lines = [f"committed checkpoints of run {config.run!r} "
-             f"({os.path.join(config.storage_path, config.run)}):",
+             f"({os.path.join(config.storage_path, config.run)}; loss: the training "
+             "loss at that step):",
              f"  {'tier':8} {'step':>8} {'tensors':>8} {'MiB':>9} {'shards':>6} "
              + " ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + "  path"]
     for e in entries:

@@ -26,7 +26,7 @@ import numpy as np
 
 from distributed import logs
 from distributed.config import TrainConfig, from_dict
-from distributed.errors import LossDivergedError, last_line
+from distributed.errors import ConfigError, LossDivergedError, last_line
 from distributed.train.schedule import BusyPolicy, CheckpointSchedule
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,6 @@ class Worker:
     """
 
     def __init__(self, config_dict: Mapping[str, Any], rank: int):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.config = from_dict(config_dict)
         self.rank = rank
         logs.setup_actor(self.config.run, f"worker {rank}")
@@ -178,6 +177,7 @@ class Worker:
         import ray
         self._address = f"{ray.util.get_node_ip_address()}:{pick_free_port()}"
         self._checkpointer: _AsyncCheckpointer | None = None
+        self._step_checked = False  # the optimizer contract, after the first run
         importlib.import_module("tensorflow")  # import while the coordinator builds
 
     def address(self) -> str:
@@ -196,17 +196,23 @@ class Worker:
         import tensorflow as tf
 
         from distributed import inputs
-        from distributed.train import collective
+        from distributed.train import collective, devices
         from distributed.train.graph import VariableLoader, build_train_graph
 
         cfg = self.config
         gpu = cfg.gpus_per_worker > 0
+        if gpu:  # one line naming this node, not a placement error at init
+            devices.check_this_worker(cfg.gpus_per_worker)
+        else:  # a CPU worker on a GPU node leaves the GPUs to the GPU workers
+            devices.hide_gpus()
         self.spec = collective.GroupSpec(
             addresses=tuple(addresses), rank=self.rank,
             timeout_seconds=cfg.collective_timeout)
         base = tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=max(1, int(cfg.cpus_per_worker + 0.999)),
             inter_op_parallelism_threads=2)
+        if not gpu:
+            base = devices.cpu_only(base)
         self.server = collective.start_server(self.spec, base)
         reduce_fn = functools.partial(
             collective.allreduce_gradients, spec=self.spec,
@@ -222,7 +228,7 @@ class Worker:
             self.server.target, graph=self.tg.graph,
             config=collective.session_config(self.spec, base))
         self.run_options = collective.run_options(self.spec)
-        self.sess.run(self.tg.init_op)
+        self.tg.initializers.run(self.sess)
         self.source.start(self.sess)
         self.loader = VariableLoader(self.tg.variables)
         # Every worker ends its runs at the same steps (the collectives pair up).
@@ -258,6 +264,10 @@ class Worker:
                 run_losses, rate = self._run(end - self.step, end == until_step)
             except tf.errors.OutOfRangeError:
                 raise self.source.ended(self.step) from None
+            except tf.errors.OpError as e:
+                self._raise_if_users(e, end)
+                from distributed.train.op_errors import picklable
+                raise picklable(e) from None
             learning_rate = rate if rate is not None else learning_rate
             for loss in run_losses:
                 self.step += 1
@@ -271,6 +281,8 @@ class Worker:
                         "values is saved).")
                 losses.append(float(loss))
             logs.set_step(self.step)
+            if not self._step_checked:
+                self._check_global_step()
             if self._checkpointer is not None:
                 self._checkpointer.maybe_save(self.step, {"loss": losses[-1]})
         seconds = time.perf_counter() - start
@@ -281,6 +293,42 @@ class Worker:
             report["events"] = self._checkpointer.drain_events()
             report["stall_seconds"] = self._checkpointer.stall_seconds
         return report
+
+    def _raise_if_users(self, error: Exception, end: int) -> None:
+        """Raises :class:`StepError` when ``error`` came from the user's ops
+        (not retried); returns for infrastructure errors (a dead peer)."""
+        from distributed.train.op_errors import user_op_error
+        steps = (f"step {end}" if end == self.step + 1 else
+                 f"steps {self.step + 1}..{end}")
+        step_error = user_op_error(error, self.tg.graph, f"{steps} on worker {self.rank}")
+        if step_error is None:
+            return
+        if self._checkpointer is not None:
+            try:
+                self._checkpointer.flush()  # let the in-flight save commit
+            except Exception:  # the step's error is the news, not this one
+                pass
+        raise step_error from None
+
+    def _check_global_step(self) -> None:
+        """The optimizer contract: ``global_step`` advanced by one per step.
+
+        Checked once, after this worker's first run of steps; an optimizer
+        whose ``apply_gradients`` ignores ``global_step`` would leave every
+        schedule at step 0 and resume from 0.
+        """
+        self._step_checked = True
+        value = int(self.sess.run(self.tg.global_step))
+        if value == self.step:
+            return
+        name = self.config.optimizer.name
+        raise ConfigError(
+            f"optimizer: {name} did not advance global_step ({value} after step "
+            f"{self.step}), so learning-rate schedules, checkpoint steps and resuming "
+            "would all count from the wrong step; its apply_gradients must increment "
+            "the global_step it is given (tf.compat.v1.train optimizers do): return "
+            "distributed.train.optimizers.advancing_global_step(optimizer) from "
+            "your optimizer function, or fix its apply_gradients")
 
     def _run(self, n: int, read_rate: bool) -> tuple[list[float], float | None]:
         """``n`` steps in one ``Session.run`` (one, or an in-graph loop of
