@@ -27,6 +27,26 @@ def run(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
 
+def watch_once(storage: str, export: str) -> str:
+    """``jobs.restore --watch`` until its first export, then SIGTERM; its output."""
+    import signal
+    import time
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_USE_LEGACY_KERAS", "RAY_ADDRESS")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.restore", "--storage", storage, "--run",
+         "digits-layers", "--export", export, "--watch", "--poll", "0.5"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            os.path.isdir(export) and any(n.isdigit() for n in os.listdir(export))):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return out
+
+
 @pytest.mark.parametrize("order", ["distributed first", "tensorflow first"])
 def test_importing_distributed_routes_keras_2(order):
     first, second = ("distributed", "tensorflow as tf") if order == "distributed first" \
@@ -51,6 +71,8 @@ def test_layers_model_trains_evaluates_exports_and_classifies(tmp_path):
                   "--export", export, "--best", "eval/accuracy:max")
     assert restore.returncode == 0, restore.stdout + restore.stderr
     assert "inputs: image float32 [-1, 64]" in restore.stdout, restore.stdout
+    watched = watch_once(storage, str(tmp_path / "watched"))
+    assert "exported step" in watched, watched
     diff = run("-m", "distributed.ckpt", "diff", "--storage", storage, "--run",
                "digits-layers", "100", "200")
     assert diff.returncode == 0, diff.stdout + diff.stderr
