@@ -48,13 +48,13 @@ class Table:
         return sum(r[5] == "FAIL" for r in self.rows)
 
 
-def run_stamped(cmd, env=None, timeout=300):
-    """Runs ``cmd``; returns (wall time at start, [(wall time, line)], rc)."""
+def run_stamped(cmd, env=None, timeout=300, cwd=ROOT):
+    """Runs ``cmd`` in ``cwd``; returns (wall time at start, [(wall time, line)], rc)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     full_env.pop("RAY_ADDRESS", None)  # every command starts its own local Ray
     lines = []
     t_start = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
 
     def reader():
@@ -77,9 +77,11 @@ def fail_tail(name, lines, rc):
     raise RuntimeError(f"{name} exited {rc}; last output:\n{tail}")
 
 
-def run_train_job(config: dict, scratch: str, name: str, timeout: float = 600) -> dict:
+def run_train_job(config: dict, scratch: str, name: str, timeout: float = 600,
+                  cwd: str = ROOT) -> dict:
     """``python -m jobs.train --config`` on ``config`` (written as YAML under
-    ``scratch``), in its own local Ray; returns its timings: the first step
+    ``scratch``), in its own local Ray, run from ``cwd`` (another checkout's
+    root runs that checkout's code); returns its timings: the first step
     (from the command's start and the job's own figure), each progress chunk's
     steps/s, and the steady steps/s over every chunk but the first."""
     import yaml
@@ -92,7 +94,8 @@ def run_train_job(config: dict, scratch: str, name: str, timeout: float = 600) -
     ray_tmp = tempfile.mkdtemp(prefix="bray", dir="/tmp")  # short: socket paths
     try:
         t0, lines, rc = run_stamped([PY, "-m", "jobs.train", "--config", path],
-                                    env={"RAY_TMPDIR": ray_tmp}, timeout=timeout)
+                                    env={"RAY_TMPDIR": ray_tmp, "PYTHONPATH": cwd},
+                                    timeout=timeout, cwd=cwd)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if rc != 0:
@@ -103,7 +106,8 @@ def run_train_job(config: dict, scratch: str, name: str, timeout: float = 600) -
     own = float(re.search(r"first step after ([\d.]+)s", first[1]).group(1))
     chunks = []
     for _, l in lines:
-        m = re.match(r"step (\d+)/\d+\s+mean loss \S+\s+([\d.]+) steps/s", l)
+        # "loss" before the progress line said "mean loss" (bench_compare's base)
+        m = re.match(r"step (\d+)/\d+\s+(?:mean )?loss \S+\s+([\d.]+) steps/s", l)
         if m:
             chunks.append((int(m.group(1)), float(m.group(2))))
     prev, per = 0, []
