@@ -68,3 +68,61 @@ def actor_group(config):
     finally:
         for actor in workers + [coordinator]:
             ray.kill(actor)
+
+
+def train_and_export(module: str, model: str, input_fn: str, eval_input_fn: str,
+                     optimizer: dict, storage: str, run: str, export: str,
+                     steps: int = 40):
+    """What the public-code tests share: trains ``module``'s model on 2 workers
+    of a real local Ray with evaluation (serving checkpoints every
+    ``steps // 2``), checks the run, then exports its last serving checkpoint
+    with ``python -m jobs.restore`` in a fresh process (``TF_USE_LEGACY_KERAS``
+    unset). Returns the serving catalog entries; prints the job's lines and
+    timings (shown with ``-s``)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from distributed import config as config_lib
+    from distributed.checkpoint import Catalog, RunLayout
+    from tests.conftest import REPO_ROOT, start_local_ray
+
+    config = config_lib.from_dict({
+        "model": f"{module}:{model}", "input": f"{module}:{input_fn}",
+        "optimizer": optimizer, "storage": storage, "run": run, "workers": 2,
+        "cpus_per_worker": 0.5, "batch_size": 16, "steps": steps,
+        "log_every": steps // 2,
+        "checkpoint": {"serving_every": steps // 2, "full_every": steps},
+        "eval": {"input": f"{module}:{eval_input_fn}", "batch_size": 64},
+        "collective_timeout": 120.0})
+    lines: list[str] = []
+    started = time.time()
+    with start_local_ray(4, log_to_driver=False):
+        summary = trainer.train(config, echo=lines.append)
+    trained = time.time() - started
+    print("\n".join(lines))
+    assert summary["steps"] == steps, lines
+    assert not [line for line in lines if line.startswith("WARNING")], lines
+    serving = [e for e in Catalog(RunLayout(storage, run)).entries()
+               if e.tier == "serving"]
+    assert [e.step for e in serving] == [steps // 2, steps], lines
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--storage", storage,
+                           "--run", run, "--export", export],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout + proc.stderr)
+    print(f"{run}: trained {steps} steps in {trained:.1f}s, exported in "
+          f"{time.time() - started:.1f}s")
+    return serving
+
+
+def batches_of(x: dict, y, batch_size: int):
+    """``(features, labels)`` batches of ``batch_size`` rows of one block of
+    generated rows (the last may be smaller)."""
+    for i in range(0, len(y), batch_size):
+        yield {k: v[i:i + batch_size] for k, v in x.items()}, y[i:i + batch_size]

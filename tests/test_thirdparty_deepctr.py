@@ -28,10 +28,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import subprocess
-import sys
 import threading
-import time
 
 # DeepCTR does `from tensorflow.keras import ...`: that import path is fixed
 # when TensorFlow is imported (unlike the lazy `tf.keras` attribute), so the
@@ -126,17 +123,16 @@ def click_rows(n: int, seed: int) -> tuple[dict, np.ndarray]:
 
 def deepfm_input_fn(worker_index, num_workers, batch_size, params):
     """Training clicks, a different stream per worker, forever."""
+    from tests.drivers import batches_of
     for block in range(10**9):
-        x, y = click_rows(batch_size * 16, seed=2000 + block * num_workers + worker_index)
-        for i in range(0, len(y), batch_size):
-            yield {k: v[i:i + batch_size] for k, v in x.items()}, y[i:i + batch_size]
+        yield from batches_of(*click_rows(
+            batch_size * 16, seed=2000 + block * num_workers + worker_index), batch_size)
 
 
 def deepfm_eval_input_fn(worker_index, num_workers, batch_size, params):
     """256 held-out clicks, once."""
-    x, y = click_rows(256, seed=8)
-    for i in range(0, len(y), batch_size):
-        yield {k: v[i:i + batch_size] for k, v in x.items()}, y[i:i + batch_size]
+    from tests.drivers import batches_of
+    yield from batches_of(*click_rows(256, seed=8), batch_size)
 
 
 def stock_predictions(prefix: str, x: dict) -> np.ndarray:
@@ -178,33 +174,15 @@ STEPS = 40
 @pytest.mark.slow
 @pytest.mark.ray
 def test_deepfm_trains_on_two_workers_evaluates_and_exports(storage, tmp_path):
-    from distributed import config as config_lib
-    from distributed.checkpoint import Catalog, RunLayout
-    from distributed.train import trainer
-    from tests.conftest import REPO_ROOT, start_local_ray
+    from distributed.checkpoint import RunLayout
+    from tests.drivers import train_and_export
 
-    run = "deepfm"
-    config = config_lib.from_dict({
-        "model": f"{__name__}:deepfm_model_fn",
-        "input": f"{__name__}:deepfm_input_fn",
-        "optimizer": {"name": "adam", "learning_rate": 0.01},
-        "storage": storage, "run": run, "workers": 2, "cpus_per_worker": 0.5,
-        "batch_size": 16, "steps": STEPS, "log_every": 20,
-        "checkpoint": {"serving_every": 20, "full_every": STEPS},
-        "eval": {"input": f"{__name__}:deepfm_eval_input_fn", "batch_size": 64},
-        "collective_timeout": 120.0})
-    lines: list[str] = []
-    started = time.time()
-    with start_local_ray(4, log_to_driver=False):
-        summary = trainer.train(config, echo=lines.append)
-    trained = time.time() - started
-    print("\n".join(lines))  # shown with -s
-    assert summary["steps"] == STEPS, lines
-    assert not [line for line in lines if line.startswith("WARNING")], lines
-    serving = [e for e in Catalog(RunLayout(storage, run)).entries()
-               if e.tier == "serving"]
-    assert [e.step for e in serving] == [20, 40], lines
-    assert {"eval/auc", "eval/accuracy", "eval/loss"} <= set(serving[-1].metrics), lines
+    run, export = "deepfm", tmp_path / "export"
+    serving = train_and_export(__name__, "deepfm_model_fn", "deepfm_input_fn",
+                               "deepfm_eval_input_fn",
+                               {"name": "adam", "learning_rate": 0.01},
+                               storage, run, str(export), steps=STEPS)
+    assert {"eval/auc", "eval/accuracy", "eval/loss"} <= set(serving[-1].metrics)
     assert serving[-1].metrics["eval/auc"] > 0.6, serving[-1].metrics
     prefix = os.path.join(RunLayout(storage, run).checkpoint_dir("serving", STEPS),
                           "model.ckpt")
@@ -214,18 +192,6 @@ def test_deepfm_trains_on_two_workers_evaluates_and_exports(storage, tmp_path):
     reader = tf.train.load_checkpoint(prefix)
     means = [n for n in names if n.endswith("moving_mean")]
     assert len(means) == 2 and all(np.abs(reader.get_tensor(n)).max() > 0 for n in means)
-
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    export = tmp_path / "export"
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--storage", storage,
-                           "--run", run, "--export", str(export)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    restored = time.time() - started
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    print(proc.stdout + proc.stderr)
-    print(f"deepfm: trained {STEPS} steps in {trained:.1f}s, exported in {restored:.1f}s")
 
     x, _ = click_rows(200, seed=99)
     served = tf.saved_model.load(str(export / str(STEPS))).signatures["serving_default"]

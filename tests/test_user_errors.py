@@ -81,6 +81,31 @@ def test_user_op_error_names_op_message_and_user_lines():
                                                   "InvalidArgumentError")
 
 
+def test_an_op_inside_the_loop_of_steps_per_run_is_found_with_its_lines():
+    import numpy as np
+
+    from distributed.train.graph import InputSpec, build_train_graph
+    config = config_lib.from_dict({"model": "tests.user_error_models:table_model_fn",
+                                   "input": "tests.user_error_models:leaving_ids_input_fn",
+                                   "batch_size": 8})
+    source = models.leaving_ids_input_fn(0, 1, 8, {})
+    batches = [next(source) for _ in range(3)]
+    batches[2][0]["id"][1] = 150
+    tg = build_train_graph(config, InputSpec.from_batch(*batches[0], "test"),
+                           steps_per_run=3)
+    feed = {tg.graph.get_tensor_by_name(f"input/{k}:0"): np.stack([b[0][k] for b in batches])
+            for k in batches[0][0]}
+    feed[tg.graph.get_tensor_by_name("input/labels:0")] = np.stack([b[1] for b in batches])
+    feed[tg.steps] = 3
+    with tf.compat.v1.Session(graph=tg.graph) as sess:
+        tg.initializers.run(sess)
+        with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+            sess.run(tg.train_op, feed)
+    text = str(user_op_error(raised.value, tg.graph, "steps 1..3 on worker 0"))
+    assert "(ResourceGather): indices[1] = 150 is not in [0, 100)" in text, text
+    assert 'rows = tf.nn.embedding_lookup(table, features["id"])' in text, text
+
+
 def test_infrastructure_errors_are_not_the_users():
     for cls in (tf.errors.DeadlineExceededError, tf.errors.UnavailableError,
                 tf.errors.CancelledError, tf.errors.AbortedError):

@@ -123,11 +123,27 @@ def _find_op(error: Any, graph: Any) -> Any:
     for pattern in (_DETECTED, _NODE):
         match = pattern.search(text)
         if match and graph is not None:
-            try:
-                return graph.get_operation_by_name(match.group(1))
-            except (KeyError, ValueError):
-                pass
+            for g in _graphs(graph):
+                try:
+                    return g.get_operation_by_name(match.group(1))
+                except (KeyError, ValueError):
+                    pass
     return None
+
+
+def _graphs(graph: Any) -> list:
+    """``graph`` and the bodies of its control-flow-v2 loops and conditionals
+    (the loop of ``steps_per_run`` builds the model there), nested too."""
+    out, todo = [], [graph]
+    while todo:
+        g = todo.pop()
+        out.append(g)
+        for op in g.get_operations():
+            for attr in ("_body_graph", "_cond_graph", "_true_graph", "_false_graph"):
+                inner = getattr(op, attr, None)
+                if inner is not None and inner not in out:
+                    todo.append(inner)
+    return out
 
 
 def _describe_op(op: Any, error: Any) -> str:
