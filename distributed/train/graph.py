@@ -5,17 +5,20 @@ hands initial values to the workers by name, and rank 0 hands checkpoint values
 back), so one function builds the model, the optimizer and its slots everywhere.
 Only workers pass a ``reduce_fn``: the all-reduce that averages gradients.
 
-Batch-norm statistics and other non-trainable *state* the model updates through
-``UPDATE_OPS`` would drift apart on workers that see different data, so each
-step averages their freshly updated values in the same all-reduce as the
-gradients. Replicas therefore stay identical, and the moving averages equal
-those of the global batch statistics' mean.
+Batch-norm statistics and other non-trainable *state* the step writes
+(through ``UPDATE_OPS`` or ops the loss waits on) would drift apart on workers
+that see different data, so each step exchanges their freshly written values
+in the same all-reduce as the gradients and sets every replica to one value,
+as each variable's ``aggregation`` declares (:mod:`distributed.train.state`).
+Replicas therefore stay identical, and the moving averages equal those of the
+global batch statistics' mean.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -24,8 +27,9 @@ import tensorflow as tf
 from distributed.config import OptimizerConfig, TrainConfig
 from distributed.errors import ConfigError, user_code
 from distributed.inputs.spec import InputSpec, step_of
-from distributed.model import PREDICT, TRAIN, ModelSpec, load_function
-from distributed.train import optimizers
+from distributed.model import (PREDICT, TRAIN, Initializers, ModelSpec, initializers,
+                               load_function)
+from distributed.train import optimizers, state
 
 ReduceFn = Callable[[list], list]
 
@@ -42,7 +46,17 @@ def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec
     """Calls the user's ``model_fn`` and checks what it returns."""
     model_fn = load_function(config.model, "model", 4)
     with user_code("model", config.model):
-        spec = model_fn(features, labels, mode, dict(config.model_params))
+        try:
+            spec = model_fn(features, labels, mode, dict(config.model_params))
+        except ValueError as e:  # a vocabulary column counting a missing file
+            missing = re.match(r"vocabulary_file in (\S+) does not exist", str(e))
+            if missing is None:
+                raise
+            raise ConfigError(
+                f"model: {config.model}: the vocabulary file of column "
+                f"{missing.group(1)!r} does not exist on node {socket.gethostname()}; "
+                "put it at the same path on every node (a shared mount, or an object "
+                "store path such as gs://...)") from None
     if not isinstance(spec, ModelSpec):
         raise ConfigError(
             f"model: {config.model} returned {type(spec).__name__}; it must return "
@@ -74,13 +88,15 @@ class TrainGraph:
     train_op: Any
     global_step: tf.Variable
     variables: list  # every global variable, graph order
-    model_state: list  # non-trainable model variables averaged each step
-    init_op: Any
+    model_state: list  # non-trainable model variables the step writes (state.py)
+    init_op: Any  # everything initializers runs but init_fn, as one op
     learning_rate: Any = None  # the schedule's value at the global step
     # optimizer.ema_decay: variable name -> its moving average's variable name
     averages: dict = dataclasses.field(default_factory=dict)
     steps_per_run: int = 1
     steps: Any = None  # steps_per_run > 1: the fed number of steps of a run
+    # Estimator Scaffold semantics: global init, init_fn (chief), local init
+    initializers: Initializers | None = None
 
 
 @dataclasses.dataclass
@@ -92,6 +108,7 @@ class _Step:
     learning_rate: Any
     model_state: list
     averages: dict
+    scaffold: Any = None  # the model_fn's scaffold (an EstimatorSpec's), if any
 
 
 def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any],
@@ -105,7 +122,9 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
             function called inside the new graph that returns an input source
             (:func:`distributed.inputs.open_source`) whose tensors it reads.
         reduce_fn: Averages a list of ``(tensor, variable)`` pairs across
-            workers; ``None`` on the coordinator (which never steps).
+            workers; ``None`` on the coordinator (which never steps). Model
+            state declared ``SUM`` or ``ONLY_FIRST_REPLICA`` also needs its
+            group: a ``spec`` (:func:`state.group_of`).
         device: Device for the model's ops (e.g. ``/device:GPU:0``).
         steps_per_run: Steps per ``Session.run``: above 1 the step is the body
             of an in-graph loop (:func:`_build_loop`). The variables, their
@@ -124,12 +143,13 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
             features, labels = source.tensors()
         step = _build_step(config, features, labels,
                            _fed_placeholders(features, labels), reduce_fn)
-        init_op = tf.compat.v1.global_variables_initializer()
+        init = initializers(step.scaffold)
+        init_op = init.grouped()
         variables = list(tf.compat.v1.global_variables())
         global_step = tf.compat.v1.train.get_global_step()
     return TrainGraph(graph, features, labels, source, step.loss, step.train_op,
                       global_step, variables, step.model_state, init_op,
-                      step.learning_rate, step.averages)
+                      step.learning_rate, step.averages, initializers=init)
 
 
 def _build_step(config: TrainConfig, features, labels, fed: set[str],
@@ -141,28 +161,24 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
     spec = call_model_fn(config, features, labels, TRAIN)
     created = [v for v in tf.compat.v1.global_variables()
                if v.op.name not in before]
-    trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
     update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
     update_ops += _function_updates(ops_before, update_ops)
     # A functional Keras model's updates on its own Input can never run.
     in_graph = _fed_in_graph(fed)
     update_ops = [op for op, needs in zip(update_ops, placeholders_needed(update_ops))
                   if needs <= in_graph]
-    updated = _variables_written_by(update_ops)
-    model_state = [v for v in created if v.op.name not in trainable
-                   and v.op.name in updated and v.dtype.base_dtype.is_floating]
+    loss = tf.convert_to_tensor(spec.loss)
+    exchange = state.exchange_for(config.model, created, update_ops, loss, reduce_fn)
+    model_state = exchange.variables
     global_step = tf.compat.v1.train.get_or_create_global_step()
     optimizer, learning_rate = optimizers.make_optimizer(
         config.optimizer, global_step, config.model_params)
-    loss = tf.convert_to_tensor(spec.loss)
     grads_and_vars = [(g, v) for g, v in optimizer.compute_gradients(loss)
                       if g is not None]
     if not grads_and_vars:
         raise ConfigError(f"model: {config.model} has no trainable variable "
                           "that the loss depends on")
-    with tf.control_dependencies(update_ops):
-        state_values = [tf.identity(v.read_value()) for v in model_state]
-    pairs = list(grads_and_vars) + list(zip(state_values, model_state))
+    pairs = list(grads_and_vars) + list(zip(exchange.sent(), model_state))
     if reduce_fn is not None:
         pairs = reduce_fn(pairs)
     grads_and_vars, state_pairs = pairs[:len(grads_and_vars)], pairs[len(grads_and_vars):]
@@ -173,10 +189,10 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
         apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
     apply, averages = optimizers.apply_moving_average(config.optimizer, apply,
                                                       global_step)
-    assigns = [v.assign(value, read_value=False) for value, v in state_pairs]
+    assigns = exchange.assigns([value for value, _ in state_pairs])
     train_op = tf.group(apply, *assigns, name="train_op")
     _check_fed(config, train_op, _fed_in_graph(fed))
-    return _Step(loss, train_op, learning_rate, model_state, averages)
+    return _Step(loss, train_op, learning_rate, model_state, averages, spec.scaffold)
 
 
 def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
@@ -225,12 +241,12 @@ def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
     loss = losses.stack(name="losses")
     train_op = tf.group(loss, rate, name="train_op")
     step, features, labels = built[0]
-    init_op = tf.compat.v1.global_variables_initializer()
+    init = initializers(step.scaffold)
     variables = list(tf.compat.v1.global_variables())
     return TrainGraph(graph, features, labels, source, loss, train_op,
-                      global_step, variables, step.model_state, init_op,
+                      global_step, variables, step.model_state, init.grouped(),
                       rate if step.learning_rate is not None else None,
-                      step.averages, steps_per_run, steps)
+                      step.averages, steps_per_run, steps, initializers=init)
 
 
 def _check_loop_variables(config: TrainConfig) -> None:
@@ -244,27 +260,6 @@ def _check_loop_variables(config: TrainConfig) -> None:
             f"({', '.join(refs[:3])}{' ...' if len(refs) > 3 else ''}), which an "
             "in-graph loop of steps cannot update; make resource variables (the "
             "default; drop use_resource=False) or set steps_per_run: 1")
-
-
-_WRITE_OPS = frozenset({"AssignVariableOp", "AssignSubVariableOp", "AssignAddVariableOp",
-                        "Assign", "AssignSub", "AssignAdd"})
-
-
-def _variables_written_by(ops) -> set[str]:
-    """Names of the variables that ``ops`` (and the ops they group) assign to.
-
-    Only these non-trainable variables change during training, so only they
-    need averaging across workers; frozen ones (a pretrained table) do not.
-    """
-    from distributed.checkpoint.selection import variables_read_by, walk_back
-    writes = walk_back(ops, lambda op: op.type in _WRITE_OPS)
-    # In a function body (the loop of steps_per_run) a write's handle is a
-    # placeholder standing for the captured outer handle.
-    captured = {(t.op.name, t.value_index): external for external, t in
-                getattr(tf.compat.v1.get_default_graph(), "captures", ())}
-    return variables_read_by([captured.get((op.inputs[0].op.name,
-                                            op.inputs[0].value_index), op.inputs[0])
-                              for op in writes])
 
 
 def _fed_placeholders(features: Mapping[str, Any], labels: Any) -> set[str]:
@@ -284,7 +279,7 @@ def _function_updates(ops_before: int, update_ops: Sequence[Any]) -> list:
         return []
     known = set(update_ops)
     return [op for op in graph.get_operations()[ops_before:]
-            if op.type in _WRITE_OPS and op not in known]
+            if op not in known and state.written_handles(op)]
 
 
 def _fed_in_graph(fed: set[str]) -> set[str]:
