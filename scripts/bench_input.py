@@ -270,9 +270,9 @@ def _timed_worker_class():
                 report = super().train(until_step)
             finally:
                 self.sess = self._bench_real
-            report["bench_cpu"] = time.process_time() - cpu
+            report.extra["bench_cpu"] = time.process_time() - cpu
             for key in ("feed", "run", "stall", "stalls"):
-                report[f"bench_{key}"] = self._bench[key] - before[key]
+                report.extra[f"bench_{key}"] = self._bench[key] - before[key]
             return report
 
     return TimedWorker
@@ -324,15 +324,15 @@ def train_one(args, config):
         worker_mod.Worker = orig
     rounds = summary["rounds"]
     steady = rounds[args.warmup_rounds:-1]
-    prev = {id(r): (rounds[i - 1]["step"] if i else 0) for i, r in enumerate(rounds)}
-    steps = sum(r["step"] - prev[id(r)] for r in steady)
-    secs = sum((r["step"] - prev[id(r)]) / r["steps_per_sec"] for r in steady)
-    per_step = lambda key: 1e3 * sum(r[key] for r in steady) / steps  # noqa: E731
+    prev = {id(r): (rounds[i - 1].step if i else 0) for i, r in enumerate(rounds)}
+    steps = sum(r.step - prev[id(r)] for r in steady)
+    secs = sum((r.step - prev[id(r)]) / r.steps_per_sec for r in steady)
+    per_step = lambda key: 1e3 * sum(r.extra[key] for r in steady) / steps  # noqa: E731
     return {"sps": steps / secs, "steps": steps, "step_ms": 1e3 * secs / steps,
             "feed_ms": per_step("bench_feed"), "run_ms": per_step("bench_run"),
             "cpu_ms": per_step("bench_cpu"), "stall_ms": per_step("bench_stall"),
-            "stalls": sum(r["bench_stalls"] for r in steady),
-            "rounds": [round(r["steps_per_sec"], 1) for r in rounds],
+            "stalls": sum(r.extra["bench_stalls"] for r in steady),
+            "rounds": [round(r.steps_per_sec, 1) for r in rounds],
             "first_step": summary["first_step_seconds"], "seconds": summary["seconds"],
             "loss": rounds[-1]["loss"]}
 

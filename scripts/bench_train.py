@@ -315,8 +315,8 @@ def _timed_worker_class():
                 report = super().train(until_step)
             finally:
                 self.sess = self._bench_real_sess
-            report["bench_starts"], self._bench_starts = self._bench_starts, []
-            report["bench_saves"], self._bench_saves = self._bench_saves, []
+            report.extra["bench_starts"], self._bench_starts = self._bench_starts, []
+            report.extra["bench_saves"], self._bench_saves = self._bench_saves, []
             return report
 
     return TimedWorker
@@ -351,23 +351,23 @@ def train_instrumented(config):
 
 def analyse_run(reports, last_step):
     """Steady chunks = all but the first and the one holding the last step."""
-    steady = [r for r in reports[1:] if r["step"] < last_step]
-    prev_step = {id(r): (reports[i - 1]["step"] if i else 0) for i, r in enumerate(reports)}
-    steps = sum(r["step"] - prev_step[id(r)] for r in steady)
-    secs = sum((r["step"] - prev_step[id(r)]) / r["steps_per_sec"] for r in steady)
+    steady = [r for r in reports[1:] if r.step < last_step]
+    prev_step = {id(r): (reports[i - 1].step if i else 0) for i, r in enumerate(reports)}
+    steps = sum(r.step - prev_step[id(r)] for r in steady)
+    secs = sum((r.step - prev_step[id(r)]) / r.steps_per_sec for r in steady)
     dts = {}
     for r in steady:
-        starts = r["bench_starts"]
+        starts = r.extra["bench_starts"]
         for (s, t), (_, t2) in zip(starts, starts[1:]):
             dts[s] = t2 - t
-    saves = [(s, d) for r in steady for s, d in r["bench_saves"]]
+    saves = [(s, d) for r in steady for s, d in r.extra["bench_saves"]]
     stall_lib = None
-    if len(reports) > 1 and "stall_seconds" in reports[0]:
+    if len(reports) > 1 and reports[0].stall_seconds is not None:
         i_last = reports.index(steady[-1]) if steady else 0
-        stall_lib = reports[i_last]["stall_seconds"] - reports[0]["stall_seconds"]
+        stall_lib = reports[i_last].stall_seconds - reports[0].stall_seconds
     return {"sps": steps / secs if secs else float("nan"), "steps": steps, "dts": dts,
             "saves": saves, "stall_lib": stall_lib,
-            "chunks": [round(r["steps_per_sec"], 2) for r in reports]}
+            "chunks": [round(r.steps_per_sec, 2) for r in reports]}
 
 
 def part_checkpoint(args, scratch):
@@ -485,13 +485,13 @@ def part_checkpoint(args, scratch):
         "n_excess": len(excess),
         "dt_at_ckpt": statistics.median(at_ckpt) if at_ckpt else float("nan"),
         "dt_after_ckpt": statistics.median(after_ckpt) if after_ckpt else float("nan"),
-        "committed": sum(e["event"] == "committed" and e["tier"] == "serving"
+        "committed": sum(e.kind == "committed" and e.tier == "serving"
                          for e in events),
-        "skipped": sum(e["event"] == "skipped" for e in events),
-        "failed": sum(e["event"] == "failed" for e in events),
-        "save_seconds": statistics.median([e["save_seconds"] for e in events
-                                           if e["event"] == "committed"
-                                           and e["tier"] == "serving"] or [float("nan")]),
+        "skipped": sum(e.kind == "skipped" for e in events),
+        "failed": sum(e.kind == "failed" for e in events),
+        "save_seconds": statistics.median([e.entry["save_seconds"] for e in events
+                                           if e.kind == "committed"
+                                           and e.tier == "serving"] or [float("nan")]),
     }
 
 

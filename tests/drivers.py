@@ -62,7 +62,7 @@ def actor_group(config):
         addresses = ray.get([w.address.remote() for w in workers])
         setups = ray.get([w.setup.remote(addresses) for w in workers])
         initial = ray.get(coordinator.initial_values.remote())
-        ray.get([w.load.remote(initial, 0, plan["serving_names"], coordinator)
+        ray.get([w.load.remote(initial, 0, plan.build.serving_names, coordinator)
                  for w in workers])
         yield coordinator, workers, plan, setups, initial
     finally:

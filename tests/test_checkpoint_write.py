@@ -100,7 +100,7 @@ def test_meta_graph_only_when_asked(tiny_model, storage):
 
 
 def test_same_step_twice_is_refused(tiny_model, storage):
-    store, _, vs = save(tiny_model, storage, SelectionSpec())
+    store, _, vs = save(tiny_model, storage, SelectionSpec(policy="inference"))
     writer = CheckpointWriter(vs)
     with pytest.raises(CheckpointExistsError, match="already has a committed serving"):
         store.save(writer, tiny_model.sess, 10, "serving", "{}")

@@ -33,7 +33,8 @@ def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(t
     second = Coordinator(cfg.to_dict(), restarting=True)
     plan = second.prepare()
     second.sess.close()
-    assert (plan["start_step"], plan["resumed_from"], plan["recreated_serving"]) == \
+    assert (plan.opened.start_step, plan.opened.resumed_from,
+            plan.opened.recreated_serving) == \
         (20, 20, 20)
     run = RunLayout(str(tmp_path), "r")
     assert {(e.step, e.tier) for e in Catalog(run).entries()} == {(20, "full"),
@@ -42,13 +43,13 @@ def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(t
     verify_checkpoint(serving)
     reader = tf.train.load_checkpoint(os.path.join(serving, "model.ckpt"))
     names = set(reader.get_variable_to_shape_map())
-    assert names == set(plan["serving_names"]) and "cnn/conv_0/bn/moving_mean" in names
+    assert names == set(plan.build.serving_names) and "cnn/conv_0/bn/moving_mean" in names
     for name in names:
         np.testing.assert_array_equal(reader.get_tensor(name), values[name], err_msg=name)
 
     # Nothing missing: nothing re-created.
     third = Coordinator(cfg.to_dict(), restarting=True)
-    assert third.prepare()["recreated_serving"] is None
+    assert third.prepare().opened.recreated_serving is None
     third.sess.close()
 
 
@@ -57,7 +58,7 @@ def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tm
     cfg = first.config
     for step in (20, 40):
         values["global_step"] = np.int64(step)
-        assert not first.save(step, "full", values, {"loss": 0.5}).get("already_committed")
+        assert not first.save(step, "full", values, {"loss": 0.5}).already_committed
     first.sess.close()
     run = RunLayout(str(tmp_path), "r")
     shard = next(os.path.join(run.checkpoint_dir("full", 40), n)
@@ -70,9 +71,9 @@ def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tm
 
     second = Coordinator(cfg.to_dict(), restarting=True)
     plan = second.prepare()
-    assert (plan["start_step"], plan["resumed_from"]) == (20, 20)
+    assert (plan.opened.start_step, plan.opened.resumed_from) == (20, 20)
     assert any("step 40 does not verify" in w and "quarantine" in w
-               for w in plan["warnings"]), plan["warnings"]
+               for w in plan.opened.warnings), plan.opened.warnings
     assert {(e.step, e.tier) for e in Catalog(run).entries()} == {(20, "full")}
     (kept,) = os.listdir(run.quarantine_dir)
     assert kept.startswith("full-step-000000040-")
@@ -85,10 +86,10 @@ def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tm
     values["global_step"] = np.int64(40)
     result = second.save(40, "full", values, {"loss": 0.4})
     second.sess.close()
-    assert not result.get("already_committed")
+    assert not result.already_committed
     verify_checkpoint(run.checkpoint_dir("full", 40))
     # The next start leaves the quarantine alone.
     third = Coordinator(cfg.to_dict(), restarting=True)
-    assert third.prepare()["resumed_from"] == 40
+    assert third.prepare().opened.resumed_from == 40
     third.sess.close()
     assert os.listdir(run.quarantine_dir) == [kept]

@@ -270,7 +270,7 @@ def test_resume_restores_the_averages(local_ray, storage):
     second = ema_config(storage, "ema-resume", 20, checkpoint=checkpoint)
     coordinator = Coordinator(second.to_dict())
     try:
-        assert coordinator.prepare()["resumed_from"] == 10
+        assert coordinator.prepare().opened.resumed_from == 10
         values = coordinator.initial_values()
     finally:
         coordinator.sess.close()

@@ -36,7 +36,7 @@ def test_coordinator_commits_each_serving_checkpoint_with_its_eval_metrics(stora
         if step % 30 == 0:
             values = coord.sess.run({n: names[n] for n in coord.serving_names})
             result = coord.save(step, "serving", values, {"loss": 1.0})
-            assert result["evaluating"]
+            assert result.evaluating
     coord.close()
     events = coord.poll()
     entries = Catalog(RunLayout(storage, "e")).entries("serving")
@@ -55,7 +55,7 @@ def test_coordinator_commits_each_serving_checkpoint_with_its_eval_metrics(stora
                                           {image: x["image"]}) == y))
     assert entries[-1].metrics["eval/accuracy"] == pytest.approx(accuracy, abs=1e-6)
     assert entries[-1].metrics["loss"] == 1.0 and "eval/loss" in entries[-1].metrics
-    assert [e["step"] for e in events if e["event"] == "committed"] == [30, 60]
+    assert [e.step for e in events if e.kind == "committed"] == [30, 60]
 
 
 @pytest.mark.slow
@@ -143,7 +143,7 @@ def test_a_resumed_run_goes_on_counting_evaluations_without_a_new_best(storage):
     assert len(losses) >= 2 and 80 in losses, rows
     best_step = max(losses, key=losses.get)  # "max": the worst loss is the best
     second = Coordinator(cfg.to_dict(), restarting=True)
-    assert second.prepare()["resumed_from"] == 80
+    assert second.prepare().opened.resumed_from == 80
     second.close()
     rule = second.early_stop
     assert (rule.best, rule.best_step) == (losses[best_step], best_step)

@@ -252,8 +252,8 @@ def test_every_tensorboard_tag_the_readme_lists_is_written(local_ray, tmp_path,
     text = "\n".join(lines)
     assert summary["steps"] == 100 and len(summary["failures"]) == 1, text
     failed = sorted(re.search(r"saving (\w+) checkpoint of run 'tags' at step (\d+) "
-                              r"failed: the disk is full", e["error"]).groups()
-                    for e in summary["events"] if e["event"] == "failed")
+                              r"failed: the disk is full", e.error).groups()
+                    for e in summary["events"] if e.kind == "failed")
     assert failed == [("full", "20"), ("serving", "10")], text
     scalars = tensorboard_scalars(os.path.join(storage, "tags", "tensorboard"))
     tags = readme_tensorboard_tags()
@@ -364,11 +364,11 @@ def test_storage_fault_mid_training_save_fails_cleanly_and_next_save_retries(
 
         summary = trainer.train(config, echo=echo)
         text = "\n".join(lines)
-        failed = [e for e in summary["events"] if e["event"] == "failed"]
+        failed = [e for e in summary["events"] if e.kind == "failed"]
         assert summary["steps"] == 80 and failed and state["repaired"], text
         last_failure = max(i for i, e in enumerate(summary["events"])
-                           if e["event"] == "failed")
-        later = [e for e in summary["events"][last_failure:] if e["event"] == "committed"]
+                           if e.kind == "failed")
+        later = [e for e in summary["events"][last_failure:] if e.kind == "committed"]
         assert later, text  # the next save after the failure succeeded
         keys = committed_and_sound(storage, "fault")
         assert (80, "serving") in keys and (80, "full") in keys

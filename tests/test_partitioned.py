@@ -412,5 +412,5 @@ def test_an_oversized_unpartitioned_table_is_a_warning_the_run_prints(storage):
                                 "checkpoint": {"shards": 4}})
     plan = Coordinator(cfg.to_dict()).build()
     # (The full tier's 3 variables make 3 shards: "big" is over twice 1/3.)
-    (warning,) = [w for w in plan["warnings"] if "is not partitioned" in w]
+    (warning,) = [w for w in plan.warnings if "is not partitioned" in w]
     assert "variable 'big' (68 MiB)" in warning and "fixed_size_partitioner(3)" in warning

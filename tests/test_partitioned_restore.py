@@ -95,7 +95,7 @@ def test_a_partitioned_run_resumes_from_its_full_checkpoint(trained, tmp_path):
     coord = Coordinator(config(storage, steps=40).to_dict())
     plan = coord.prepare()
     try:
-        assert plan["resumed_from"] == 20 and plan["start_step"] == 20
+        assert plan.opened.resumed_from == 20 and plan.opened.start_step == 20
         got = coord.sess.run({v.op.name: v for v in coord.tg.variables})
         for name, value in trained[2].items():
             if name != "emb":

@@ -115,7 +115,7 @@ def test_scaffold_init_fn_on_a_fresh_start_only_and_local_init_op(tmp_path):
     coord.close()
     resumed = Coordinator(make_config(tmp_path, **params).to_dict())
     plan = resumed.prepare()
-    assert plan["start_step"] == 5
+    assert plan.opened.start_step == 5
     # Resumed values win over init_fn's warm start, as in Estimator.
     np.testing.assert_allclose(resumed.initial_values()["logits/bias"], [1.0, 1.0])
     assert marker_value(resumed) == 7.0

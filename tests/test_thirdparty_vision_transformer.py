@@ -269,7 +269,7 @@ def test_google_bert_trains_with_its_own_optimizer_exports_and_serves_as_saver_r
     serving = _committed(storage, run)
     # The wrapper advanced global_step once a step, so the schedule moved:
     # warmup to 0.002 at step 4, then down to 0 at step 40.
-    rates = [r["learning_rate"] for r in summary["rounds"]]
+    rates = [r.learning_rate for r in summary["rounds"]]
     assert rates[0] > 0 and rates == sorted(rates, reverse=True), summary["rounds"]
     full = tf.train.load_checkpoint(_prefix(storage, run, "full", STEPS))
     assert full.get_tensor("global_step") == STEPS

@@ -141,8 +141,8 @@ def test_mlp_loss_drops_catalog_records_loss_and_keep_last_applies(local_ray, st
     assert [e.step for e in catalog.entries("full")] == [80]
     for tier, step in [("serving", 20), ("serving", 40), ("full", 40)]:
         assert not os.path.exists(RunLayout(storage, "mlp").checkpoint_dir(tier, step))
-    deleted = sorted(s for e in summary["events"] if e["event"] == "committed"
-                     for s in e["retention_deleted"])
+    deleted = sorted(s for e in summary["events"] if e.kind == "committed"
+                     for s in e.retention_deleted)
     assert deleted == [20, 40, 40]
     assert [(e["tier"], e["step"]) for e in summary["entries"]] == [
         ("full", 80), ("serving", 60), ("serving", 80)]
@@ -270,7 +270,7 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
     coordinator = Coordinator(second.to_dict())
     try:
         plan = coordinator.prepare()
-        assert (plan["start_step"], plan["resumed_from"]) == (40, 40)
+        assert (plan.opened.start_step, plan.opened.resumed_from) == (40, 40)
         values = coordinator.initial_values()
     finally:
         coordinator.sess.close()
@@ -314,7 +314,7 @@ def test_resumed_run_continues_the_learning_rate_schedule_and_slots(local_ray, s
     second = make_config(storage, "lr-resume", steps=40, **common)
     coordinator = Coordinator(second.to_dict())
     try:
-        assert coordinator.prepare()["resumed_from"] == 20
+        assert coordinator.prepare().opened.resumed_from == 20
         values = coordinator.initial_values()
     finally:
         coordinator.sess.close()
@@ -325,7 +325,7 @@ def test_resumed_run_continues_the_learning_rate_schedule_and_slots(local_ray, s
 
     summary, _ = run_train(second)
     # Each round reports the rate its last step used: global step (round end - 1).
-    rates = {r["step"]: r["learning_rate"] for r in summary["rounds"]}
+    rates = {r.step: r.learning_rate for r in summary["rounds"]}
     assert sorted(rates) == [30, 40]
     assert [rates[s] for s in (30, 40)] == pytest.approx(
         [exponential_lr(29), exponential_lr(39)], rel=1e-5)
@@ -442,12 +442,12 @@ def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage
     if overrides is EMBEDDING_ADAGRAD:
         assert _gathers_sparse_gradients(config)
     with actor_group(config) as (coordinator, workers, plan, setups, initial):
-        assert [spec for _, spec in setups] == [plan["input_spec"]] * 2
+        assert [s.input_spec for s in setups] == [plan.build.input_spec] * 2
         ray.get([w.train.remote(10) for w in workers])
         at10 = ray.get([w.variables.remote() for w in workers])
         reports = ray.get([w.train.remote(30) for w in workers])
         at30 = ray.get([w.variables.remote() for w in workers])
-        reports[0]["events"] += ray.get(workers[0].finish.remote())["events"]
+        events = list(reports[0].events) + ray.get(workers[0].finish.remote())
 
     for snapshot, step in ((at10, 10), (at30, 30)):
         lead, other = snapshot
@@ -461,10 +461,9 @@ def test_replicas_stay_identical_and_snapshots_are_consistent(local_ray, storage
             assert not np.allclose(lead[name], initial[name]), name
         if overrides is EMBEDDING_ADAGRAD:  # the rows looked up moved
             assert not np.allclose(lead["embedding/table"], initial["embedding/table"])
-    assert reports[0]["step"] == 30 and not [
-        e for e in reports[0]["events"] if e["event"] != "committed"]
+    assert reports[0].step == 30 and not [e for e in events if e.kind != "committed"]
     if overrides.get("optimizer") is CLIPPED_RMSPROP:  # the last step's (29) rate
-        assert [r["learning_rate"] for r in reports] == pytest.approx(
+        assert [r.learning_rate for r in reports] == pytest.approx(
             [cosine_warmup_lr(29)] * 2, rel=1e-5)
         assert {"cnn/logits/kernel/RMSProp", "cnn/logits/kernel/RMSProp_1"} <= set(at30[0])
 

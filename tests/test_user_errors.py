@@ -152,6 +152,8 @@ def test_step_error_is_one_message_and_keeps_checkpoints(tmp_path):
                for line in lines), err
     assert not any(s in err for s in INTERNALS), err
     assert "FAILURE" not in proc.stdout and "restarting" not in proc.stdout  # not retried
+    assert lines[-1].startswith("The checkpoints committed before it are intact (the "
+                                "newest full checkpoint is at step 20"), err
     # The checkpoints committed before it verify.
     verify = run_module("distributed.ckpt", "verify", "--storage",
                         str(tmp_path / "runs"), "--run", "r")

@@ -22,6 +22,8 @@ from distributed import logs
 from distributed.checkpoint import layout
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, user_code
+from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent,
+                                        OpenedRun, RunPlan)
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +57,12 @@ class Coordinator:
             from distributed.checkpoint.remote import open_remote
             self.remote = open_remote(self.config.storage, self.config.storage_options)
 
-    def prepare(self, input_spec=None) -> dict[str, Any]:
+    def prepare(self, input_spec=None) -> RunPlan:
         """Builds the chief graph, initializes or resumes; returns the plan
         (:meth:`build` then :meth:`open_run`)."""
-        plan = self.build(input_spec)
-        plan.update(self.open_run())
-        return plan
+        return RunPlan(self.build(input_spec), self.open_run())
 
-    def build(self, input_spec=None, eval_dataset=None) -> dict[str, Any]:
+    def build(self, input_spec=None, eval_dataset=None) -> BuildPlan:
         """Builds the chief graph, the selection and the writers; writes nothing.
 
         ``input_spec`` is given for a Ray Data input (worker 0's); otherwise
@@ -104,12 +104,13 @@ class Coordinator:
         self.loader = VariableLoader(self.tg.variables)
         if cfg.eval is not None:
             self._build_evaluator(eval_dataset)
-        return {"input_spec": self.input_spec, "serving_names": self.serving_names,
-                "num_variables": len(self.tg.variables), "warnings": self.warnings,
-                "serving_bytes": self.writers["serving"].total_bytes,
-                "full_bytes": self.writers["full"].total_bytes,
-                "serving_tensors": self.writers["serving"].num_tensors,
-                "full_tensors": self.writers["full"].num_tensors}
+        return BuildPlan(
+            input_spec=self.input_spec, serving_names=self.serving_names,
+            num_variables=len(self.tg.variables), warnings=list(self.warnings),
+            serving_bytes=self.writers["serving"].total_bytes,
+            full_bytes=self.writers["full"].total_bytes,
+            serving_tensors=self.writers["serving"].num_tensors,
+            full_tensors=self.writers["full"].num_tensors)
 
     def _build_writers(self, selection, writer_cls) -> None:
         """The serving and full tiers' sharded writers."""
@@ -152,7 +153,7 @@ class Coordinator:
                 "do not hold, so it uses their initial values (as serving would); "
                 "widen the selection if that is not intended")
 
-    def open_run(self) -> dict[str, Any]:
+    def open_run(self) -> OpenedRun:
         """Opens the run's storage, initializes or resumes the variables and
         records the run; returns where training starts.
 
@@ -175,9 +176,9 @@ class Coordinator:
                     if entry.step <= start_step:
                         self.early_stop.observe(entry.step, entry.metrics)
             self.pipeline = EvalPipeline(self.evaluator.evaluate, self._commit_evaluated)
-        return {"start_step": start_step, "resumed_from": resumed,
-                "recreated_serving": recreated, "warnings": self.warnings,
-                "removed": self.removed}
+        return OpenedRun(start_step=start_step, resumed_from=resumed,
+                         recreated_serving=recreated, warnings=list(self.warnings),
+                         removed=list(self.removed))
 
     def _recreate_serving(self, step: int) -> int | None:
         """Writes the serving checkpoint due at the resume step if it is missing.
@@ -298,7 +299,7 @@ class Coordinator:
         return self.sess.run({v.op.name: v for v in self.tg.variables})
 
     def save(self, step: int, tier: str, values: Mapping[str, np.ndarray],
-             metrics: Mapping[str, float]) -> dict[str, Any]:
+             metrics: Mapping[str, float]) -> CheckpointEvent:
         """Loads rank 0's values into the chief Session, writes and commits.
 
         A step redone after a restart keeps the checkpoint committed before it
@@ -307,9 +308,8 @@ class Coordinator:
         from distributed.errors import StorageError
         logs.set_step(step)
         if (step, tier) in self.store.catalog.committed_keys():
-            result = self.store.catalog.get(step, tier).to_json_dict()
-            result.update(already_committed=True, retention_deleted=[])
-            return result
+            return CheckpointEvent.committed(
+                self.store.catalog.get(step, tier).to_json_dict(), already_committed=True)
         self.loader.load(self.sess, values)
         evaluate = tier == "serving" and self._eval_due(step)
         try:
@@ -322,12 +322,10 @@ class Coordinator:
             # Evaluated as served: under the checkpoint's names (serve_ema).
             self.pipeline.submit(entry, {c: values[n] for c, n in
                                          self.serving_sources.items()}, dict(metrics))
-            result = entry.to_json_dict()
-            result.update(evaluating=True, retention_deleted=[])
-            return result
-        result = entry.to_json_dict()
-        result["retention_deleted"] = [e.step for e in self._after_commit(entry)]
-        return result
+            return CheckpointEvent.committed(entry.to_json_dict(), evaluating=True)
+        return CheckpointEvent.committed(
+            entry.to_json_dict(),
+            retention_deleted=tuple(e.step for e in self._after_commit(entry)))
 
     def _eval_due(self, step: int) -> bool:
         every = self.config.eval.every if self.pipeline is not None else None
@@ -345,13 +343,12 @@ class Coordinator:
             self.record(entry.step, {k: v for k, v in entry.metrics.items()
                                      if k.startswith("eval/")})
         if self.pipeline is not None:
-            self.pipeline.events.append({
-                "event": "committed", **entry.to_json_dict(),
-                "retention_deleted": [e.step for e in deleted]})
+            self.pipeline.events.append(CheckpointEvent.committed(
+                entry.to_json_dict(), retention_deleted=tuple(e.step for e in deleted)))
             why = self.early_stop and self.early_stop.observe(entry.step, entry.metrics)
             if why:
-                self.pipeline.events.append({"event": "early_stop", "step": entry.step,
-                                             "reason": why})
+                self.pipeline.events.append(CheckpointEvent(EARLY_STOP, entry.step,
+                                                            reason=why))
 
     def _after_commit(self, entry) -> list:
         """Retention and the commit's TensorBoard scalars; the deleted entries."""
@@ -371,7 +368,7 @@ class Coordinator:
                     entry.num_bytes / 2**20 / max(entry.save_seconds, 1e-9)})
         return deleted
 
-    def poll(self) -> list[dict]:
+    def poll(self) -> list[CheckpointEvent]:
         """The evaluation events since the last poll (commits, skips, failures)."""
         if self.pipeline is None:
             return []

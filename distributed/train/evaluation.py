@@ -27,6 +27,7 @@ import numpy as np
 
 from distributed.errors import ConfigError, user_code
 from distributed.model import EVAL, initializers
+from distributed.train.protocol import EVAL_FAILED, EVAL_SKIPPED, CheckpointEvent
 from distributed.train.devices import cpu_only
 
 
@@ -229,7 +230,7 @@ class EvalPipeline:
         self._lock = threading.Condition()
         self._waiting: tuple[Any, Mapping[str, Any], dict] | None = None
         self._busy = False
-        self.events: list[dict] = []
+        self.events: list[CheckpointEvent] = []
         self._thread = threading.Thread(target=self._loop, daemon=True,
                                         name="evaluator")
         self._thread.start()
@@ -241,7 +242,7 @@ class EvalPipeline:
             self._lock.notify_all()
         if skipped is not None:  # evaluation fell behind: commit it unevaluated
             self._commit(skipped[0], skipped[2])
-            self.events.append({"event": "eval_skipped", "step": skipped[0].step})
+            self.events.append(CheckpointEvent(EVAL_SKIPPED, skipped[0].step))
 
     def _loop(self) -> None:
         while True:
@@ -255,8 +256,8 @@ class EvalPipeline:
                 self._commit(entry, {**metrics, **found})
             except Exception as e:  # evaluation must never lose the checkpoint
                 self._commit(entry, metrics)
-                self.events.append({"event": "eval_failed", "step": entry.step,
-                                    "error": str(e)})
+                self.events.append(CheckpointEvent(EVAL_FAILED, entry.step,
+                                                   error=str(e)))
             finally:
                 with self._lock:
                     self._busy = False

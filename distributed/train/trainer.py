@@ -14,15 +14,17 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from distributed import logs, tfworld
 from distributed.config import TrainConfig
-from distributed.errors import (ConfigError, DistributedError, StorageError,
+from distributed.errors import (ConfigError, DistributedError, StepError, StorageError,
                                 TrainingFailedError, last_line)
 from distributed.model import load_function
 from distributed.progress import StatusLine
 from distributed.train.op_errors import INFRASTRUCTURE_ERRORS
+from distributed.train.protocol import (EARLY_STOP, CheckpointEvent, CoordinatorLostError,
+                                        RoundReport)
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +215,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
         while True:
             try:
                 summary = run.attempt(restarting=bool(failures))
+            except StepError as e:  # the user's op failed: not retried
+                raise StepError(f"{e}\n{_resume_note(config)}", e.op, e.kind,
+                                e.tf_message) from None
             except GroupFailure as failure:
                 failures.append(str(failure))
                 if len(failures) > config.max_failures:
@@ -250,6 +255,16 @@ def _complete_at(config: TrainConfig) -> int | None:
     return max(fulls) if fulls and max(fulls) >= config.steps else None
 
 
+def _resume_note(config: TrainConfig) -> str:
+    """Where a stopped run stands: its newest full checkpoint, and how to go on."""
+    fulls = [e["step"] for e in _committed_entries(config) if e["tier"] == "full"]
+    where = (f"the newest full checkpoint is at step {max(fulls)}" if fulls else
+             "no full checkpoint yet: a re-run starts from the beginning")
+    return (f"The checkpoints committed before it are intact ({where}, under "
+            f"{os.path.join(config.storage_path, config.run)}); fix the cause and "
+            "re-run with the same --run to resume.")
+
+
 def _committed_entries(config: TrainConfig) -> list[dict]:
     from distributed.checkpoint.store import CheckpointStore
     store = CheckpointStore(config.storage_path, config.run)
@@ -285,8 +300,8 @@ class _GroupRun:
         self.coordinator_cls = coordinator_cls
         self.t0 = t0
         self.step = 0
-        self.events: list[dict] = []
-        self.rounds: list[dict] = []  # rank 0's report of every round
+        self.events: list[CheckpointEvent] = []
+        self.rounds: list[RoundReport] = []  # rank 0's report of every round
         self.restarts = 0
         self.stop_reason: str | None = None  # eval.stop_when said stop
         self.first_step_at: float | None = None
@@ -328,28 +343,28 @@ class _GroupRun:
                   raydata_split(self.dataset, len(workers)))
         setups = [w.setup.remote(addresses, s) for w, s in zip(workers, splits)]
         if plan_ref is None:
-            plan_ref = coordinator.build.remote(self._get(setups[0], "worker 0")[1],
-                                                self.eval_dataset)
-        plan = self._get(plan_ref, "the coordinator")
-        for rank, (_, spec) in enumerate(self._get(setups, worker_names)):
-            if spec != plan["input_spec"]:
+            plan_ref = coordinator.build.remote(
+                self._get(setups[0], "worker 0").input_spec, self.eval_dataset)
+        built = self._get(plan_ref, "the coordinator")
+        for rank, setup in enumerate(self._get(setups, worker_names)):
+            if setup.input_spec != built.input_spec:
                 raise ConfigError(
-                    f"input: {config.input_ref} gives {spec} on worker {rank} but "
-                    f"{plan['input_spec']} on worker 0; every worker's input must "
-                    "have the same feature names, dtypes and shapes")
-        plan.update(self._get(coordinator.open_run.remote(), "the coordinator"))
+                    f"input: {config.input_ref} gives {setup.input_spec} on worker "
+                    f"{rank} but {built.input_spec} on worker 0; every worker's input "
+                    "must have the same feature names, dtypes and shapes")
+        opened = self._get(coordinator.open_run.remote(), "the coordinator")
         if not restarting:
-            for message in plan["warnings"]:
+            for message in opened.warnings:
                 echo(f"WARNING: {message}")
-        if plan["removed"]:
-            echo(f"removed {len(plan['removed'])} leftover(s) of an interrupted save")
-        step = plan["start_step"]
-        if plan.get("recreated_serving") is not None:
-            echo(f"re-created the serving checkpoint at step {plan['recreated_serving']} "
+        if opened.removed:
+            echo(f"removed {len(opened.removed)} leftover(s) of an interrupted save")
+        step = opened.start_step
+        if opened.recreated_serving is not None:
+            echo(f"re-created the serving checkpoint at step {opened.recreated_serving} "
                  "from the full checkpoint (its save was lost with the failure)")
         if restarting:
-            source = (f"the full checkpoint at step {plan['resumed_from']}"
-                      if plan["resumed_from"] is not None else
+            source = (f"the full checkpoint at step {opened.resumed_from}"
+                      if opened.resumed_from is not None else
                       "the initial values (no full checkpoint yet)")
             redone = max(0, self.step - step)
             echo(f"restarted: resuming from {source}; "
@@ -358,18 +373,18 @@ class _GroupRun:
             self.restarts += 1
             coordinator.record.remote(step, {"train/group_restarts": self.restarts,
                                              "train/steps_redone": redone})
-        elif plan["resumed_from"] is not None:
+        elif opened.resumed_from is not None:
             echo(f"resuming run {config.run!r} from its full checkpoint at step "
-                 f"{plan['resumed_from']} (optimizer state and step included)")
+                 f"{opened.resumed_from} (optimizer state and step included)")
         self.step = step
         values = coordinator.initial_values.remote()
-        self._get([w.load.remote(values, step, plan["serving_names"], coordinator)
+        self._get([w.load.remote(values, step, built.serving_names, coordinator)
                    for w in workers], worker_names)
         if not restarting:
             echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "
-                 f"{plan['full_tensors']} tensors ({plan['full_bytes'] / 2**20:.2f} MiB)"
-                 f" when full, {plan['serving_tensors']} "
-                 f"({plan['serving_bytes'] / 2**20:.2f} MiB) for serving; storage "
+                 f"{built.full_tensors} tensors ({built.full_bytes / 2**20:.2f} MiB)"
+                 f" when full, {built.serving_tensors} "
+                 f"({built.serving_bytes / 2**20:.2f} MiB) for serving; storage "
                  f"{config.storage_path}; first step after "
                  f"{time.perf_counter() - self.t0:.1f}s")
             self.first_step_at = time.perf_counter() - self.t0
@@ -381,25 +396,25 @@ class _GroupRun:
                                 straggler_seconds=config.collective_timeout + 30.0)
             lead = reports[0]
             self.rounds.append(lead)
-            step = self.step = lead["step"]
-            self._report(lead.get("events", []))
+            step = self.step = lead.step
+            self._report(lead.events)
             self._poll_evaluations(coordinator)
-            echo(f"step {step}/{config.steps}  mean loss {lead['loss']:.4f}  "
-                 f"{lead['steps_per_sec']:.1f} steps/s")
+            echo(f"step {step}/{config.steps}  mean loss {lead.loss:.4f}  "
+                 f"{lead.steps_per_sec:.1f} steps/s")
             logs.set_step(step)
-            scalars = {"train/loss": lead["loss"],
-                       "train/steps_per_sec": lead["steps_per_sec"],
-                       "train/examples_per_sec": lead["steps_per_sec"]
+            scalars = {"train/loss": lead.loss,
+                       "train/steps_per_sec": lead.steps_per_sec,
+                       "train/examples_per_sec": lead.steps_per_sec
                        * config.batch_size * config.workers}
-            if lead.get("learning_rate") is not None:
-                scalars["train/learning_rate"] = lead["learning_rate"]
-            if "stall_seconds" in lead:
-                scalars["checkpoint/rank0_stall_seconds_total"] = lead["stall_seconds"]
+            if lead.learning_rate is not None:
+                scalars["train/learning_rate"] = lead.learning_rate
+            if lead.stall_seconds is not None:
+                scalars["checkpoint/rank0_stall_seconds_total"] = lead.stall_seconds
             coordinator.record.remote(step, scalars)  # fire and forget
         if self.stop_reason is not None:
             echo(f"early stop after step {step}: {self.stop_reason}")
         self.waiting_for = "waiting for the last checkpoint saves"
-        self._report(self._get(workers[0].finish.remote(), "worker 0")["events"])
+        self._report(self._get(workers[0].finish.remote(), "worker 0"))
         if config.eval is not None:
             self.waiting_for = "waiting for the last evaluations"
             self._get(coordinator.close.remote(), "the coordinator")
@@ -430,14 +445,14 @@ class _GroupRun:
             ref = coordinator.poll.remote()
         self._poll_ref = None if wait else ref
 
-    def _report(self, events: list[dict]) -> None:
+    def _report(self, events: Sequence[CheckpointEvent]) -> None:
         """Records rank 0's checkpoint events and prints a line for each."""
         for event in events:
-            if event["event"] == "early_stop":
-                self.stop_reason = self.stop_reason or event["reason"]
+            if event.kind == EARLY_STOP:
+                self.stop_reason = self.stop_reason or event.reason
                 continue
             self.events.append(event)
-            self.echo(_describe(event))
+            self.echo(event.describe())
 
     def _get(self, refs, names, straggler_seconds: float | None = None):
         """``ray.get`` that fails as soon as any ref fails.
@@ -540,44 +555,9 @@ def _classify(e: BaseException, name: str) -> GroupFailure | None:
     if kinds & INFRASTRUCTURE_ERRORS:
         return GroupFailure(f"{name}'s collective step failed ({type(cause).__name__}: "
                             f"{last_line(cause)}): a peer died or stalled")
-    if "CoordinatorLostError" in kinds:
+    if isinstance(cause, CoordinatorLostError):
         return GroupFailure(f"{name} lost the coordinator ({last_line(cause)})")
     return None
-
-
-def _describe(event: dict) -> str:
-    if event["event"] == "committed" and event.get("evaluating"):
-        return (f"  wrote serving checkpoint at step {event['step']} "
-                f"({event['num_bytes'] / 2**20:.2f} MiB); evaluating it, then it "
-                "commits with its metrics")
-    if event["event"] == "eval_skipped":
-        return (f"  skipped evaluating step {event['step']}: evaluation was behind, "
-                "a newer checkpoint is next (committed without eval metrics)")
-    if event["event"] == "eval_failed":
-        return (f"  evaluation of step {event['step']} FAILED: {event['error']} "
-                "(committed without eval metrics; training goes on)")
-    if event["event"] == "committed" and any(k.startswith("eval/")
-                                             for k in event.get("metrics", {})):
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(event["metrics"].items())
-                          if k.startswith("eval/"))
-        extra = (f", retention deleted steps {event['retention_deleted']}"
-                 if event.get("retention_deleted") else "")
-        return (f"  committed {event['tier']} checkpoint at step {event['step']} "
-                f"({shown}{extra})")
-    if event["event"] == "committed" and event.get("already_committed"):
-        return (f"  kept the {event['tier']} checkpoint at step {event['step']} "
-                "committed before the restart")
-    if event["event"] == "committed":
-        extra = (f", retention deleted steps {event['retention_deleted']}"
-                 if event.get("retention_deleted") else "")
-        return (f"  committed {event['tier']} checkpoint at step {event['step']} "
-                f"({event['num_bytes'] / 2**20:.2f} MiB, {event['num_shards']} shard(s), "
-                f"{event['save_seconds']:.2f}s{extra})")
-    if event["event"] == "skipped":
-        reason = event.get("reason") or ("the previous save was still in flight "
-                                         "(checkpoint.on_busy: skip)")
-        return f"  skipped checkpoint at step {event['step']}: {reason}"
-    return f"  checkpoint save FAILED: {event['error']} (training goes on)"
 
 
 def format_summary(config: TrainConfig, entries: list[dict]) -> str:

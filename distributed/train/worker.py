@@ -27,13 +27,11 @@ import numpy as np
 from distributed import logs
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, LossDivergedError, last_line
+from distributed.train.protocol import (FAILED, SKIPPED, CheckpointEvent,
+                                        CoordinatorLostError, RoundReport, WorkerSetup)
 from distributed.train.schedule import BusyPolicy, CheckpointSchedule
 
 log = logging.getLogger(__name__)
-
-
-class CoordinatorLostError(RuntimeError):
-    """Rank 0 found the coordinator dead; the trainer restarts the group."""
 
 
 class _AsyncCheckpointer:
@@ -60,7 +58,7 @@ class _AsyncCheckpointer:
         self._thread: threading.Thread | None = None
         self._thread_error: str | None = None
         self._refs: list = []
-        self.events: list[dict] = []
+        self.events: list[CheckpointEvent] = []
         self.stall_seconds = 0.0
 
     def _in_flight(self) -> bool:
@@ -97,17 +95,17 @@ class _AsyncCheckpointer:
             self._thread.join()
             self._thread = None
         if self._thread_error is not None:
-            self.events.append({"event": "failed", "error": self._thread_error})
+            self.events.append(CheckpointEvent(FAILED, error=self._thread_error))
             self._thread_error = None
         refs, self._refs = self._refs, []
         for ref in refs:
             try:
-                self.events.append({"event": "committed", **ray.get(ref)})
+                self.events.append(ray.get(ref))
             except ray.exceptions.RayActorError as e:
                 raise CoordinatorLostError(
                     f"the coordinator died during a save: {_short(e)}") from None
             except Exception as e:  # a failed save must not stop training
-                self.events.append({"event": "failed", "error": _short(e)})
+                self.events.append(CheckpointEvent(FAILED, error=_short(e)))
 
     def maybe_save(self, step: int, metrics: Mapping[str, float]) -> None:
         tiers = self._schedule.due(step)
@@ -117,7 +115,7 @@ class _AsyncCheckpointer:
         final = step == self._schedule.last_step
         decision = self._policy.decide(self._in_flight(), final)
         if decision == "skip":
-            self.events.append({"event": "skipped", "step": step, "tiers": list(tiers)})
+            self.events.append(CheckpointEvent(SKIPPED, step, tiers=tuple(tiers)))
             return
         if decision == "wait" and final:
             # The other workers are done; the last saves queue behind the one
@@ -125,12 +123,12 @@ class _AsyncCheckpointer:
             if self._thread is not None:
                 self._thread.join()
         elif decision == "wait" and not self._wait(self._max_wait):
-            self.events.append({
-                "event": "skipped", "step": step, "tiers": list(tiers),
-                "reason": f"the previous save was still being written after "
-                          f"{self._max_wait:.0f}s (half of collective_timeout; "
-                          "waiting longer would time out the other workers' "
-                          "all-reduce)"})
+            self.events.append(CheckpointEvent(
+                SKIPPED, step, tiers=tuple(tiers),
+                reason=f"the previous save was still being written after "
+                       f"{self._max_wait:.0f}s (half of collective_timeout; "
+                       "waiting longer would time out the other workers' "
+                       "all-reduce)"))
             self.stall_seconds += time.perf_counter() - start
             return
         group = "full" if "full" in tiers else "serving"
@@ -156,7 +154,7 @@ class _AsyncCheckpointer:
     def flush(self) -> None:
         self._collect()
 
-    def drain_events(self) -> list[dict]:
+    def drain_events(self) -> list[CheckpointEvent]:
         events, self.events = self.events, []
         return events
 
@@ -183,13 +181,13 @@ class Worker:
     def address(self) -> str:
         return self._address
 
-    def setup(self, addresses: list[str], split: Any = None):
+    def setup(self, addresses: list[str], split: Any = None) -> WorkerSetup:
         """Starts the TF server and builds the input, graph and Session.
 
         The input spec comes from this worker's own input (its first batch, or
         its dataset's element spec), so setup runs while the coordinator
         prepares. ``split`` is this worker's Ray Data split (Ray Data input
-        only). Returns ``(pid, input_spec)``.
+        only).
         """
         import functools
 
@@ -234,7 +232,7 @@ class Worker:
         # Every worker ends its runs at the same steps (the collectives pair up).
         self._schedule = CheckpointSchedule(cfg.checkpoint.serving_every,
                                             cfg.checkpoint.full_every, cfg.steps)
-        return os.getpid(), self.source.spec
+        return WorkerSetup(os.getpid(), self.source.spec)
 
     def load(self, values: Mapping[str, np.ndarray], step: int,
              serving_names: list[str] | None = None, coordinator=None) -> None:
@@ -250,8 +248,9 @@ class Worker:
                 coordinator, self.sess, self.tg.variables, serving_names or [],
                 self.config, self.run_options)
 
-    def train(self, until_step: int) -> dict[str, Any]:
-        """Runs steps up to ``until_step``; returns rank 0's progress report."""
+    def train(self, until_step: int) -> RoundReport:
+        """Runs steps up to ``until_step``; returns the round's report (rank 0's
+        carries its checkpoint events)."""
         import tensorflow as tf
         losses: list[float] = []
         start = time.perf_counter()
@@ -286,13 +285,13 @@ class Worker:
             if self._checkpointer is not None:
                 self._checkpointer.maybe_save(self.step, {"loss": losses[-1]})
         seconds = time.perf_counter() - start
-        report = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
-                  "steps_per_sec": (self.step - first) / seconds if seconds > 0 else 0.0,
-                  "learning_rate": learning_rate}
-        if self._checkpointer is not None:
-            report["events"] = self._checkpointer.drain_events()
-            report["stall_seconds"] = self._checkpointer.stall_seconds
-        return report
+        checkpointer = self._checkpointer
+        return RoundReport(
+            step=self.step, loss=float(np.mean(losses)) if losses else None,
+            steps_per_sec=(self.step - first) / seconds if seconds > 0 else 0.0,
+            learning_rate=learning_rate,
+            events=tuple(checkpointer.drain_events()) if checkpointer else (),
+            stall_seconds=checkpointer.stall_seconds if checkpointer else None)
 
     def _raise_if_users(self, error: Exception, end: int) -> None:
         """Raises :class:`StepError` when ``error`` came from the user's ops
@@ -349,14 +348,14 @@ class Worker:
             losses = [float(out[1])]
         return losses, float(out[2]) if len(out) > 2 else None
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> list[CheckpointEvent]:
         """Rank 0, after the last step: waits for the saves in flight; returns
         their events. (Not part of :meth:`train`, whose rounds the trainer
         expects to end together on every worker.)"""
         if self._checkpointer is None:
-            return {"events": []}
+            return []
         self._checkpointer.flush()
-        return {"events": self._checkpointer.drain_events()}
+        return self._checkpointer.drain_events()
 
     def variables(self) -> dict[str, np.ndarray]:
         """Every variable's value (for tests of replica identity)."""
