@@ -17,6 +17,7 @@ of its runs:
 
     python scripts/bench_compare.py --base HEAD~3          # ~6 minutes
     python scripts/bench_compare.py --base main --workloads mlp --rounds 5
+    python scripts/bench_compare.py --base HEAD~3 --ours HEAD~1   # two revisions
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="git revision to compare against")
+    p.add_argument("--ours", help="a git revision to time instead of the working tree")
     p.add_argument("--rounds", type=int, default=3, help="base/ours pairs (default 3)")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated, of {', '.join(WORKLOADS)} (default: all)")
@@ -63,19 +65,30 @@ def main(argv=None) -> int:
         print(f"error: unknown workload(s) {unknown}; use {list(WORKLOADS)}", file=sys.stderr)
         return 2
     scratch = tempfile.mkdtemp(prefix="bench-compare-")
-    base_tree = os.path.join(scratch, "base")
-    rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.strip()
-    subprocess.run(["git", "worktree", "add", "--detach", base_tree, rev], cwd=ROOT,
-                   check=True, capture_output=True)
+    trees = []
+
+    def checkout(revision: str) -> tuple[str, str]:
+        rev = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout.strip()
+        tree = os.path.join(scratch, rev)
+        subprocess.run(["git", "worktree", "add", "--detach", tree, rev], cwd=ROOT,
+                       check=True, capture_output=True)
+        trees.append(tree)
+        return rev, tree
+
     try:
-        sides = {f"base {rev}": base_tree, "ours (working tree)": ROOT}
+        rev, base_tree = checkout(args.base)
+        if args.ours:
+            ours_rev, ours_tree = checkout(args.ours)
+            sides = {f"base {rev}": base_tree, f"ours {ours_rev}": ours_tree}
+        else:
+            sides = {f"base {rev}": base_tree, "ours (working tree)": ROOT}
         runs = {(w, s): [] for w in names for s in sides}
         for r in range(args.rounds):
             for w in names:
                 for side, tree in sides.items():
                     cfg = dict(WORKLOADS[w], storage=os.path.join(scratch, "runs"),
-                               run=f"{w}-{r}-{'base' if tree != ROOT else 'ours'}")
+                               run=f"{w}-{r}-{'base' if tree == base_tree else 'ours'}")
                     result = run_train_job(cfg, scratch, f"{w}-{r}", cwd=tree)
                     runs[w, side].append(result["steady_sps"])
                     log(f"round {r + 1}/{args.rounds} {w} {side}: "
@@ -87,11 +100,12 @@ def main(argv=None) -> int:
             ours = statistics.median(runs[w, ours_side])
             table.add(f"{w} steady steps/s (median of {args.rounds})", f"{ours:.1f}",
                       f"{base:.1f}", f"{ours / base:.2f}x", "", None)
-        print(f"\nours (working tree) vs {base_side}; runs alternate, medians:")
+        print(f"\n{ours_side} vs {base_side}; runs alternate, medians:")
         table.print()
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", base_tree], cwd=ROOT,
-                       capture_output=True)
+        for tree in trees:
+            subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=ROOT,
+                           capture_output=True)
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
