@@ -10,6 +10,7 @@ one line naming it; :func:`advancing_global_step` fixes such an optimizer.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -152,14 +153,15 @@ def test_step_error_is_one_message_and_keeps_checkpoints(tmp_path):
                for line in lines), err
     assert not any(s in err for s in INTERNALS), err
     assert "FAILURE" not in proc.stdout and "restarting" not in proc.stdout  # not retried
-    assert lines[-1].startswith("The checkpoints committed before it are intact (the "
-                                "newest full checkpoint is at step 20"), err
+    # Step 20's full checkpoint is normally committed by then; under load rank 0's
+    # hand-off may still be on its way, so only the note's start is certain.
+    assert lines[-1].startswith("The checkpoints committed before it are intact ("), err
     # The checkpoints committed before it verify.
     verify = run_module("distributed.ckpt", "verify", "--storage",
                         str(tmp_path / "runs"), "--run", "r")
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "step 10" in verify.stdout.replace("step-0000000", "step ") or \
-        "10" in verify.stdout
+    assert re.search(r"^OK\s+serving step 10\b", verify.stdout, re.M), verify.stdout
+    assert re.search(r"^0 of \d+ checkpoint\(s\) bad", verify.stdout, re.M), verify.stdout
 
 
 @pytest.mark.slow
