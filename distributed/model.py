@@ -100,16 +100,26 @@ def initializers(scaffold: Any = None) -> Initializers:
     rules: what a model_fn built for Estimator expects to have run, lookup
     tables of ``tf.compat.v1.feature_column`` vocabulary columns included."""
     import tensorflow as tf
-    check_vocabulary_files()
     init_op = getattr(scaffold, "init_op", None)
     if init_op is None:
         init_op = tf.compat.v1.global_variables_initializer()
+    return Initializers(init_op, local_initializer(scaffold),
+                        getattr(scaffold, "init_fn", None))
+
+
+def local_initializer(scaffold: Any = None) -> Any:
+    """:attr:`Initializers.local_init_op` alone (what a SavedModel's main op
+    runs): the scaffold's ``local_init_op``, else the ``LOCAL_INIT_OP``
+    collection's op, else Scaffold's default (local variables, tables, local
+    resources). Checks the tables' vocabulary files first."""
+    import tensorflow as tf
+    check_vocabulary_files()
     local = getattr(scaffold, "local_init_op", None)
     if local is None:
         collected = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.LOCAL_INIT_OP)
         local = (tf.group(*collected) if collected else
                  tf.compat.v1.train.Scaffold.default_local_init_op())
-    return Initializers(init_op, local, getattr(scaffold, "init_fn", None))
+    return local
 
 
 SIGNATURES = {
@@ -125,8 +135,6 @@ def check_vocabulary_files() -> None:
     of the current default graph reads (``categorical_column_with_vocabulary_file``,
     ``tf.lookup.TextFileInitializer``) and that this node does not have, before
     initializing the table fails with TensorFlow's ``NotFoundError``."""
-    import socket
-
     import tensorflow as tf
     from tensorflow.python.framework import tensor_util
     for op in tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS):
@@ -138,10 +146,17 @@ def check_vocabulary_files() -> None:
         path = path.item() if hasattr(path, "item") else path  # a 0-d array
         path = path.decode() if isinstance(path, bytes) else str(path)
         if not tf.io.gfile.exists(path):
-            raise ConfigError(
-                f"model: vocabulary file {path!r} (table {op.inputs[0].op.name!r}) does "
-                f"not exist on node {socket.gethostname()}; put it at the same path on "
-                "every node (a shared mount, or an object store path such as gs://...)")
+            raise missing_vocabulary(f"vocabulary file {path!r} (table "
+                                     f"{op.inputs[0].op.name!r})")
+
+
+def missing_vocabulary(what: str) -> ConfigError:
+    """The one-line error for a vocabulary file this node does not have."""
+    import socket
+    return ConfigError(
+        f"model: {what} does not exist on node {socket.gethostname()}; put it at the "
+        "same path on every node (a shared mount, or an object store path such as "
+        "gs://...)")
 
 
 def check_mode(mode: str, labels: Any) -> None:

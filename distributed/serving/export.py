@@ -307,7 +307,7 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
             clock: Callable[[], float]) -> ExportResult:
     import tensorflow as tf
 
-    from distributed.model import PREDICT, initializers
+    from distributed.model import PREDICT, local_initializer
     from distributed.train.graph import call_model_fn
 
     tf.get_logger().setLevel("ERROR")  # TF1 SavedModel builder deprecation chatter
@@ -339,7 +339,7 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
         # What a server runs after restoring (Estimator's export does the
         # same): lookup tables (vocabulary columns serve raw strings), local
         # variables, the model's LOCAL_INIT_OP or scaffold's local_init_op.
-        main_op = initializers(spec.scaffold).local_init_op
+        main_op = local_initializer(spec.scaffold)
         assets = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS)
         timings["build"] = time.perf_counter() - t
         t = time.perf_counter()

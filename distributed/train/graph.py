@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import socket
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from distributed.config import OptimizerConfig, TrainConfig
 from distributed.errors import ConfigError, user_code
 from distributed.inputs.spec import InputSpec, step_of
 from distributed.model import (PREDICT, TRAIN, Initializers, ModelSpec, initializers,
-                               load_function)
+                               load_function, missing_vocabulary)
 from distributed.train import optimizers, state
 
 ReduceFn = Callable[[list], list]
@@ -52,11 +51,9 @@ def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec
             missing = re.match(r"vocabulary_file in (\S+) does not exist", str(e))
             if missing is None:
                 raise
-            raise ConfigError(
-                f"model: {config.model}: the vocabulary file of column "
-                f"{missing.group(1)!r} does not exist on node {socket.gethostname()}; "
-                "put it at the same path on every node (a shared mount, or an object "
-                "store path such as gs://...)") from None
+            raise missing_vocabulary(
+                f"{config.model}: the vocabulary file of column "
+                f"{missing.group(1)!r}") from None
     if not isinstance(spec, ModelSpec):
         raise ConfigError(
             f"model: {config.model} returned {type(spec).__name__}; it must return "
