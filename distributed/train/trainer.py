@@ -246,20 +246,26 @@ def _complete_at(config: TrainConfig) -> int | None:
     catalog."""
     if config.remote:
         return None
-    from distributed.checkpoint.store import CheckpointStore
     try:
-        keys = CheckpointStore(config.storage_path, config.run).catalog.committed_keys()
-    except (StorageError, OSError):
+        newest = _newest_full_step(config)
+    except OSError:  # StorageError too: the driver's check_storage says it later
         return None
-    fulls = [step for step, tier in keys if tier == "full"]
-    return max(fulls) if fulls and max(fulls) >= config.steps else None
+    return newest if newest is not None and newest >= config.steps else None
+
+
+def _newest_full_step(config: TrainConfig) -> int | None:
+    """The step of the run's newest committed full checkpoint (the catalog's
+    row names; no table is read)."""
+    from distributed.checkpoint.store import CheckpointStore
+    keys = CheckpointStore(config.storage_path, config.run).catalog.committed_keys()
+    return max((step for step, tier in keys if tier == "full"), default=None)
 
 
 def _resume_note(config: TrainConfig) -> str:
     """Where a stopped run stands: its newest full checkpoint, and how to go on."""
-    fulls = [e["step"] for e in _committed_entries(config) if e["tier"] == "full"]
-    where = (f"the newest full checkpoint is at step {max(fulls)}" if fulls else
-             "no full checkpoint yet: a re-run starts from the beginning")
+    newest = _newest_full_step(config)
+    where = (f"the newest full checkpoint is at step {newest}" if newest is not None
+             else "no full checkpoint yet: a re-run starts from the beginning")
     return (f"The checkpoints committed before it are intact ({where}, under "
             f"{os.path.join(config.storage_path, config.run)}); fix the cause and "
             "re-run with the same --run to resume.")
