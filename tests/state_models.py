@@ -45,21 +45,27 @@ def ids_input_fn(worker_index: int, num_workers: int, batch_size: int,
         yield {"id": ids.astype(np.int64)}, (ids % 3).astype(np.int64)
 
 
+def _one_weight(features, labels, mode):
+    """The ids and the spec both models share: one trainable weight per id."""
+    ids = tf.reshape(features["id"], [-1])
+    w = tf.compat.v1.get_variable("w", [NUM_IDS], initializer=tf.zeros_initializer())
+    logits = tf.gather(w, ids)
+    if mode == PREDICT:
+        return ids, ModelSpec(predictions={"logits": logits})
+    loss = tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
+    return ids, ModelSpec(loss=loss, predictions={"logits": logits})
+
+
 def counter_model_fn(features, labels, mode, params):
     """One trainable weight; in train mode, every counter of :data:`COUNTERS`
     (and :data:`REF_COUNTER` with ``params["ref"]``) written in
     ``UPDATE_OPS``. ``params["bad"]``: ``"string"`` or ``"bool"`` (declared
     ``SUM``), a variable of that dtype written too (a configuration error)."""
-    ids = tf.reshape(features["id"], [-1])
-    w = tf.compat.v1.get_variable("w", [NUM_IDS], initializer=tf.zeros_initializer())
-    logits = tf.gather(w, ids)
-    if mode == PREDICT:
-        return ModelSpec(predictions={"logits": logits})
-    loss = tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
+    ids, spec = _one_weight(features, labels, mode)
     if mode == TRAIN:
         for op in _count(ids, params):
             tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS, op)
-    return ModelSpec(loss=loss, predictions={"logits": logits})
+    return spec
 
 
 def _counter(name: str, dtype, shape, aggregation, **kwargs):
@@ -107,12 +113,7 @@ def table_model_fn(features, labels, mode, params):
     table written by ``scatter_add``, declared ``params["aggregation"]``
     (``"SUM"``, ``"MEAN"``, ``"ONLY_FIRST_REPLICA"``, ``"NONE"``; ``"local"``:
     a local variable, never exchanged): what model state costs per step."""
-    ids = tf.reshape(features["id"], [-1])
-    w = tf.compat.v1.get_variable("w", [NUM_IDS], initializer=tf.zeros_initializer())
-    logits = tf.gather(w, ids)
-    if mode == PREDICT:
-        return ModelSpec(predictions={"logits": logits})
-    loss = tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
+    ids, spec = _one_weight(features, labels, mode)
     if mode == TRAIN:
         kind = params.get("aggregation", "SUM")
         extra = ({"collections": [tf.compat.v1.GraphKeys.LOCAL_VARIABLES]}
@@ -124,4 +125,4 @@ def table_model_fn(features, labels, mode, params):
         tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.UPDATE_OPS,
                                        tf.compat.v1.scatter_add(table, ids, tf.ones_like(
                                            ids, tf.float32)))
-    return ModelSpec(loss=loss, predictions={"logits": logits})
+    return spec
