@@ -121,6 +121,16 @@ def train_and_export(module: str, model: str, input_fn: str, eval_input_fn: str,
     return serving
 
 
+def worker_stream(rows, first_seed: int, worker_index: int, num_workers: int,
+                  batch_size: int):
+    """Batches of ``rows(n, seed)`` blocks forever, a different stream per
+    worker (seeds ``first_seed + block * num_workers + worker_index``)."""
+    for block in range(10**9):
+        yield from batches_of(*rows(
+            batch_size * 16, seed=first_seed + block * num_workers + worker_index),
+            batch_size)
+
+
 def batches_of(x: dict, y, batch_size: int):
     """``(features, labels)`` batches of ``batch_size`` rows of one block of
     generated rows (the last may be smaller)."""

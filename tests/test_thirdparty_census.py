@@ -196,10 +196,8 @@ def census_rows(n: int, seed: int) -> tuple[dict, np.ndarray]:
 
 def census_input_fn(worker_index, num_workers, batch_size, params):
     """Training rows, a different stream per worker, forever."""
-    from tests.drivers import batches_of
-    for block in range(10**9):
-        yield from batches_of(*census_rows(
-            batch_size * 16, seed=1000 + block * num_workers + worker_index), batch_size)
+    from tests.drivers import worker_stream
+    return worker_stream(census_rows, 1000, worker_index, num_workers, batch_size)
 
 
 def census_eval_input_fn(worker_index, num_workers, batch_size, params):

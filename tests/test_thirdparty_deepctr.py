@@ -123,10 +123,8 @@ def click_rows(n: int, seed: int) -> tuple[dict, np.ndarray]:
 
 def deepfm_input_fn(worker_index, num_workers, batch_size, params):
     """Training clicks, a different stream per worker, forever."""
-    from tests.drivers import batches_of
-    for block in range(10**9):
-        yield from batches_of(*click_rows(
-            batch_size * 16, seed=2000 + block * num_workers + worker_index), batch_size)
+    from tests.drivers import worker_stream
+    return worker_stream(click_rows, 2000, worker_index, num_workers, batch_size)
 
 
 def deepfm_eval_input_fn(worker_index, num_workers, batch_size, params):
