@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import os
-import re
-import tempfile
 import typing
 from typing import Any, Mapping
 
@@ -21,6 +17,7 @@ import yaml
 from distributed.checkpoint.retention import Retention
 from distributed.checkpoint.selection import SelectionSpec
 from distributed.errors import ConfigError, SelectionError
+from distributed.storage import uris
 
 SCHEDULES = ("constant", "piecewise", "exponential", "cosine", "polynomial")
 ON_BUSY = ("wait", "skip")
@@ -409,7 +406,7 @@ class TrainConfig(_NamedInput):
                               f"{self.max_failures!r}")
         _positive(self.bucket_mib, "bucket_mib")
         _check_density_threshold(self.sparse_density_threshold)
-        _check_storage(self.storage)
+        uris.check_storage(self.storage)
         from distributed.checkpoint.layout import check_run_name
         try:
             check_run_name(self.run)
@@ -463,17 +460,13 @@ class TrainConfig(_NamedInput):
     @property
     def remote(self) -> bool:
         """Whether ``storage`` is an object store (written through ``staging``)."""
-        return _is_object_store(self.storage)
+        return uris.is_object_store(self.storage)
 
     @property
     def storage_path(self) -> str:
         """The local directory the checkpoint store writes: ``storage`` itself,
         or for an object store, its staging mirror under ``staging``."""
-        if self.remote:
-            return staging_path(self.storage, self.staging or None)
-        path = self.storage[len("file://"):] if self.storage.startswith("file://") \
-            else self.storage
-        return os.path.abspath(os.path.expanduser(path))
+        return uris.local_path(self.storage, self.staging or None)
 
     def selection_spec(self) -> SelectionSpec:
         try:
@@ -592,60 +585,6 @@ def _unquote_hint(value: Any) -> str:
             return ""
         return " (a string); write the number without quotes"
     return ""
-
-
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
-
-
-OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
-
-
-DEFAULT_STAGING = os.path.join(tempfile.gettempdir(), "dtr-staging")
-# Readers (the restore job, the CLI) keep their own mirror: syncing a reader's
-# catalog down in the writer's staging mirror would drop rows not uploaded yet.
-DEFAULT_CACHE = os.path.join(tempfile.gettempdir(), "dtr-cache")
-
-
-def staging_path(storage: str, staging: str | None = None) -> str:
-    """The local mirror of object store ``storage`` under ``staging``
-    (one directory per storage URI)."""
-    digest = hashlib.sha256(storage.encode()).hexdigest()[:12]
-    return os.path.join(os.path.abspath(os.path.expanduser(staging or DEFAULT_STAGING)),
-                        digest)
-
-
-def _is_object_store(storage: str) -> bool:
-    scheme, sep, _ = storage.partition("://")
-    return bool(sep) and scheme.lower() in OBJECT_STORE_SCHEMES
-
-
-def _check_storage(value: Any) -> None:
-    """Storage is a directory path, a ``file:///abs/path`` URI, or an object
-    store URI ``pyarrow.fs`` opens (checked for form only, no network)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"storage: expected a directory path, got {value!r}; use "
-                          "e.g. /mnt/shared/runs (a mount every node shares)")
-    scheme, sep, rest = value.partition("://")
-    if not sep:
-        return
-    if scheme == "file":
-        if not rest.startswith("/"):
-            raise ConfigError(
-                f"storage: {value!r} is not a file URI with an absolute path; use "
-                "file:///abs/path (three slashes) or a plain directory path")
-        return
-    if not _SCHEME_RE.fullmatch(scheme):
-        raise ConfigError(
-            f"storage: {value!r} is neither a directory path nor a URI (no valid "
-            "scheme before '://'); use a directory path such as /mnt/shared/runs")
-    if scheme.lower() not in OBJECT_STORE_SCHEMES:
-        raise ConfigError(
-            f"storage: {scheme}:// storage ({value!r}) is not supported; use "
-            f"{', '.join(s + '://bucket/prefix' for s in OBJECT_STORE_SCHEMES[:2])}, "
-            "or a local or NFS directory that every node mounts at the same path")
-    if not rest.split("/", 1)[0].split("?", 1)[0]:
-        raise ConfigError(f"storage: {value!r} names no bucket; use "
-                          f"{scheme}://bucket/prefix")
 
 
 def _check_input_value(value: Any, field: str) -> None:

@@ -13,7 +13,7 @@ import os
 import sys
 
 from distributed import logs  # noqa: E402
-from distributed.argtypes import Parser, key_value, metric_mode, number  # noqa: E402
+from distributed.cli.argtypes import Parser, key_value, metric_mode, number  # noqa: E402
 from distributed.serving.job import restore_once, watch  # noqa: E402
 from distributed.train.trainer import main_guard  # noqa: E402
 

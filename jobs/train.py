@@ -13,7 +13,7 @@ import sys
 
 from distributed import config as config_lib  # noqa: E402
 from distributed import logs  # noqa: E402
-from distributed.argtypes import Parser  # noqa: E402
+from distributed.cli.argtypes import Parser  # noqa: E402
 from distributed.train.trainer import main_guard, train  # noqa: E402
 
 

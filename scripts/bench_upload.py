@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyarrow.fs as pafs  # noqa: E402
 
-from distributed.checkpoint.remote import open_remote  # noqa: E402
+from distributed.storage.remote import open_remote  # noqa: E402
 from tests import s3_server  # noqa: E402
 
 

@@ -4,7 +4,7 @@ vocabulary feature columns, a scaffold's init_fn and local_init_op."""
 import numpy as np
 import tensorflow as tf
 
-from distributed.estimator import EstimatorSpec, ModeKeys, from_estimator
+from distributed.model.estimator import EstimatorSpec, ModeKeys, from_estimator
 
 COLORS = ["red", "green", "blue"]
 UNSEEN = "purple"  # never in the vocabulary: one of the OOV buckets

@@ -16,7 +16,7 @@ import pytest
 from distributed import config as config_lib
 from distributed.checkpoint import (Catalog, CheckpointStore, CheckpointWriter, Lease,
                                     SelectionSpec, read_manifest, select_variables)
-from distributed.ckpt import main
+from distributed.cli.ckpt import main
 from distributed.train.coordinator import RUN_CONFIG_FILE
 from tests.conftest import REPO_ROOT, build_tiny_model
 from tests.test_verify import flip
@@ -344,12 +344,12 @@ def test_module_entry_point_and_no_tensorflow(built):
                            capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     assert help_.returncode == 0 and "--tier" in help_.stdout
     script = (
-        "import sys\nfrom distributed.ckpt import main\n"
+        "import sys\nfrom distributed.cli.ckpt import main\n"
         f"args = ['--storage', {built!r}, '--run', {RUN!r}, '--json']\n"
         "for cmd in (['ls'], ['show', '1'], ['verify'], ['diff', '1', '2']):\n"
         "    assert main(cmd + args) == 0, cmd\n"
         "assert 'tensorflow' not in sys.modules\n"
-        "import os; os._exit(0)  # no teardown: see distributed.ckpt.cli.run\n")
+        "import os; os._exit(0)  # no teardown: see distributed.cli.ckpt.cli.run\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr

@@ -18,7 +18,7 @@ import tensorflow as tf
 from distributed import config as config_lib
 from distributed import inputs
 from distributed.errors import ConfigError, UserCodeError
-from distributed.estimator import from_estimator_input
+from distributed.model.estimator import from_estimator_input
 from distributed.inputs.sources import DatasetSource, PythonSource, ends_with_prefetch
 from distributed.inputs.spec import InputSpec
 from distributed.train.graph import build_train_graph

@@ -2,7 +2,7 @@
 
 A functional model's ``model.updates`` also hold the batch-norm updates its
 layers built on the model's own ``Input`` placeholders; the framework must run
-only those of the call on ``features`` (``distributed.keras``, and the filter in
+only those of the call on ``features`` (``distributed.model.keras``, and the filter in
 ``build_train_graph``), and a train step that needs a placeholder nobody feeds
 is one ``ConfigError`` at graph build time. The unit tests build graphs
 in-process; the last test trains MobileNet (width 0.25, 32x32) on 2 workers on
@@ -24,7 +24,7 @@ from distributed import config as config_lib  # noqa: E402
 from distributed.checkpoint import RunLayout  # noqa: E402
 from distributed.errors import ConfigError  # noqa: E402
 from distributed.examples import keras_app, keras_digits  # noqa: E402
-from distributed.keras import model_losses, model_updates  # noqa: E402
+from distributed.model.keras import model_losses, model_updates  # noqa: E402
 from distributed.model import PREDICT, TRAIN, ModelSpec  # noqa: E402
 from distributed.train.graph import (InputSpec, VariableLoader,  # noqa: E402
                                      build_train_graph, call_model_fn)
@@ -128,7 +128,7 @@ def test_unfed_placeholder_is_one_config_error_naming_it_and_the_fix(storage):
     assert "'loss_scale' (float32 ())" in message
     assert "input/image, input/labels" in message
     assert "placeholder_with_default" in message
-    assert "distributed.keras.add_model_updates" in message
+    assert "distributed.model.keras.add_model_updates" in message
     # The coordinator builds this graph before it writes anything.
     with pytest.raises(ConfigError, match="loss_scale"):
         Coordinator(cfg.to_dict()).build()

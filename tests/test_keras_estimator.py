@@ -26,7 +26,7 @@ from distributed.checkpoint.selection import (MissingInferenceVariablesWarning,
                                               SelectionSpec, describe_variables,
                                               select)
 from distributed.errors import ConfigError
-from distributed.estimator import (EstimatorSpec, IgnoredTrainOpWarning, ModeKeys,
+from distributed.model.estimator import (EstimatorSpec, IgnoredTrainOpWarning, ModeKeys,
                                    from_estimator, to_estimator_mode)
 from distributed.examples import digits, keras_digits
 from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec, load_function
@@ -253,7 +253,7 @@ def test_moving_statistics_nothing_updates_are_a_warning_naming_the_fix(storage)
     (warning,) = [w for w in coord.warnings if "UPDATE_OPS" in w]
     for name in KERAS_BN_STATS:
         assert name in warning
-    assert "distributed.keras.add_model_updates" in warning and "initial values" in warning
+    assert "distributed.model.keras.add_model_updates" in warning and "initial values" in warning
 
 
 def test_l2_param_adds_keras_regularization_losses():

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from distributed import config as config_lib
 from distributed.checkpoint import CheckpointStore, CheckpointWriter, read_manifest
-from distributed.ckpt import main as ckpt_main
+from distributed.cli.ckpt import main as ckpt_main
 from distributed.errors import SliceLayoutError
 from distributed.examples.digits import digits_eval_arrays
 from distributed.serving import job

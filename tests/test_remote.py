@@ -19,7 +19,7 @@ import pytest
 from distributed.checkpoint import (Catalog, CheckpointStore, CheckpointWriter,
                                     CorruptCatalogRowWarning, RunLayout,
                                     SelectionSpec, select_variables, verify_checkpoint)
-from distributed.checkpoint import remote as rmt
+from distributed.storage import remote as rmt
 from distributed.errors import (CheckpointExistsError, CheckpointNotFoundError,
                                StorageError)
 from tests import s3_server
@@ -311,7 +311,7 @@ def test_environment_variables_reach_the_endpoint(s3, bucket, monkeypatch, tmp_p
 def test_bad_uris_and_endpoints_give_one_clear_storage_error(s3, bucket):
     dead = f"http://127.0.0.1:{s3_server.free_port()}"
     cases = [
-        ("foo://bucket/x", None, "cannot be opened"),
+        ("foo://bucket/x", None, "not an object-store URI"),
         ("s3:///x", {"region": "us-east-1"}, "cannot be opened"),
         ("s3://", None, "names no bucket"),
         ("s3:///x", None, "cannot be opened: Missing bucket name"),

@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from distributed import config as config_lib
+from distributed.storage import uris
 from distributed.errors import ConfigError
 from distributed.serving.job import restore_once
 from distributed.train import trainer
@@ -70,7 +71,7 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
     # TensorBoard's event file is uploaded too, complete at the end of the run.
     (events,) = [k for k in keys if "runs/exp/tensorboard/events.out.tfevents." in k]
     local_events = os.path.join(
-        config_lib.staging_path(f"s3://{bucket}/runs", str(tmp_path / "staging")),
+        uris.staging_path(f"s3://{bucket}/runs", str(tmp_path / "staging")),
         "exp", "tensorboard", os.path.basename(events))
     assert keys[events] == os.path.getsize(local_events) > 0
 
@@ -96,7 +97,7 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
     assert "serving_default" in loaded.signatures
 
     # The checkpoint CLI reads the same run through a cache of its own.
-    from distributed.ckpt.cli import main as ckpt_main
+    from distributed.cli.ckpt.cli import main as ckpt_main
     opts = [f"--storage-option={k}={v}" for k, v in s3.options().items()]
     base = ["--storage", f"s3://{bucket}/runs", "--run", "exp", *opts,
             "--cache", str(tmp_path / "cli-cache")]
@@ -110,7 +111,7 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
     assert shown["checkpoint"]["step"] == 60 and shown["tensors"]
     # show downloads the manifest alone, into a temporary directory.
     assert not os.path.exists(os.path.join(
-        config_lib.staging_path(f"s3://{bucket}/runs", str(tmp_path / "cli-cache")),
+        uris.staging_path(f"s3://{bucket}/runs", str(tmp_path / "cli-cache")),
         "exp", "checkpoints", "serving", "step-000000060"))
     assert ckpt_main(["verify", *base, "--tier", "full"]) == 0
     out = capsys.readouterr().out
@@ -129,7 +130,7 @@ def test_train_resume_and_restore_through_s3(s3, local_ray, tmp_path, capsys):
     # The checkpoint CLI refuses it too, with one error line, and leaves the
     # mirror's catalog as the coordinator wrote it.
     mirror_catalog = os.path.join(
-        config_lib.staging_path(f"s3://{bucket}/runs", str(tmp_path / "staging")),
+        uris.staging_path(f"s3://{bucket}/runs", str(tmp_path / "staging")),
         "exp", "catalog")
     rows = sorted(os.listdir(mirror_catalog))
     assert rows

@@ -10,7 +10,7 @@ columns. TensorFlow 2.16+ has no ``tf.estimator``, so the canned
 the Estimator ``model_fn`` below, written as an Estimator user writes one
 (``input_layer`` for the deep part, ``linear_model`` for the wide part, its own
 optimizers in a ``train_op``, ``eval_metric_ops``), adapted with
-``distributed.estimator.from_estimator``. It adds one column of its own, a
+``distributed.model.estimator.from_estimator``. It adds one column of its own, a
 vocabulary list *with* ``num_oov_buckets`` and its embedding (the census
 columns have none).
 
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from distributed.estimator import EstimatorSpec, ModeKeys, from_estimator  # noqa: E402
+from distributed.model.estimator import EstimatorSpec, ModeKeys, from_estimator  # noqa: E402
 
 # tf.compat.v1.layers and its base layer say they are deprecated at each call.
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated:UserWarning")

@@ -13,7 +13,7 @@ is a raw string the model hashes itself (``use_hash=True``).
 
 The model_fn below is the framework's Keras recipe (README "Keras 2 (tf_keras)
 layers"): call the model on ``features`` with ``training``, hand the call's
-updates and losses on with :mod:`distributed.keras`. Data: clicks from a fixed
+updates and losses on with :mod:`distributed.model.keras`. Data: clicks from a fixed
 random teacher, made in code.
 
 The end-to-end test trains on 2 workers with evaluation, exports with
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from distributed.keras import add_model_updates, model_losses  # noqa: E402
+from distributed.model.keras import add_model_updates, model_losses  # noqa: E402
 from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec, check_mode  # noqa: E402
 
 

@@ -157,7 +157,7 @@ def test_step_error_is_one_message_and_keeps_checkpoints(tmp_path):
     # hand-off may still be on its way, so only the note's start is certain.
     assert lines[-1].startswith("The checkpoints committed before it are intact ("), err
     # The checkpoints committed before it verify.
-    verify = run_module("distributed.ckpt", "verify", "--storage",
+    verify = run_module("distributed.cli.ckpt", "verify", "--storage",
                         str(tmp_path / "runs"), "--run", "r")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert re.search(r"^OK\s+serving step 10\b", verify.stdout, re.M), verify.stdout

@@ -38,6 +38,10 @@ QUARANTINE_DIR = "quarantine"
 QUARANTINE_REASON_FILE = "REASON.txt"
 TMP_MARKER = ".tmp-"
 STEP_DIGITS = 9
+# Beside the checkpoints in a run's directory: the config the run was started
+# with (the restore job rebuilds the model from it) and its TensorBoard events.
+RUN_CONFIG_FILE = "run_config.json"
+TENSORBOARD_DIR = "tensorboard"
 
 _STEP_DIR_RE = re.compile(r"^step-(\d{%d})$" % STEP_DIGITS)
 _CATALOG_ROW_RE = re.compile(

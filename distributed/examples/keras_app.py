@@ -5,7 +5,7 @@
 model with its own ``Input`` and a ``Dense`` head, and calls it on
 ``features["image"]``. Like every functional model it also holds, in
 ``model.updates``, the batch-norm updates its layers built on its ``Input``
-placeholders; :func:`distributed.keras.add_model_updates` keeps only those of
+placeholders; :func:`distributed.model.keras.add_model_updates` keeps only those of
 the call on the features. Name it in a config as
 ``"distributed.examples.keras_app:app_model_fn"``, with
 ``"distributed.examples.keras_app:app_input_fn"`` as the input: the digits

@@ -11,7 +11,7 @@ Three things make a Keras model behave in a ``tf.compat.v1`` graph:
 * **Batch-norm updates.** Keras layers in graph mode keep their moving-average
   updates in ``model.updates``, not in ``tf.compat.v1.GraphKeys.UPDATE_OPS``;
   the model function adds those of its call on the features to the collection
-  (:func:`distributed.keras.add_model_updates`, which also serves functional
+  (:func:`distributed.model.keras.add_model_updates`, which also serves functional
   models) so the framework runs them with the train op (and averages the
   statistics across workers).
 * **Stable variable names.** Keras numbers unnamed layers per graph
@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from distributed.errors import ConfigError
 from distributed.examples.digits import IMAGE_KEY
-from distributed.keras import add_model_updates, model_losses
+from distributed.model.keras import add_model_updates, model_losses
 from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec, check_mode
 
 

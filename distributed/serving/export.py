@@ -104,9 +104,9 @@ def open_storage(storage: str, run: str, options: Mapping[str, Any] | None = Non
     it on demand by :func:`export_checkpoint`. Call :func:`sync_catalog`
     before each new look at the catalog.
     """
-    from distributed.checkpoint.remote import is_remote, open_remote
-    from distributed.config import DEFAULT_CACHE, staging_path
-    from distributed.train.coordinator import RUN_CONFIG_FILE, TENSORBOARD_DIR
+    from distributed.storage.remote import is_remote, open_remote
+    from distributed.storage.uris import DEFAULT_CACHE, staging_path
+    from distributed.checkpoint.layout import RUN_CONFIG_FILE, TENSORBOARD_DIR
     if not is_remote(storage):
         return storage, None
     remote = open_remote(storage, options)
@@ -139,7 +139,7 @@ def sync_catalog(remote, local_storage: str, run: str) -> None:
 def load_run_record(storage: str, run: str):
     """Reads the config and input spec the run recorded at its start."""
     from distributed import config as config_lib
-    from distributed.train.coordinator import RUN_CONFIG_FILE
+    from distributed.checkpoint.layout import RUN_CONFIG_FILE
     from distributed.inputs.spec import InputSpec
     try:
         root = layout.RunLayout(os.path.abspath(storage), run).root
@@ -289,7 +289,7 @@ def export_checkpoint(storage: str, run: str, export_root: str,
         held = None
     try:
         if remote is not None:  # object store: into the local mirror first
-            from distributed.checkpoint.remote import fetch_checkpoint
+            from distributed.storage.remote import fetch_checkpoint
             try:
                 fetch_checkpoint(remote, run, entry.tier, entry.step, run_layout.root)
             except CheckpointNotFoundError as e:

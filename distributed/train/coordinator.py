@@ -20,6 +20,7 @@ import numpy as np
 
 from distributed import logs
 from distributed.checkpoint import layout
+from distributed.checkpoint.layout import RUN_CONFIG_FILE, TENSORBOARD_DIR
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, user_code
 from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent,
@@ -27,8 +28,6 @@ from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent,
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_FILE = "run_config.json"
-TENSORBOARD_DIR = "tensorboard"
 EVENTS_UPLOAD_SECONDS = 30.0
 
 
@@ -54,7 +53,7 @@ class Coordinator:
         # The eval thread commits too: commits, retention and events in turn.
         self._commit_lock = threading.RLock()
         if self.config.remote:
-            from distributed.checkpoint.remote import open_remote
+            from distributed.storage.remote import open_remote
             self.remote = open_remote(self.config.storage, self.config.storage_options)
 
     def prepare(self, input_spec=None) -> RunPlan:
@@ -94,7 +93,7 @@ class Coordinator:
                 f"the predict outputs read {', '.join(stale)}, but no op in "
                 "UPDATE_OPS updates them, so they keep their initial values and "
                 "serving would use those. A Keras model keeps its batch-norm "
-                "updates on the model: call distributed.keras.add_model_updates("
+                "updates on the model: call distributed.model.keras.add_model_updates("
                 "model, inputs) after model(inputs, training=...) in model_fn "
                 "(README: Keras 2 layers). Ignore this if they are frozen on "
                 "purpose.")
@@ -209,7 +208,7 @@ class Coordinator:
         entry = self.store.save(self.writers[tier], self.sess, step, tier, selection,
                                 metrics, commit=commit)
         if commit and self.remote is not None:
-            from distributed.checkpoint.remote import publish_pending
+            from distributed.storage.remote import publish_pending
             publish_pending(self.remote, self.store.layout.root, self.config.run)
         return entry
 
@@ -220,7 +219,7 @@ class Coordinator:
         are published first; then interrupted uploads are removed remotely and
         the local catalog is made equal to the remote one, which is the truth.
         """
-        from distributed.checkpoint import remote as rm
+        from distributed.storage import remote as rm
         run, root = self.config.run, self.store.layout.root
         self.remote.probe_write(run)
         rm.publish_pending(self.remote, root, run)
@@ -251,14 +250,14 @@ class Coordinator:
         for entry in fulls:
             try:
                 if self.remote is not None:
-                    from distributed.checkpoint.remote import fetch_checkpoint
+                    from distributed.storage.remote import fetch_checkpoint
                     fetch_checkpoint(self.remote, self.config.run, "full", entry.step,
                                      self.store.layout.root)
                 self.store.verify(entry.step, "full")
             except (CheckpointCorruptError, ManifestError) as e:
                 where = self.store.quarantine(entry.step, "full", str(e))
                 if self.remote is not None:
-                    from distributed.checkpoint.remote import unpublish_checkpoint
+                    from distributed.storage.remote import unpublish_checkpoint
                     unpublish_checkpoint(self.remote, self.config.run, "full", entry.step)
                 self.warnings.append(
                     f"full checkpoint at step {entry.step} does not verify ({e}); "
@@ -337,7 +336,7 @@ class Coordinator:
         with self._commit_lock:
             entry = self.store.commit(entry, metrics)
             if self.remote is not None:
-                from distributed.checkpoint.remote import publish_pending
+                from distributed.storage.remote import publish_pending
                 publish_pending(self.remote, self.store.layout.root, self.config.run)
             deleted = self._after_commit(entry)
             self.record(entry.step, {k: v for k, v in entry.metrics.items()
@@ -357,7 +356,7 @@ class Coordinator:
             deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
                 if tier in self.config.retention else []
             if self.remote is not None:
-                from distributed.checkpoint.remote import unpublish_checkpoint
+                from distributed.storage.remote import unpublish_checkpoint
                 for gone in deleted:
                     unpublish_checkpoint(self.remote, self.config.run, gone.tier, gone.step)
             self.record(entry.step, {

@@ -338,8 +338,8 @@ def _check_fed(config: TrainConfig, train_op: Any, fed: set[str]) -> None:
         f"the framework never feeds (it feeds only the input's: "
         f"{', '.join(sorted(fed)) or 'none, a tf.data input'}); compute the loss from "
         "features and labels only: call a Keras model on them (model(features[...]), "
-        "not model.output), add its updates with distributed.keras.add_model_updates("
-        "model, inputs) and its losses with distributed.keras.model_losses(model, "
+        "not model.output), add its updates with distributed.model.keras.add_model_updates("
+        "model, inputs) and its losses with distributed.model.keras.model_losses(model, "
         "inputs), and make a value of your own a tf.constant or "
         "tf.compat.v1.placeholder_with_default")
 

@@ -114,7 +114,7 @@ def check_storage(config: TrainConfig) -> None:
     probe file in it.
     """
     if config.remote:  # reachable, bucket there, credentials accepted
-        from distributed.checkpoint.remote import open_remote
+        from distributed.storage.remote import open_remote
         open_remote(config.storage, config.storage_options)
     path = config.storage_path  # for an object store: the local staging mirror
     try:

@@ -27,10 +27,10 @@ from typing import Sequence
 
 from distributed.checkpoint.catalog import CorruptCatalogRowWarning
 from distributed.checkpoint.layout import STEP_DIGITS, TIERS
-from distributed.ckpt import cleanup, commands, diff
-from distributed.ckpt.output import Report, emit
-from distributed.argtypes import Parser, key_value, metric_mode, number
-from distributed.ckpt.run import open_remote_run, resolve_run
+from distributed.cli.ckpt import cleanup, commands, diff
+from distributed.cli.ckpt.output import Report, emit
+from distributed.cli.argtypes import Parser, key_value, metric_mode, number
+from distributed.cli.ckpt.run import open_remote_run, resolve_run
 from distributed.errors import ConfigError, DistributedError
 
 PROG = "python -m distributed.ckpt"
@@ -133,10 +133,10 @@ def run_command(args: argparse.Namespace) -> Report:
     """Runs the parsed command; returns its report.
 
     An object store run is read through a local cache (see
-    :class:`~distributed.ckpt.run.RemoteRun`): checkpoints are fetched into it
+    :class:`~distributed.cli.ckpt.run.RemoteRun`): checkpoints are fetched into it
     before they are read, and ``show`` fetches the manifest alone.
     """
-    from distributed.checkpoint.remote import is_remote
+    from distributed.storage.remote import is_remote
     if not is_remote(args.storage):
         return _dispatch(args, resolve_run(args.storage, args.run))
     if args.command == "gc":

@@ -25,7 +25,7 @@ it again is a no-op. A torn row could only be a store that breaks the
 whole-object rule; its name's CRC-32C still catches it, as locally.
 
 The storage layer underneath (streaming, sizes checked, errors with a fix,
-credentials from the environment) is :mod:`~distributed.checkpoint.objectstore`.
+credentials from the environment) is :mod:`~distributed.storage.objectstore`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any, Mapping
 
 from distributed.checkpoint import layout
 from distributed.checkpoint.catalog import CorruptCatalogRowWarning
-from distributed.checkpoint.objectstore import (DEFAULT_THREADS, ObjectStore,
+from distributed.storage.objectstore import (DEFAULT_THREADS, ObjectStore,
                                                 RemoteFile, parallel, connect,
                                                 is_remote)
 from distributed.errors import (CheckpointCorruptError, CheckpointExistsError,
@@ -65,7 +65,7 @@ class CatalogSync:
 def open_remote(uri: str, options: Mapping[str, Any] | None = None, *,
                 check: bool = True) -> "Remote":
     """Opens the object store named by ``uri`` for checkpoints (see
-    :func:`~distributed.checkpoint.objectstore.connect` for ``uri`` and
+    :func:`~distributed.storage.objectstore.connect` for ``uri`` and
     ``options``).
 
     Args:

@@ -3,9 +3,9 @@
 ``ls``, ``show``, ``verify`` and ``diff`` only read (``verify`` and ``diff``
 under reader leases); ``gc`` applies retention and removes leftovers, and must
 not run while the run trains. No subcommand imports TensorFlow. See
-:mod:`distributed.ckpt.cli` for usage.
+:mod:`distributed.cli.ckpt.cli` for usage.
 """
 
-from distributed.ckpt.cli import main
+from distributed.cli.ckpt.cli import main
 
 __all__ = ["main"]

@@ -5,7 +5,7 @@ Azure, HDFS). It streams files up and down in 16 MiB pieces and checks every
 object's size, copies directories with a thread pool, and turns every failure
 into one :class:`~distributed.errors.StorageError` that names the URI, the
 operation and the fix. It knows nothing of checkpoints:
-:mod:`~distributed.checkpoint.remote` builds the commit protocol on it.
+:mod:`~distributed.storage.remote` builds the commit protocol on it.
 
 Credentials and endpoint come from the usual environment variables
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import errno
 import os
-import re
 import secrets
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import parse_qs, parse_qsl, unquote, urlsplit, urlunsplit
@@ -31,18 +30,18 @@ import pyarrow.fs as pafs
 
 from distributed.checkpoint import layout
 from distributed.errors import StorageError
+from distributed.storage import uris
 
 CHUNK = 16 << 20  # bytes per streaming read/write
 MAX_BUFFERED = 48 << 20  # per uploading file; pyarrow would otherwise buffer it all
 DEFAULT_THREADS = 8
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def is_remote(storage: str) -> bool:
-    """True for a URI with a scheme other than ``file://`` (``s3://b/p``)."""
-    m = _SCHEME_RE.match(storage) if isinstance(storage, str) else None
-    return bool(m) and m.group(1).lower() != "file"
+    """True for an object-store URI (``s3://b/p``); see :mod:`distributed.storage.uris`."""
+    return uris.is_object_store(storage)
 
 
 @dataclasses.dataclass(frozen=True)

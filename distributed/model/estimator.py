@@ -2,7 +2,7 @@
 
 One line adapts it::
 
-    from distributed.estimator import from_estimator
+    from distributed.model.estimator import from_estimator
     model_fn = from_estimator(my_estimator_model_fn)
 
 and the config names ``mymodule:model_fn``. The adapter maps the mode, calls
@@ -11,7 +11,7 @@ a :class:`distributed.model.ModelSpec`.
 
 TensorFlow 2.16 and later ship no ``tf.estimator``, so code that builds
 ``tf.estimator.EstimatorSpec`` or compares with ``tf.estimator.ModeKeys`` can
-import the stand-ins here instead (``from distributed.estimator import
+import the stand-ins here instead (``from distributed.model.estimator import
 EstimatorSpec, ModeKeys``). Where ``tf.estimator`` still exists its own
 ``EstimatorSpec`` works too: any object with ``.loss`` and ``.predictions``
 attributes is accepted.
@@ -168,7 +168,7 @@ def _to_model_spec(spec: Any, name: str) -> ModelSpec:
         raise ConfigError(
             f"model: {name} returned {type(spec).__name__}, which has no .loss and "
             ".predictions; an Estimator model_fn must return an EstimatorSpec "
-            "(tf.estimator's or distributed.estimator.EstimatorSpec)")
+            "(tf.estimator's or distributed.model.estimator.EstimatorSpec)")
     predictions = spec.predictions
     if predictions is None:
         predictions = {}

@@ -17,8 +17,8 @@ from distributed.checkpoint.layout import RunLayout
 from distributed.checkpoint.manifest import MANIFEST_SCHEMA, Manifest, read_manifest
 from distributed.checkpoint.store import CheckpointStore
 from distributed.checkpoint.verify import Problem, VerifyReport
-from distributed.ckpt.output import Report, format_table, mib, number, timestamp
-from distributed.ckpt.run import reading, resolve_tier
+from distributed.cli.ckpt.output import Report, format_table, mib, number, timestamp
+from distributed.cli.ckpt.run import reading, resolve_tier
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ManifestError)
 

@@ -25,8 +25,8 @@ from distributed.checkpoint.catalog import Catalog
 from distributed.checkpoint.layout import RunLayout
 from distributed.checkpoint.manifest import TensorRecord
 from distributed.checkpoint.verify import read_committed_manifest, read_verified
-from distributed.ckpt.output import Report, format_table, number
-from distributed.ckpt.run import reading, resolve_tier
+from distributed.cli.ckpt.output import Report, format_table, number
+from distributed.cli.ckpt.run import reading, resolve_tier
 
 # Statuses, in the order the human table lists them.
 STATUSES = ("changed", "retyped", "only_a", "only_b", "unchanged")

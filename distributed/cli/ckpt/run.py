@@ -19,7 +19,7 @@ from distributed.checkpoint.catalog import Catalog
 from distributed.checkpoint.lease import Lease
 from distributed.checkpoint.layout import RunLayout
 from distributed.errors import CheckpointNotFoundError, ConfigError
-from distributed.train.coordinator import RUN_CONFIG_FILE
+from distributed.checkpoint.layout import RUN_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,12 @@ class RemoteRun:
     remote: Any
 
     def fetch(self, tier: str, step: int) -> None:
-        from distributed.checkpoint.remote import fetch_checkpoint
+        from distributed.storage.remote import fetch_checkpoint
         fetch_checkpoint(self.remote, self.layout.run, tier, step, self.layout.root)
 
     def fetch_manifest(self, tier: str, step: int, into: str) -> str:
         """Downloads only the checkpoint's manifest into directory ``into``."""
-        from distributed.checkpoint.remote import manifest_rel
+        from distributed.storage.remote import manifest_rel
         self.remote.download_file(manifest_rel(self.layout.run, tier, step),
                                   os.path.join(into, layout.MANIFEST_FILE))
         return into

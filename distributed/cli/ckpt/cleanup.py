@@ -27,9 +27,9 @@ from distributed.checkpoint.catalog import COMPACTED_DIR
 from distributed.checkpoint.layout import RunLayout
 from distributed.checkpoint.retention import KeepEveryKSteps, KeepLastN, Retention
 from distributed.checkpoint.store import CheckpointStore
-from distributed.ckpt.output import Report, mib
+from distributed.cli.ckpt.output import Report, mib
 from distributed.errors import ConfigError, DistributedError, ManifestError
-from distributed.train.coordinator import RUN_CONFIG_FILE
+from distributed.checkpoint.layout import RUN_CONFIG_FILE
 
 # A run that wrote within this many seconds may still be training.
 ACTIVE_WINDOW = 600.0
