@@ -14,8 +14,8 @@ import sys
 
 from distributed import logs  # noqa: E402
 from distributed.cli.argtypes import Parser, key_value, metric_mode, number  # noqa: E402
+from distributed.cli.guard import main_guard  # noqa: E402
 from distributed.serving.job import restore_once, watch  # noqa: E402
-from distributed.train.trainer import main_guard  # noqa: E402
 
 
 def parse_args(argv):
@@ -62,13 +62,13 @@ def main(argv=None) -> int:
         os.environ[logs.VERBOSE_ENV] = "1"
     logs.quiet_native_stderr()  # before TensorFlow is imported
     logs.setup(args.run, "restore")
-    remote = {"storage_options": dict(args.storage_options), "cache": args.cache}
+    reader = {"storage_options": dict(args.storage_options), "cache": args.cache}
     if args.watch:
         watch(args.storage, args.run, args.export, args.map, args.model, args.keep,
-              args.poll, **remote)
+              args.poll, **reader)
     else:
         restore_once(args.storage, args.run, args.export, args.step, args.best,
-                     args.map, args.model, **remote)
+                     args.map, args.model, **reader)
     return 0
 
 

@@ -14,7 +14,8 @@ import sys
 from distributed import config as config_lib  # noqa: E402
 from distributed import logs  # noqa: E402
 from distributed.cli.argtypes import Parser  # noqa: E402
-from distributed.train.trainer import main_guard, train  # noqa: E402
+from distributed.cli.guard import main_guard  # noqa: E402
+from distributed.train.trainer import train  # noqa: E402
 
 
 def parse_args(argv):

@@ -81,8 +81,9 @@ def worker_main(args) -> int:
     from distributed.config import from_dict
     from distributed.model import TRAIN, load_function
     from distributed.train import collective
-    from distributed.train.graph import (InputSpec, build_train_graph, call_model_fn,
-                                         make_optimizer)
+    from distributed.inputs.spec import InputSpec
+    from distributed.model.graphs import call_model_fn
+    from distributed.train.graph import build_train_graph, make_optimizer
 
     cfg = from_dict(MLP)
     rank = args.rank

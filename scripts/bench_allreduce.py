@@ -56,7 +56,7 @@ class _Worker:
         import numpy as np
         import tensorflow as tf
 
-        from distributed.train import collective
+        from distributed.train import buckets, collective
         spec = collective.GroupSpec(tuple(addresses), rank, timeout_seconds=60.0)
         self.server = collective.start_server(spec)
         graph = tf.Graph()
@@ -70,7 +70,7 @@ class _Worker:
                 pairs = [(v.read_value(), v) for v in vs]
                 total = sum(int(np.prod(s)) for s in shapes)
                 flat = tf.Variable(np.ones(total, np.float32), name=f"{name}_flat")
-                plan = len(collective.plan_buckets(
+                plan = len(buckets.plan_buckets(
                     [("float32", 4 * int(np.prod(s))) for s in shapes], bucket_bytes))
                 bucketed = collective.allreduce_gradients(pairs, spec, bucket_bytes, key)
                 per_var = collective.allreduce_gradients(pairs, spec, 1, key + plan)

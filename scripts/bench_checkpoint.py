@@ -223,6 +223,7 @@ def forget(store, step: int, tier: str) -> None:
 
 def catalog_bench(root: str, rows: int, mode: str, repeats: int):
     from distributed.checkpoint import catalog as catmod
+    from distributed.checkpoint import catalog_format
     from distributed.checkpoint import layout as laymod
     from distributed.checkpoint.catalog import Catalog, CatalogEntry, utc_now
 
@@ -254,7 +255,7 @@ def catalog_bench(root: str, rows: int, mode: str, repeats: int):
         # goes through Catalog.commit for real (timed, for information).
         n_compacted = (rows // catmod.COMPACT_EVERY) * catmod.COMPACT_EVERY
         for s in steps[:n_compacted]:
-            data = catmod._table_bytes(catmod._to_table([entry(s)]))
+            data = catalog_format.table_bytes(catalog_format.to_table([entry(s)]))
             name = laymod.catalog_row_name(s, "serving", laymod.bytes_crc32c(data))
             with open(os.path.join(lay.catalog_dir, name), "wb") as f:
                 f.write(data)

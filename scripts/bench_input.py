@@ -340,9 +340,9 @@ def train_one(args, config):
 def run_all(args, data, scratch):
     import ray
 
-    from distributed.train.trainer import _ACTOR_ENV
+    from distributed.train.cluster import actor_env_vars
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(_ACTOR_ENV, PYTHONPATH=ROOT)})
+             runtime_env={"env_vars": dict(actor_env_vars(), PYTHONPATH=ROOT)})
     log(f"local Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs; each run: "
         f"{WORKERS} workers x {CPUS_PER_WORKER} CPU + coordinator 0.25")
     runs = {v: [] for v in args.variants}

@@ -31,7 +31,8 @@ def make_run(storage, run, model, params):
                                 "run": run, "workers": 1, "steps": 1,
                                 "selection": {"policy": "inference"}})
     coord = Coordinator(cfg.to_dict())
-    coord.prepare()
+    coord.build()
+    coord.open_run()
     names = {v.op.name: v for v in coord.tg.variables}
     values = coord.sess.run({n: names[n] for n in coord.serving_names})
     entry = coord.save(1, "serving", values, {"loss": 1.0})

@@ -374,7 +374,8 @@ def part_checkpoint(args, scratch):
     import numpy as np
     import tensorflow as tf
 
-    from distributed.train.graph import InputSpec, build_train_graph
+    from distributed.inputs.spec import InputSpec
+    from distributed.train.graph import build_train_graph
     from distributed.model import load_function
 
     every = args.ckpt_every
@@ -425,9 +426,9 @@ def part_checkpoint(args, scratch):
     # Off and on runs alternate (``--ckpt-pairs``) so drift on this shared 2-core
     # machine hits both alike; one local Ray serves them all.
     import ray
-    from distributed.train.trainer import _ACTOR_ENV
+    from distributed.train.cluster import actor_env_vars
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(_ACTOR_ENV, PYTHONPATH=ROOT)})
+             runtime_env={"env_vars": dict(actor_env_vars(), PYTHONPATH=ROOT)})
     runs = {"off": [], "on": []}
     events = []
     try:

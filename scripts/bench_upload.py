@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pyarrow.fs as pafs  # noqa: E402
 
 from distributed.storage.remote import open_remote  # noqa: E402
-from tests import s3_server  # noqa: E402
+from tests.helpers import s3_server  # noqa: E402
 
 
 def make_checkpoint(directory: str, shards: int, shard_mib: float) -> int:

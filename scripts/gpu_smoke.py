@@ -99,7 +99,7 @@ def _session(graph):
 
 def placement():
     from distributed.train.placement import check_gpu_placement
-    from tests import placement_cases as pc
+    from tests.helpers import placement_cases as pc
     records = tempfile.mkdtemp(prefix="gpu-smoke-")
     try:
         cases = pc.cases(records)

@@ -131,3 +131,15 @@ def start_local_ray(num_cpus: int, **init_kwargs):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+LOCAL_RAY_CPUS = 4
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray of ``LOCAL_RAY_CPUS`` CPUs for the module (never a
+    cluster named by RAY_ADDRESS): starting Ray costs seconds, a test's
+    actors only a fraction of that."""
+    with start_local_ray(LOCAL_RAY_CPUS, log_to_driver=False):
+        yield

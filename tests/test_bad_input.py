@@ -22,9 +22,9 @@ import pytest
 
 import jobs.restore
 import jobs.train
+from distributed.cli.guard import main_guard
 from distributed.config import TrainConfig
 from distributed.train import trainer
-from distributed.train.trainer import main_guard
 from tests.conftest import start_local_ray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

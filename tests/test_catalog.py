@@ -1,6 +1,5 @@
 """The catalog: commit records, queries, compaction, versions, other readers."""
 
-import datetime as dt
 import glob
 import os
 
@@ -8,21 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed.checkpoint import CATALOG_SCHEMA, Catalog, CatalogEntry, RunLayout
+from distributed.checkpoint import CATALOG_SCHEMA, Catalog, RunLayout
 from distributed.checkpoint import catalog as catalog_mod
+from distributed.checkpoint import catalog_format
 from distributed.checkpoint import layout
 from distributed.errors import (CheckpointCorruptError, CheckpointExistsError,
                                 CheckpointNotFoundError, ManifestError, SchemaVersionError)
-
-
-def entry(step, tier="serving", loss=None, run="run"):
-    return CatalogEntry(
-        run=run, step=step, tier=tier,
-        path=f"checkpoints/{tier}/step-{step:09d}", num_tensors=3, num_bytes=100,
-        num_shards=1, save_seconds=0.1,
-        committed_at=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
-        metrics={} if loss is None else {"loss": loss}, selection="{}",
-        manifest_crc32c=0x1234ABCD)
+from tests.helpers.catalog_entries import entry
 
 
 def row_path(catalog, step, tier="serving"):
@@ -33,7 +24,7 @@ def rewrite_row(catalog, step, table, tier="serving"):
     """Replaces a row file with ``table`` under the name its new bytes' CRC gives,
     so what is tested is the checks after the CRC."""
     os.unlink(row_path(catalog, step, tier))
-    data = catalog_mod._table_bytes(table)
+    data = catalog_format.table_bytes(table)
     name = layout.catalog_row_name(step, tier, layout.bytes_crc32c(data))
     with open(os.path.join(catalog.directory, name), "wb") as f:
         f.write(data)

@@ -19,7 +19,7 @@ from distributed.checkpoint import (Catalog, CheckpointStore, CheckpointWriter, 
 from distributed.cli.ckpt import main
 from distributed.train.coordinator import RUN_CONFIG_FILE
 from tests.conftest import REPO_ROOT, build_tiny_model
-from tests.test_verify import flip
+from tests.helpers.damage import flip
 
 RUN = "run"
 LOSSES = {1: 0.5, 2: 0.25, 3: 0.375}

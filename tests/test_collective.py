@@ -9,8 +9,10 @@ import tensorflow as tf
 
 from distributed.errors import ConfigError
 from distributed.train import collective
-from distributed.train.collective import Bucket, GroupSpec, plan_buckets
+from distributed.train.buckets import Bucket, plan_buckets
+from distributed.train.collective import GroupSpec
 from tests.conftest import start_local_ray
+from tests.helpers.graphs import ancestors
 
 TWO = ("127.0.0.1:1", "127.0.0.1:2")
 SHAPES = [(3, 4), (4,), (5, 2, 2), (7,)]  # plus one float64 var, one sparse, one None
@@ -82,18 +84,8 @@ def test_graph_has_one_collective_per_bucket_with_unique_keys():
     # An op-level timeout parks 2 threads per launch for the whole timeout.
     assert all(op.get_attr("timeout_seconds") == 0.0 for op in ops)
     # NCCL: each bucket waits on the previous one, so every GPU launches in order.
-    assert [ops[i - 1] in _ancestors(op) for i, op in enumerate(ops) if i] == [True] * 2
-    assert ops[2] not in _ancestors(ops[1])
-
-
-def _ancestors(op):
-    seen, todo = set(), list(op.control_inputs) + [t.op for t in op.inputs]
-    while todo:
-        cur = todo.pop()
-        if cur not in seen:
-            seen.add(cur)
-            todo += list(cur.control_inputs) + [t.op for t in cur.inputs]
-    return seen
+    assert [ops[i - 1] in ancestors(op) for i, op in enumerate(ops) if i] == [True] * 2
+    assert ops[2] not in ancestors(ops[1])
 
 
 @pytest.mark.parametrize("addresses,hint,mean,op", [

@@ -20,7 +20,7 @@ def _listing(store):
 @pytest.mark.parametrize("phase", PHASES)
 def test_writer_killed_at_each_phase(storage, phase):
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.crash_writer", storage, phase],
+        [sys.executable, "-m", "tests.helpers.crash_writer", storage, phase],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stdout + proc.stderr
     store = CheckpointStore(storage, "run")

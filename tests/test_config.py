@@ -6,6 +6,7 @@ subprocess, which fails on the config before it starts Ray.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import yaml
 
 from distributed import config as config_lib
+from distributed.checkpoint import KeepBestN, KeepLastN, Retention, SelectionSpec
 from distributed.config import TrainConfig
 from distributed.errors import ConfigError, DistributedError, SelectionError
 
@@ -26,8 +28,9 @@ def test_defaults_validate():
     config = TrainConfig().validate()
     assert config == config_lib.from_dict({}) == config_lib.from_dict(None)
     assert config.model == "distributed.examples.digits:cnn_bn_model_fn"
-    assert config.selection_spec().policy == "inference"
-    assert config.retention_for("serving").rules and config.retention_for("full").rules
+    assert config.selection == SelectionSpec("inference")
+    assert config.retention == {"serving": Retention((KeepLastN(5),)),
+                                "full": Retention((KeepLastN(2),))}
     assert config.storage_path == os.path.abspath("runs")
 
 
@@ -59,8 +62,8 @@ def test_load_yaml_with_overrides(tmp_path):
     assert config.checkpoint.on_busy == "skip"
     assert config.checkpoint.full_every == 500  # default
     assert config.storage_path == str(tmp_path / "store")
-    assert len(config.retention_for("serving").rules) == 2
-    assert config.retention_for("full").rules == ()  # no full key: keep every one
+    assert config.retention == {"serving": Retention((KeepLastN(3), KeepBestN(1, "loss")))}
+    # no full key: the trainer leaves that tier alone
 
 
 def test_empty_yaml_is_the_defaults(tmp_path):
@@ -68,6 +71,8 @@ def test_empty_yaml_is_the_defaults(tmp_path):
     path.write_text("# nothing\n")
     assert config_lib.load(str(path)) == TrainConfig()
 
+
+EVAL = {"input": "distributed.examples.digits:digits_eval_input_fn"}
 
 # (case id, config data, field the message must start with, text it must also hold)
 BAD = [
@@ -150,6 +155,14 @@ BAD = [
     ("sparse-density-nan", {"sparse_density_threshold": float("nan")},
      "sparse_density_threshold", "expected a number >= 0"),
     ("unknown-selection-key-typo", {"selection": {"polcy": "all"}}, "selection", "polcy"),
+    ("on-busy-typo", {"checkpoint": {"on_busy": "wiat"}}, "checkpoint.on_busy",
+     "did you mean 'wait'? use one of wait, skip"),
+    ("on-busy-not-a-string", {"checkpoint": {"on_busy": True}}, "checkpoint.on_busy",
+     "True is not valid"),
+    ("stop-when-mode", {"eval": {**EVAL, "stop_when": {"mode": "highest"}}},
+     "eval.stop_when.mode", "use one of min, max"),
+    ("optimizer-name-number", {"optimizer": {"name": 3}}, "optimizer.name", "string"),
+    ("max-failures-negative", {"max_failures": -1}, "max_failures", ">= 0"),
 ]
 
 
@@ -185,6 +198,42 @@ def test_selection_errors_are_config_errors():
         config_lib.from_dict({"selection": {"policy": "nope"}})
     assert issubclass(SelectionError, ConfigError)
     assert issubclass(ConfigError, (DistributedError, ValueError))
+
+
+def test_to_dict_round_trips_through_json_in_the_recorded_form():
+    """The actors and run_config.json get the config as plain data; it must
+    come back equal, with selection and retention in their YAML form."""
+    config = config_lib.from_dict({
+        "optimizer": {"name": "adam", "ema_decay": 0.99},
+        "selection": {"policy": "trainable", "include": ["^cnn/"], "serve_ema": True},
+        "retention": {"serving": {"keep_last": 3, "keep_every": 100, "keep_best": {
+            "n": 2, "metric": "eval/loss", "mode": "max"}}, "full": None},
+        "checkpoint": {"on_busy": "skip"},
+        "eval": {**EVAL, "stop_when": {"metric": "eval/loss", "mode": "max"}}})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert config_lib.from_dict(data) == config
+    assert data["selection"] == {"policy": "trainable", "include": ["^cnn/"],
+                                 "exclude": [], "serve_ema": True}
+    assert data["retention"] == {"serving": {
+        "keep_last": 3, "keep_every": 100,
+        "keep_best": {"n": 2, "metric": "eval/loss", "mode": "max"}}, "full": {}}
+    assert data["checkpoint"]["on_busy"] == "skip"
+
+
+def test_null_selection_and_retention_keep_their_meaning():
+    config = config_lib.from_dict({"selection": None, "retention": None})
+    assert config.selection == SelectionSpec()  # the spec's defaults: trainable
+    assert config.retention == {}  # no tier: the trainer deletes nothing
+
+
+def test_metric_uses_names_each_field_that_names_a_metric():
+    config = config_lib.from_dict({
+        "eval": {**EVAL, "stop_when": {"metric": "eval/auc", "mode": "max"}},
+        "retention": {"full": {"keep_last": 1},
+                      "serving": {"keep_best": {"metric": "eval/loss"}}}})
+    assert config.metric_uses() == [("eval.stop_when.metric", "eval/auc"),
+                                    ("retention.serving.keep_best.metric", "eval/loss")]
+    assert config_lib.from_dict({}).metric_uses() == []
 
 
 def test_storage_file_uri_is_accepted(tmp_path):

@@ -11,6 +11,7 @@ from distributed import config as config_lib
 from distributed.checkpoint import Catalog, RunLayout
 from distributed.checkpoint.verify import verify_checkpoint
 from distributed.train.coordinator import Coordinator
+from tests.helpers.drivers import prepare
 
 
 def prepared(tmp_path, model: str, **checkpoint) -> tuple[Coordinator, dict]:
@@ -19,7 +20,7 @@ def prepared(tmp_path, model: str, **checkpoint) -> tuple[Coordinator, dict]:
         "storage": str(tmp_path), "run": "r", "steps": 100,
         "model": f"distributed.examples.digits:{model}", "checkpoint": checkpoint})
     first = Coordinator(cfg.to_dict())
-    first.prepare()
+    prepare(first)
     return first, first.initial_values()
 
 
@@ -31,7 +32,7 @@ def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(t
     first.sess.close()
 
     second = Coordinator(cfg.to_dict(), restarting=True)
-    plan = second.prepare()
+    plan = prepare(second)
     second.sess.close()
     assert (plan.opened.start_step, plan.opened.resumed_from,
             plan.opened.recreated_serving) == \
@@ -49,7 +50,7 @@ def test_serving_checkpoint_lost_with_a_failure_is_recreated_from_the_full_one(t
 
     # Nothing missing: nothing re-created.
     third = Coordinator(cfg.to_dict(), restarting=True)
-    assert third.prepare().opened.recreated_serving is None
+    assert prepare(third).opened.recreated_serving is None
     third.sess.close()
 
 
@@ -70,7 +71,7 @@ def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tm
         f.write(bytes([byte[0] ^ 0x20]))
 
     second = Coordinator(cfg.to_dict(), restarting=True)
-    plan = second.prepare()
+    plan = prepare(second)
     assert (plan.opened.start_step, plan.opened.resumed_from) == (20, 20)
     assert any("step 40 does not verify" in w and "quarantine" in w
                for w in plan.opened.warnings), plan.opened.warnings
@@ -90,6 +91,6 @@ def test_full_checkpoint_that_fails_verification_is_quarantined_and_rewritten(tm
     verify_checkpoint(run.checkpoint_dir("full", 40))
     # The next start leaves the quarantine alone.
     third = Coordinator(cfg.to_dict(), restarting=True)
-    assert third.prepare().opened.resumed_from == 40
+    assert prepare(third).opened.resumed_from == 40
     third.sess.close()
     assert os.listdir(run.quarantine_dir) == [kept]

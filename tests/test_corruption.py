@@ -25,7 +25,8 @@ from distributed.checkpoint.manifest import DTYPE_SIZES
 from distributed.checkpoint.verify import read_committed_manifest, read_verified
 from distributed.errors import CheckpointCorruptError, ManifestError
 from tests.conftest import build_tiny_model
-from tests.test_catalog import entry as catalog_entry
+from tests.helpers.catalog_entries import entry as catalog_entry
+from tests.helpers.damage import flip
 
 STEP, TIER = 1, "serving"
 TRIALS = 250  # random flips per file kind
@@ -63,14 +64,6 @@ def restore_read(store):
     then every tensor CRC-checked in one pass."""
     ckpt, manifest = read_committed_manifest(store.layout, STEP, TIER)
     return read_verified(ckpt, manifest, [t.name for t in manifest.tensors], np.dtype)
-
-
-def flip(path, offset, mask):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ mask]))
 
 
 def files_of_kind(store, kind):
@@ -148,9 +141,10 @@ def test_flip_in_the_index_footer_is_caught_by_the_whole_file_crc(store):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real run with serving checkpoints at steps 20 and 40."""
-    from tests.test_restore import MLP, train_run
+    from tests.helpers.drivers import train_digits_in_process
+    from tests.helpers.training import MLP
     storage = str(tmp_path_factory.mktemp("trained"))
-    coord, _ = train_run(storage, "r", MLP)
+    coord, _ = train_digits_in_process(storage, "r", MLP)
     coord.sess.close()
     return storage
 
@@ -171,6 +165,7 @@ def test_restore_falls_back_past_a_damaged_newest_checkpoint(trained, tmp_path, 
     from distributed.serving import job
     from distributed.serving.export import (candidate_checkpoints, export_first_good,
                                             load_run_record)
+    from distributed.storage.runstore import open_reader
     storage = trained
     catalog = Catalog(RunLayout(os.path.abspath(storage), "r"))
     candidates = candidate_checkpoints(catalog)  # listed before the damage, as
@@ -179,8 +174,9 @@ def test_restore_falls_back_past_a_damaged_newest_checkpoint(trained, tmp_path, 
     flip(path, os.path.getsize(path) // 2, 0x5A)
     try:
         said = []
-        result = export_first_good(storage, "r", str(tmp_path / "a"), candidates,
-                                   load_run_record(storage, "r"), echo=said.append)
+        source = open_reader(storage, "r")
+        result = export_first_good(source, str(tmp_path / "a"), candidates,
+                                   load_run_record(source), echo=said.append)
         assert result.step == 20
         assert "step 40 fails verification" in said[0] and path in said[0], said
         assert said[1] == "using serving checkpoint at step 20 instead"

@@ -25,13 +25,14 @@ from distributed.errors import ConfigError, SelectionError
 from distributed.examples.digits import digits_eval_arrays
 from distributed.inputs.spec import InputSpec
 from distributed.model import PREDICT
+from distributed.model.graphs import call_model_fn
 from distributed.serving import job
 from distributed.train.coordinator import Coordinator
-from distributed.train.graph import build_train_graph, call_model_fn
-from tests import drivers
+from distributed.train.graph import build_train_graph
 from tests.conftest import start_local_ray
-from tests.drivers import actor_group
-from tests.test_train import ckpt_prefix, make_config, run_train
+from tests.helpers import drivers
+from tests.helpers.drivers import actor_group, prepare
+from tests.helpers.training import ckpt_prefix, make_config, run_train
 
 HERE = "tests.test_ema"
 MLP = "distributed.examples.digits:mlp_model_fn"
@@ -125,7 +126,7 @@ def test_ema_config_round_trips_and_older_records_are_unchanged():
                                                  "serve_ema": True}})
     assert config.to_dict()["optimizer"] == data
     assert config_lib.from_dict(config.to_dict()) == config
-    assert json.loads(config.selection_spec().to_json())["serve_ema"] is True
+    assert json.loads(config.selection.to_json())["serve_ema"] is True
     assert "ema" not in json.dumps(config_lib.from_dict({}).to_dict()["optimizer"])
     assert "serve_ema" not in SelectionSpec().to_json()
 
@@ -202,7 +203,7 @@ def test_without_serve_ema_serving_holds_the_raw_values(storage):
     full = tf.train.load_checkpoint(ckpt_prefix(storage, "raw", "full", 15))
     for name in MLP_TRAINABLE:
         np.testing.assert_array_equal(serving.get_tensor(name), full.get_tensor(name))
-    assert "serve_ema" not in coord.config.selection_spec().to_json()
+    assert "serve_ema" not in coord.config.selection.to_json()
 
 
 # ------------------------------------------------------------- real Ray -----
@@ -270,7 +271,7 @@ def test_resume_restores_the_averages(local_ray, storage):
     second = ema_config(storage, "ema-resume", 20, checkpoint=checkpoint)
     coordinator = Coordinator(second.to_dict())
     try:
-        assert coordinator.prepare().opened.resumed_from == 10
+        assert prepare(coordinator).opened.resumed_from == 10
         values = coordinator.initial_values()
     finally:
         coordinator.sess.close()

@@ -13,7 +13,8 @@ from distributed.errors import ConfigError
 from distributed.examples import digits
 from distributed.serving import job
 from distributed.train.coordinator import Coordinator
-from tests.test_train import local_ray, make_config, run_train  # noqa: F401
+from tests.helpers.drivers import prepare
+from tests.helpers.training import make_config, run_train
 
 MLP = "distributed.examples.digits:mlp_model_fn"
 EVAL = {"input": "distributed.examples.digits:digits_eval_input_fn"}
@@ -26,7 +27,7 @@ def test_coordinator_commits_each_serving_checkpoint_with_its_eval_metrics(stora
         "model_params": {"hidden": [32]}, "checkpoint": {"serving_every": 30},
         "optimizer": {"name": "adam", "learning_rate": 0.01}, "eval": EVAL})
     coord = Coordinator(cfg.to_dict())
-    coord.prepare()
+    prepare(coord)
     tg = coord.tg
     batches = digits.digits_input_fn(0, 1, 32, {})
     names = {v.op.name: v for v in tg.variables}
@@ -126,7 +127,7 @@ def test_a_resumed_run_goes_on_counting_evaluations_without_a_new_best(storage):
     a coordinator resumes (a restarted group, or the same --run again)."""
     import pyarrow.parquet as pq
 
-    from tests.drivers import train_in_process
+    from tests.helpers.drivers import train_in_process
     cfg = config_lib.from_dict({
         "model": MLP, "storage": storage, "run": "es", "workers": 1, "steps": 80,
         "model_params": {"hidden": [32]},
@@ -143,7 +144,7 @@ def test_a_resumed_run_goes_on_counting_evaluations_without_a_new_best(storage):
     assert len(losses) >= 2 and 80 in losses, rows
     best_step = max(losses, key=losses.get)  # "max": the worst loss is the best
     second = Coordinator(cfg.to_dict(), restarting=True)
-    assert second.prepare().opened.resumed_from == 80
+    assert prepare(second).opened.resumed_from == 80
     second.close()
     rule = second.early_stop
     assert (rule.best, rule.best_step) == (losses[best_step], best_step)

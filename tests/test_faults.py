@@ -31,11 +31,11 @@ from distributed.checkpoint.verify import verify_checkpoint
 from distributed.errors import TrainingFailedError
 from distributed.train import trainer
 from tests.conftest import REPO_ROOT, skip_or_fail_in_ci, start_local_ray
-from tests.fault_actors import (CrashingCoordinator, FailingSaveCoordinator,
-                                PidRecordingWorker, SlowSavingCoordinator,
-                                worker_pids_dir)
-from tests.test_train import MLP, tensorboard_scalars
-from tests.test_train import make_config as train_config
+from tests.helpers.fault_actors import (CrashingCoordinator, FailingSaveCoordinator,
+                                        PidRecordingWorker, SlowSavingCoordinator,
+                                        worker_pids_dir)
+from tests.helpers.training import MLP, tensorboard_scalars
+from tests.helpers.training import make_config as train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -77,7 +77,7 @@ def leftovers(storage: str, run: str) -> list[str]:
 
 def own_worker_pids(storage: str) -> list[int]:
     """The live worker processes of this test's run, as
-    :class:`~tests.fault_actors.PidRecordingWorker` recorded them, and only
+    :class:`~tests.helpers.fault_actors.PidRecordingWorker` recorded them, and only
     those that descend from this test process (its own local Ray): never a
     ``ray::`` process of another Ray on the machine."""
     directory = worker_pids_dir(storage)

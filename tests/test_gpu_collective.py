@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import ray
 
 from tests.conftest import REPO_ROOT, start_local_ray
+from tests.helpers.gpus import gpus_visible
 
 pytestmark = pytest.mark.ray
 
@@ -92,16 +90,6 @@ def _check_mean(results: list[dict]) -> None:
             np.testing.assert_array_equal(got, expected)
 
 
-def _gpus_visible() -> int:
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    probe = ("import tensorflow as tf; "
-             "print(len(tf.config.list_physical_devices('GPU')))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=120)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     with start_local_ray(4, log_to_driver=False):
@@ -123,7 +111,7 @@ def test_cpu_workers_ran_the_collective_on_their_cpus_over_the_ring(local_ray):
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_gpu_workers_ran_the_collective_on_their_gpus_with_nccl(local_ray, tmp_path):
-    gpus = _gpus_visible()
+    gpus = gpus_visible()
     if gpus == 0:
         pytest.skip("no GPU visible to TensorFlow")
     if gpus < 2 or ray.cluster_resources().get("GPU", 0) < 2:

@@ -16,7 +16,7 @@ from distributed import config as config_lib
 from distributed.errors import ConfigError
 from distributed.train import collective, devices
 from tests.conftest import REPO_ROOT
-from tests.placement_cases import TWO_RANKS, gpu_spec
+from tests.helpers.placement_cases import TWO_RANKS, gpu_spec
 
 MLP = "distributed.examples.digits:mlp_model_fn"
 
@@ -125,7 +125,7 @@ checkpoint: {{serving_every: 10, full_every: 20}}
 
 @pytest.fixture(scope="module")
 def gpu_head():
-    from tests.ray_head import local_ray_head
+    from tests.helpers.ray_head import local_ray_head
     with local_ray_head(num_cpus=4, extra_args=["--num-gpus=1"]) as head:
         yield head
 
@@ -172,8 +172,8 @@ def test_a_node_whose_tensorflow_sees_no_declared_gpu_fails_in_one_line(
 @pytest.mark.slow
 def test_the_smoke_script_passes_on_a_gpu():
     """Every check of ``scripts/gpu_smoke.py`` on its GPU path (NCCL needs 2 GPUs)."""
-    from tests.test_gpu_collective import _gpus_visible
-    if _gpus_visible() == 0:
+    from tests.helpers.gpus import gpus_visible
+    if gpus_visible() == 0:
         pytest.skip("no GPU visible to TensorFlow (the CPU path runs in CI: "
                     "python scripts/gpu_smoke.py)")
     out = subprocess.run([sys.executable, os.path.join("scripts", "gpu_smoke.py")],

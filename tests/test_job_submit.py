@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_head import RayHead, local_ray_head, ray_cli
+from tests.helpers.ray_head import RayHead, local_ray_head, ray_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -26,8 +26,9 @@ from distributed.errors import ConfigError  # noqa: E402
 from distributed.examples import keras_app, keras_digits  # noqa: E402
 from distributed.model.keras import model_losses, model_updates  # noqa: E402
 from distributed.model import PREDICT, TRAIN, ModelSpec  # noqa: E402
+from distributed.model.graphs import call_model_fn  # noqa: E402
 from distributed.train.graph import (InputSpec, VariableLoader,  # noqa: E402
-                                     build_train_graph, call_model_fn)
+                                     build_train_graph)
 
 APP = "distributed.examples.keras_app:app_model_fn"
 BATCH = 16

@@ -30,8 +30,10 @@ from distributed.model.estimator import (EstimatorSpec, IgnoredTrainOpWarning, M
                                    from_estimator, to_estimator_mode)
 from distributed.examples import digits, keras_digits
 from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec, load_function
+from distributed.model.graphs import call_model_fn
 from distributed.train.graph import (InputSpec, VariableLoader, build_train_graph,
-                                     call_model_fn, predict_reads)
+                                     predict_reads)
+from tests.helpers.drivers import prepare
 
 KERAS = "distributed.examples.keras_digits:keras_cnn_model_fn"
 ESTIMATOR = "tests.test_keras_estimator:adapted_mlp_model_fn"
@@ -210,7 +212,7 @@ def test_restore_job_exports_the_keras_model(storage, tmp_path):
     cfg = make_config(storage=storage, run="keras", steps=40,
                       selection={"policy": "inference"})
     coord = Coordinator(cfg.to_dict())
-    coord.prepare()
+    prepare(coord)
     try:
         assert set(coord.serving_names) == KERAS_TRAINABLE | KERAS_BN_STATS
         assert not coord.warnings
@@ -248,7 +250,7 @@ def test_moving_statistics_nothing_updates_are_a_warning_naming_the_fix(storage)
     cfg = make_config(model=f"{__name__}:forgetful_keras_model_fn", storage=storage,
                       run="forgetful", selection={"policy": "inference"})
     coord = Coordinator(cfg.to_dict())
-    coord.prepare()
+    prepare(coord)
     coord.sess.close()
     (warning,) = [w for w in coord.warnings if "UPDATE_OPS" in w]
     for name in KERAS_BN_STATS:

@@ -1,7 +1,7 @@
 """Replicated model state: every non-trainable variable a train step writes
 stays identical on every worker, combined as its ``aggregation`` declares.
 
-Worker k of 2 sees only ids ≡ k mod 2 (:mod:`tests.state_models`), so a
+Worker k of 2 sees only ids ≡ k mod 2 (:mod:`tests.helpers.state_models`), so a
 counter that each worker kept for itself would count half of the examples
 (and differ between replicas). The graph-level tests build real graphs; the
 Ray tests train 2 real workers and read each replica and the full checkpoint
@@ -23,12 +23,12 @@ from distributed.errors import ConfigError
 from distributed.inputs.spec import InputSpec
 from distributed.train import state
 from distributed.train.graph import build_train_graph
-from tests import state_models
 from tests.conftest import start_local_ray
-from tests.drivers import actor_group
+from tests.helpers import state_models
+from tests.helpers.drivers import actor_group
 
-MODEL = "tests.state_models:counter_model_fn"
-INPUT = "tests.state_models:ids_input_fn"
+MODEL = "tests.helpers.state_models:counter_model_fn"
+INPUT = "tests.helpers.state_models:ids_input_fn"
 SPEC = InputSpec({"id": ("int64", ())}, ("int64", ()))
 BATCH = 16
 COUNTERS = {f"state/{name}" for name in state_models.COUNTERS}
@@ -93,11 +93,12 @@ def test_calls_write_the_variables_their_bodies_write_not_those_they_read():
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("string", r"^model: tests\.state_models:counter_model_fn: variable 'state/bad' "
-               r"\(string, aggregation NONE\) .* cannot be exchanged .*LOCAL_VARIABLES"),
-    ("bool", r"^model: tests\.state_models:counter_model_fn: variable 'state/bad' "
-             r"\(bool, aggregation SUM\) .* workers cannot add bool values; declare it "
-             r"with aggregation=tf\.VariableAggregation\.ONLY_FIRST_REPLICA")])
+    ("string", r"^model: tests\.helpers\.state_models:counter_model_fn: variable "
+               r"'state/bad' \(string, aggregation NONE\) .* cannot be exchanged "
+               r".*LOCAL_VARIABLES"),
+    ("bool", r"^model: tests\.helpers\.state_models:counter_model_fn: variable "
+             r"'state/bad' \(bool, aggregation SUM\) .* workers cannot add bool values; "
+             r"declare it with aggregation=tf\.VariableAggregation\.ONLY_FIRST_REPLICA")])
 def test_an_aggregation_the_dtype_cannot_take_is_one_line_naming_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match) as info:
         build_train_graph(make_config(model_params={"bad": bad}), SPEC)

@@ -23,7 +23,7 @@ from distributed.model import PREDICT
 from distributed.serving import job
 from distributed.train import trainer
 from tests.conftest import start_local_ray
-from tests.test_train import make_config
+from tests.helpers.training import make_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

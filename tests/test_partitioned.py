@@ -25,7 +25,7 @@ from distributed.checkpoint.writer import ShardImbalanceWarning
 from distributed.errors import (ManifestError, PartitionMismatchError, SelectionError,
                                 SliceLayoutError)
 from distributed.train.graph import VariableLoader
-from tests.test_verify import flip
+from tests.helpers.damage import flip
 
 SHAPES = {"emb": [10, 4], "emb2": [5, 7], "w": [3]}
 
@@ -406,7 +406,8 @@ def test_an_oversized_unpartitioned_table_is_a_warning_the_run_prints(storage):
     warnings the trainer prints at the start of the run."""
     from distributed import config as config_lib
     from distributed.train.coordinator import Coordinator
-    cfg = config_lib.from_dict({"model": "tests.partitioned_models:big_table_model_fn",
+    cfg = config_lib.from_dict({"model": "tests.helpers.partitioned_models:"
+                                         "big_table_model_fn",
                                 "storage": storage, "run": "big", "workers": 1,
                                 "optimizer": {"name": "sgd", "learning_rate": 0.1},
                                 "checkpoint": {"shards": 4}})

@@ -20,10 +20,10 @@ from distributed.errors import SliceLayoutError
 from distributed.examples.digits import digits_eval_arrays
 from distributed.serving import job
 from distributed.train.coordinator import Coordinator
-from tests.drivers import train_in_process
-from tests.partitioned_models import DIM, VOCAB, reference_logits
+from tests.helpers.drivers import prepare, train_in_process
+from tests.helpers.partitioned_models import DIM, VOCAB, reference_logits
 
-MODELS = "tests.partitioned_models"
+MODELS = "tests.helpers.partitioned_models"
 ROWS_PER_PART = VOCAB // 4
 
 
@@ -93,7 +93,7 @@ def test_a_partitioned_run_resumes_from_its_full_checkpoint(trained, tmp_path):
     logical tensors' slices (a fresh coordinator on a copy of the run)."""
     storage = shutil.copytree(trained[0], str(tmp_path / "storage"))
     coord = Coordinator(config(storage, steps=40).to_dict())
-    plan = coord.prepare()
+    plan = prepare(coord)
     try:
         assert plan.opened.resumed_from == 20 and plan.opened.start_step == 20
         got = coord.sess.run({v.op.name: v for v in coord.tg.variables})

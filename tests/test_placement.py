@@ -3,7 +3,7 @@
 Every example's train (one step, and the ``steps_per_run`` loop), eval and
 predict graph is built as a GPU worker builds it (everything under
 ``/device:GPU:0``, a two-rank NCCL all-reduce, tf.data prefetched to the GPU;
-``tests/placement_cases.py``), and TensorFlow's kernel registry says where
+``tests/helpers/placement_cases.py``), and TensorFlow's kernel registry says where
 each op would run (:mod:`distributed.train.placement`): every op asked onto
 the GPU has a GPU kernel for its dtypes or is moved to the CPU by the
 worker's soft placement, and every collective stays on the GPU. Run with
@@ -21,7 +21,7 @@ from distributed.inputs import probe_spec
 from distributed.train import collective
 from distributed.train.graph import build_train_graph
 from distributed.train.placement import check_gpu_placement
-from tests import placement_cases as pc
+from tests.helpers import placement_cases as pc
 
 MODES = [("train", 1), ("train", 4), ("eval", 1), ("predict", 1)]
 # MobileNet (~10 s a graph): only its loop graph. Its one-step, eval and predict

@@ -33,16 +33,17 @@ import jobs.train
 from distributed import config as config_lib
 from distributed.checkpoint import Catalog, RunLayout
 from distributed.checkpoint.verify import verify_checkpoint
+from distributed.cli.guard import main_guard
 from distributed.errors import ConfigError, DistributedError
 from distributed.examples import digits
 from distributed.examples.digits_inputs import write_digits_parquet
 from distributed.serving import job
 from distributed.train import trainer
-from distributed.train.trainer import main_guard
-from tests import raydata_inputs
 from tests.conftest import REPO_ROOT, start_local_ray
-from tests.test_train import (CNN, CNN_BN_STATS, CNN_TRAINABLE, MLP, MLP_TRAINABLE,
-                              ckpt_prefix, progress_losses, serving_accuracy)
+from tests.helpers import raydata_inputs
+from tests.helpers.training import (CNN, CNN_BN_STATS, CNN_TRAINABLE, MLP,
+                                    MLP_TRAINABLE, ckpt_prefix, progress_losses,
+                                    serving_accuracy)
 
 pytestmark = pytest.mark.ray
 
@@ -52,7 +53,7 @@ NUM_CPUS = 4
 # wait on a 2-core machine. Two are plenty for four small files; the actors
 # and workers inherit this from the environment the Ray processes start in.
 FOOTER_ACTORS = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
-PARQUET = "tests.raydata_inputs:parquet_dataset"
+PARQUET = "tests.helpers.raydata_inputs:parquet_dataset"
 DIGITS_SPEC = {"features": {"image": ["float32", [64]]}, "labels": ["int64", []]}
 
 
@@ -200,24 +201,26 @@ class TestOnLocalRay:
 
     @pytest.mark.parametrize("dataset,label,data,pattern", [
         (PARQUET, "lable", "digits",
-         r"^input\.label: the dataset of tests\.raydata_inputs:parquet_dataset has no "
-         r"column 'lable' \(did you mean 'label'\?\); its columns are image, label$"),
-        ("tests.raydata_inputs:empty_dataset", "label", None,
-         r"^input\.ray_dataset: tests\.raydata_inputs:empty_dataset returned an empty "
-         r"dataset \(no rows, no columns\); check the path"),
+         r"^input\.label: the dataset of tests\.helpers\.raydata_inputs:parquet_dataset "
+         r"has no column 'lable' \(did you mean 'label'\?\); its columns are image, "
+         r"label$"),
+        ("tests.helpers.raydata_inputs:empty_dataset", "label", None,
+         r"^input\.ray_dataset: tests\.helpers\.raydata_inputs:empty_dataset returned "
+         r"an empty dataset \(no rows, no columns\); check the path"),
         (PARQUET, "label", "zero-rows",
-         r"^input\.ray_dataset: tests\.raydata_inputs:parquet_dataset gave worker \d "
-         r"no full batch of 32 rows; the dataset is empty or has fewer than workers "
-         r"x batch_size rows$"),
+         r"^input\.ray_dataset: tests\.helpers\.raydata_inputs:parquet_dataset gave "
+         r"worker \d no full batch of 32 rows; the dataset is empty or has fewer than "
+         r"workers x batch_size rows$"),
         (PARQUET, "label", "zero-rows-materialized",
-         r"^input\.ray_dataset: tests\.raydata_inputs:parquet_dataset returned an "
-         r"empty dataset"),
-        ("tests.raydata_inputs:rows_as_list", "label", None,
-         r"^input\.ray_dataset: tests\.raydata_inputs:rows_as_list returned list, not "
-         r"a ray\.data\.Dataset; return e\.g\. ray\.data\.read_parquet\(path\)$"),
+         r"^input\.ray_dataset: tests\.helpers\.raydata_inputs:parquet_dataset "
+         r"returned an empty dataset"),
+        ("tests.helpers.raydata_inputs:rows_as_list", "label", None,
+         r"^input\.ray_dataset: tests\.helpers\.raydata_inputs:rows_as_list returned "
+         r"list, not a ray\.data\.Dataset; return e\.g\. ray\.data\.read_parquet\(path\)$"),
         (PARQUET, "label", "ragged",
-         r"^input\.ray_dataset: column 'image' of tests\.raydata_inputs:parquet_dataset"
-         r"'s dataset holds lists of different lengths; pad them to one length"),
+         r"^input\.ray_dataset: column 'image' of "
+         r"tests\.helpers\.raydata_inputs:parquet_dataset's dataset holds lists of "
+         r"different lengths; pad them to one length"),
     ], ids=["label-not-a-column", "empty-dataset", "zero-row-parquet",
             "zero-row-parquet-materialized", "not-a-dataset", "ragged-list-column"])
     def test_bad_ray_data_input_is_one_line_and_writes_nothing(
@@ -267,7 +270,8 @@ class TestOnLocalRay:
         assert out == "", out
         assert err.count("\n") == 1, err
         assert re.fullmatch(
-            r"error: input\.label: the dataset of tests\.raydata_inputs:parquet_dataset "
+            r"error: input\.label: the dataset of "
+            r"tests\.helpers\.raydata_inputs:parquet_dataset "
             r"has no column 'labels' \(did you mean 'label'\?\); its columns are "
             r"image, label\n", err), err
         assert os.listdir(storage) == []

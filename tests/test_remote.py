@@ -20,10 +20,11 @@ from distributed.checkpoint import (Catalog, CheckpointStore, CheckpointWriter,
                                     CorruptCatalogRowWarning, RunLayout,
                                     SelectionSpec, select_variables, verify_checkpoint)
 from distributed.storage import remote as rmt
+from distributed.storage import uris
 from distributed.errors import (CheckpointExistsError, CheckpointNotFoundError,
                                StorageError)
-from tests import s3_server
 from tests.conftest import build_tiny_model
+from tests.helpers import s3_server
 
 RUN = "run"
 ONE_TRY = pafs.AwsStandardS3RetryStrategy(max_attempts=1)
@@ -81,10 +82,10 @@ def _published_step(remote, step: int) -> bool:
     return (step, "serving") in remote.catalog_rows(RUN)
 
 
-def test_is_remote():
-    assert rmt.is_remote("s3://b/p") and rmt.is_remote("gs://b") and rmt.is_remote("S3://b")
+def test_is_object_store():
+    assert all(uris.is_object_store(u) for u in ("s3://b/p", "gs://b", "S3://b"))
     for local in ("runs", "/mnt/runs", "file:///mnt/runs", "c:\\runs", "", None):
-        assert not rmt.is_remote(local)
+        assert not uris.is_object_store(local)
 
 
 def test_publish_sync_fetch_verify(remote, staging, tmp_path, s3, bucket):

@@ -11,30 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from distributed import config as config_lib
 from distributed.checkpoint import read_manifest
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ConfigError, StorageError)
 from distributed.examples.digits import digits_eval_arrays
 from distributed.model import PREDICT
+from distributed.model.graphs import call_model_fn
 from distributed.serving import job
 from distributed.serving.export import list_versions, prune_versions
-from distributed.train.graph import call_model_fn
-from tests.drivers import train_in_process
+from tests.helpers.drivers import train_digits_in_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MLP = "distributed.examples.digits:mlp_model_fn"
 CNN = "distributed.examples.digits:cnn_bn_model_fn"
-
-
-def train_run(storage, run, model, policy="inference", steps=(20, 40), include=()):
-    """Trains in-process on the coordinator's own graph and saves through its
-    real save path (what rank 0 hands it), without Ray."""
-    cfg = config_lib.from_dict({
-        "model": model, "storage": storage, "run": run, "workers": 1,
-        "selection": {"policy": policy, "include": list(include)},
-        "steps": max(steps), "model_params": {"hidden": [32]} if model == MLP else {}})
-    return train_in_process(cfg, steps), cfg
 
 
 def reference_outputs(coord, cfg, images):
@@ -63,7 +52,7 @@ def serve(export_dir, images):
 
 @pytest.mark.parametrize("model", [MLP, CNN])
 def test_saved_model_matches_chief_session(storage, tmp_path, model):
-    coord, cfg = train_run(storage, "r", model)
+    coord, cfg = train_digits_in_process(storage, "r", model)
     export = str(tmp_path / "export")
     result = job.restore_once(storage, "r", export, echo=lambda s: None)
     assert result.version == 40 and list_versions(export) == [40]
@@ -77,7 +66,7 @@ def test_saved_model_matches_chief_session(storage, tmp_path, model):
 
 
 def test_trainable_policy_on_bn_cnn_is_refused_naming_the_cause(storage, tmp_path):
-    coord, _ = train_run(storage, "r", CNN, policy="trainable")
+    coord, _ = train_digits_in_process(storage, "r", CNN, policy="trainable")
     assert any("moving_mean" in w for w in coord.warnings)
     export = tmp_path / "export"
     with pytest.raises(CheckpointNotFoundError) as info:
@@ -99,7 +88,7 @@ def flip_first_tensor(ckpt_dir):
 
 
 def test_corrupt_newest_falls_back_and_step_fails(storage, tmp_path):
-    coord, _ = train_run(storage, "r", MLP)
+    coord, _ = train_digits_in_process(storage, "r", MLP)
     bad = flip_first_tensor(coord.store.layout.checkpoint_dir("serving", 40))
     said = []
     result = job.restore_once(storage, "r", str(tmp_path / "a"), echo=said.append)
@@ -113,13 +102,14 @@ def test_corrupt_newest_falls_back_and_step_fails(storage, tmp_path):
 
 
 def test_scope_map_restores_into_a_differently_scoped_graph(storage, tmp_path):
-    train_run(storage, "r", "tests.scoped_models:tower_model_fn")
+    train_digits_in_process(storage, "r", "tests.helpers.scoped_models:tower_model_fn")
     export = str(tmp_path / "export")
     with pytest.raises(CheckpointNotFoundError, match="serving/tower/dense/kernel"):
-        job.restore_once(storage, "r", export, model="tests.scoped_models:serving_model_fn",
+        job.restore_once(storage, "r", export,
+                         model="tests.helpers.scoped_models:serving_model_fn",
                          echo=lambda s: None)
     result = job.restore_once(storage, "r", export, maps=["tower/=serving/tower/"],
-                              model="tests.scoped_models:serving_model_fn",
+                              model="tests.helpers.scoped_models:serving_model_fn",
                               echo=lambda s: None)
     images = digits_eval_arrays("test")[0]["image"][:5]
     reader = tf.train.load_checkpoint(os.path.join(
@@ -131,7 +121,7 @@ def test_scope_map_restores_into_a_differently_scoped_graph(storage, tmp_path):
 
 
 def test_best_by_metric(storage, tmp_path):
-    train_run(storage, "r", MLP, steps=(10, 20, 30))
+    train_digits_in_process(storage, "r", MLP, steps=(10, 20, 30))
     # The expected answer comes from the catalog's Parquet rows read with plain
     # pyarrow, not from the Catalog.best the restore job uses.
     rows = pq.read_table(os.path.join(storage, "r", "catalog")).to_pylist()
@@ -154,7 +144,7 @@ def test_export_reads_under_a_lease_that_retention_respects(storage, tmp_path, m
     from distributed.checkpoint.layout import RunLayout
     from distributed.serving import export as export_module
 
-    train_run(storage, "r", MLP)
+    train_digits_in_process(storage, "r", MLP)
     run_layout = RunLayout(storage, "r")
     step20 = run_layout.checkpoint_dir("serving", 20)
     seen = {}
@@ -196,7 +186,7 @@ def test_saved_model_is_written_under_a_hidden_tmp_name_then_renamed(storage, tm
     only a hidden tmp directory, never a half-written <version>/."""
     from distributed.checkpoint import layout as layout_module
 
-    train_run(storage, "r", MLP)
+    train_digits_in_process(storage, "r", MLP)
     export = str(tmp_path / "export")
     seen = []
     real_fsync_tree = layout_module.fsync_tree
@@ -224,7 +214,7 @@ def test_bad_inputs(storage, tmp_path):
     export = str(tmp_path / "export")
     with pytest.raises(CheckpointNotFoundError, match="run 'nope' not found"):
         job.restore_once(storage, "nope", export, echo=lambda s: None)
-    train_run(storage, "r", MLP)
+    train_digits_in_process(storage, "r", MLP)
     with pytest.raises(CheckpointNotFoundError, match="no committed serving checkpoint at step 7"):
         job.restore_once(storage, "r", export, step=7, echo=lambda s: None)
     with pytest.raises(ConfigError, match="is not CKPT_PREFIX=GRAPH_PREFIX"):
@@ -238,7 +228,7 @@ def test_bad_inputs(storage, tmp_path):
 
 
 def test_empty_catalog(storage, tmp_path):
-    coord, _ = train_run(storage, "r", MLP)
+    coord, _ = train_digits_in_process(storage, "r", MLP)
     for e in coord.store.catalog.entries():
         coord.store.catalog.remove(e.step, e.tier)
     with pytest.raises(CheckpointNotFoundError, match="no committed serving checkpoint yet"):
@@ -254,7 +244,7 @@ def test_prune_keeps_newest(tmp_path):
 
 def test_watch_exports_new_checkpoints_and_stops(storage, tmp_path):
     import threading
-    coord, _ = train_run(storage, "r", MLP, steps=(10,))
+    coord, _ = train_digits_in_process(storage, "r", MLP, steps=(10,))
     export = str(tmp_path / "export")
     stop = threading.Event()
     said = []

@@ -7,8 +7,9 @@ import pytest
 from distributed.checkpoint import (Catalog, CheckpointStore, CheckpointWriter, KeepBestN,
                                     KeepEveryKSteps, KeepLastN, Retention, SelectionSpec,
                                     select_variables)
+from distributed.checkpoint.metric_goal import MetricGoal
 from distributed.errors import ConfigError
-from tests.test_catalog import entry
+from tests.helpers.catalog_entries import entry
 
 STEPS = [100, 200, 300, 400, 500]
 LOSSES = {100: 0.5, 200: 0.1, 300: 0.4, 400: 0.2, 500: 0.9}
@@ -59,6 +60,51 @@ def test_bad_config(config, fragment):
 def test_from_dict():
     r = Retention.from_dict({"keep_last": 3, "keep_best": {"metric": "loss", "n": 2}})
     assert r.rules == (KeepLastN(3), KeepBestN(2, "loss", "min"))
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"keep_last": 2}, {"keep_every": 1000},
+    {"keep_last": 1, "keep_every": 10, "keep_best": {"n": 3, "metric": "acc", "mode": "max"}},
+])
+def test_to_dict_reads_back_as_the_same_policy(config):
+    retention = Retention.from_dict(config)
+    assert Retention.from_dict(retention.to_dict()) == retention
+    assert retention.to_dict() == config
+
+
+# ------------------------------------------------------------- MetricGoal -----
+
+@pytest.mark.parametrize("text, goal", [
+    ("loss", MetricGoal("loss", "min")),
+    ("loss:min", MetricGoal("loss", "min")),
+    ("eval/accuracy:max", MetricGoal("eval/accuracy", "max")),
+])
+def test_metric_goal_parses_the_command_line_form(text, goal):
+    assert MetricGoal.parse(text) == goal
+
+
+@pytest.mark.parametrize("text", ["", ":max", "loss:lowest", "loss:max:min"])
+def test_metric_goal_refuses_other_forms(text):
+    with pytest.raises(ConfigError, match=r"is not METRIC\[:min\|max\]; use e\.g\."):
+        MetricGoal.parse(text)
+
+
+def test_metric_goal_mode_must_be_min_or_max():
+    with pytest.raises(ConfigError, match="use 'min' or 'max'"):
+        MetricGoal("loss", "lowest")
+
+
+def test_metric_goal_ranks_best_first_ties_newest_and_skips_unrecorded():
+    entries = [entry(1, loss=0.2), entry(2, loss=0.1), entry(3), entry(4, loss=0.2)]
+    assert [e.step for e in MetricGoal("loss").ranked(entries)] == [2, 4, 1]
+    assert [e.step for e in MetricGoal("loss", "max").ranked(entries)] == [4, 1, 2]
+    assert MetricGoal("auc").ranked(entries) == []
+
+
+def test_metric_goal_better_is_strict():
+    low, high = MetricGoal("loss", "min"), MetricGoal("acc", "max")
+    assert low.better(0.1, 0.2) and not low.better(0.2, 0.2) and not low.better(0.3, 0.2)
+    assert high.better(0.3, 0.2) and not high.better(0.2, 0.2) and not high.better(0.1, 0.2)
 
 
 def _store_with_steps(tiny_model, storage, steps=(1, 2, 3)):

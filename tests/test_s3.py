@@ -17,8 +17,8 @@ from distributed.storage import uris
 from distributed.errors import ConfigError
 from distributed.serving.job import restore_once
 from distributed.train import trainer
-from tests import s3_server
 from tests.conftest import start_local_ray
+from tests.helpers import s3_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

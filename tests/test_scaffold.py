@@ -19,9 +19,11 @@ from distributed.errors import ConfigError
 from distributed.serving.job import restore_once
 from distributed.train.coordinator import Coordinator
 from distributed.train.graph import InputSpec, build_train_graph
-from tests import scaffold_models as models
+from tests.helpers import scaffold_models as models
+from tests.helpers.drivers import prepare
 
-MODEL, INPUT = "tests.scaffold_models:model_fn", "tests.scaffold_models:colors_input_fn"
+MODEL = "tests.helpers.scaffold_models:model_fn"
+INPUT = "tests.helpers.scaffold_models:colors_input_fn"
 
 
 def make_config(storage, run="colors", **fields):
@@ -53,7 +55,7 @@ def load_saved_model(export_dir):
 
 def test_vocabulary_columns_train_evaluate_and_serve_raw_strings(tmp_path):
     coord = Coordinator(make_config(tmp_path).to_dict())
-    coord.prepare()
+    prepare(coord)
     values = train(coord, 60)
     metrics, _ = coord.evaluator.evaluate(values)
     assert metrics["eval/accuracy"] > 0.75, metrics
@@ -103,7 +105,7 @@ def test_scaffold_init_fn_on_a_fresh_start_only_and_local_init_op(tmp_path):
     params = {"model_params": {"scaffold": True},
               "checkpoint": {"serving_every": 5, "full_every": 5}}
     coord = Coordinator(make_config(tmp_path, **params).to_dict())
-    coord.prepare()
+    prepare(coord)
     values = coord.initial_values()
     np.testing.assert_allclose(values["logits/bias"], [3.0, -3.0])  # init_fn ran
     assert marker_value(coord) == 7.0  # the scaffold's local_init_op ran
@@ -114,7 +116,7 @@ def test_scaffold_init_fn_on_a_fresh_start_only_and_local_init_op(tmp_path):
     coord.save(5, "full", coord.sess.run(names), {})
     coord.close()
     resumed = Coordinator(make_config(tmp_path, **params).to_dict())
-    plan = resumed.prepare()
+    plan = prepare(resumed)
     assert plan.opened.start_step == 5
     # Resumed values win over init_fn's warm start, as in Estimator.
     np.testing.assert_allclose(resumed.initial_values()["logits/bias"], [1.0, 1.0])

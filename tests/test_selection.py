@@ -5,9 +5,9 @@ import warnings
 import pytest
 
 from distributed.checkpoint import (MissingInferenceVariablesWarning, SelectionSpec,
-                                    VariableInfo, select, select_variables,
-                                    variables_read_by)
+                                    VariableInfo, select, select_variables)
 from distributed.errors import ConfigError, SelectionError
+from distributed.model.walk import variables_read_by
 
 TRAINABLE = {"tower/dense/kernel", "tower/dense/bias", "tower/bn/gamma", "head/kernel"}
 READ_NON_TRAINABLE = {"tower/bn/moving_mean", "tower/bn/moving_variance",

@@ -14,7 +14,7 @@ from distributed.train import collective, sparse
 from distributed.train.collective import GroupSpec
 from distributed.train.graph import build_train_graph
 from tests.conftest import start_local_ray
-from tests.test_collective import _ancestors
+from tests.helpers.graphs import ancestors
 
 TWO = ("127.0.0.1:1", "127.0.0.1:2")
 EMBEDDING = "distributed.examples.embedding"
@@ -132,7 +132,7 @@ def test_nccl_launches_every_collective_in_one_chain_with_unique_keys():
     # Row counts first (they need only the ids), the dense bucket, the rows.
     assert [op.type for op in ops] == ["CollectiveGatherV2", "CollectiveReduceV2",
                                        "CollectiveGatherV2"]
-    assert all(ops[i - 1] in _ancestors(op) for i, op in enumerate(ops) if i)
+    assert all(ops[i - 1] in ancestors(op) for i, op in enumerate(ops) if i)
     assert all(op.get_attr("communication_hint") == b"nccl" for op in ops)
 
 

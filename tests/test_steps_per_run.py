@@ -130,7 +130,8 @@ def test_tf_data_input_reads_one_batch_per_step_of_the_loop():
 
 
 def test_reference_variables_are_refused_with_the_fix():
-    config = config_lib.from_dict({"model": "tests.scoped_models:ref_variables_model_fn"})
+    config = config_lib.from_dict(
+        {"model": "tests.helpers.scoped_models:ref_variables_model_fn"})
     spec = InputSpec({"image": ("float32", (64,))}, ("int64", ()))
     with pytest.raises(ConfigError) as info:
         build_train_graph(config, spec, steps_per_run=4)

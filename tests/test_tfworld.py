@@ -73,7 +73,7 @@ def test_layers_model_trains_evaluates_exports_and_classifies(tmp_path):
     assert "inputs: image float32 [-1, 64]" in restore.stdout, restore.stdout
     watched = watch_once(storage, str(tmp_path / "watched"))
     assert "exported step" in watched, watched
-    diff = run("-m", "distributed.cli.ckpt", "diff", "--storage", storage, "--run",
+    diff = run("-m", "distributed.ckpt", "diff", "--storage", storage, "--run",
                "digits-layers", "100", "200")
     assert diff.returncode == 0, diff.stdout + diff.stderr
     assert "layers_cnn/bn_0/moving_mean" in diff.stdout, diff.stdout

@@ -196,13 +196,13 @@ def census_rows(n: int, seed: int) -> tuple[dict, np.ndarray]:
 
 def census_input_fn(worker_index, num_workers, batch_size, params):
     """Training rows, a different stream per worker, forever."""
-    from tests.drivers import worker_stream
+    from tests.helpers.drivers import worker_stream
     return worker_stream(census_rows, 1000, worker_index, num_workers, batch_size)
 
 
 def census_eval_input_fn(worker_index, num_workers, batch_size, params):
     """256 held-out rows, once."""
-    from tests.drivers import batches_of
+    from tests.helpers.drivers import batches_of
     yield from batches_of(*census_rows(256, seed=7), batch_size)
 
 
@@ -270,7 +270,7 @@ STEPS = 40
 def test_census_estimator_trains_on_two_workers_evaluates_and_exports_raw_strings(
         storage, tmp_path):
     from distributed.checkpoint import RunLayout
-    from tests.drivers import train_and_export
+    from tests.helpers.drivers import train_and_export
 
     run, export = "census", tmp_path / "export"
     serving = train_and_export(__name__, "model_fn", "census_input_fn",

@@ -123,13 +123,13 @@ def click_rows(n: int, seed: int) -> tuple[dict, np.ndarray]:
 
 def deepfm_input_fn(worker_index, num_workers, batch_size, params):
     """Training clicks, a different stream per worker, forever."""
-    from tests.drivers import worker_stream
+    from tests.helpers.drivers import worker_stream
     return worker_stream(click_rows, 2000, worker_index, num_workers, batch_size)
 
 
 def deepfm_eval_input_fn(worker_index, num_workers, batch_size, params):
     """256 held-out clicks, once."""
-    from tests.drivers import batches_of
+    from tests.helpers.drivers import batches_of
     yield from batches_of(*click_rows(256, seed=8), batch_size)
 
 
@@ -173,7 +173,7 @@ STEPS = 40
 @pytest.mark.ray
 def test_deepfm_trains_on_two_workers_evaluates_and_exports(storage, tmp_path):
     from distributed.checkpoint import RunLayout
-    from tests.drivers import train_and_export
+    from tests.helpers.drivers import train_and_export
 
     run, export = "deepfm", tmp_path / "export"
     serving = train_and_export(__name__, "deepfm_model_fn", "deepfm_input_fn",

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,64 +18,21 @@ import pytest
 import ray
 import tensorflow as tf
 
-from distributed import config as config_lib
 from distributed.checkpoint import Catalog, RunLayout
 from distributed.errors import ConfigError, DistributedError, SelectionError
 from distributed.examples import digits
-from distributed.model import PREDICT
-from distributed.train import trainer
+from distributed.train import cluster
 from distributed.train.coordinator import Coordinator
-from tests.conftest import start_local_ray
-from tests.drivers import actor_group
+from tests.conftest import LOCAL_RAY_CPUS
+from tests.helpers.drivers import actor_group, prepare
+from tests.helpers.gpus import gpus_visible
+from tests.helpers.training import (CNN, CNN_BN_STATS, CNN_TRAINABLE, MLP, MLP_TRAINABLE,
+                                    ckpt_prefix, make_config, progress_losses, run_train,
+                                    serving_accuracy, tensorboard_scalars)
 
 pytestmark = pytest.mark.ray
 
-NUM_CPUS = 4
-MLP = "distributed.examples.digits:mlp_model_fn"
-CNN = "distributed.examples.digits:cnn_bn_model_fn"
-
-CNN_TRAINABLE = {f"cnn/conv_{i}/{name}" for i in (0, 1)
-                 for name in ("kernel", "bn/gamma", "bn/beta")} | {
-    "cnn/logits/kernel", "cnn/logits/bias"}
-CNN_BN_STATS = {f"cnn/conv_{i}/bn/{name}" for i in (0, 1)
-                for name in ("moving_mean", "moving_variance")}
-MLP_TRAINABLE = {f"mlp/{layer}/{name}" for layer in ("dense_0", "dense_1", "logits")
-                 for name in ("kernel", "bias")}
 OPTIMIZER_STATE = re.compile(r"(/Adam(_1)?$|^beta[12]_power$|^global_step$)")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module, never a cluster named by RAY_ADDRESS."""
-    with start_local_ray(NUM_CPUS, log_to_driver=False):
-        yield
-
-
-def make_config(storage: str, run: str, **overrides) -> config_lib.TrainConfig:
-    data = {"storage": storage, "run": run, "model": CNN, "steps": 60,
-            "batch_size": 32, "workers": 2, "cpus_per_worker": 0.5, "log_every": 20,
-            "optimizer": {"name": "adam", "learning_rate": 0.01},
-            "checkpoint": {"serving_every": 20, "full_every": 60},
-            "retention": {"serving": {"keep_last": 10}, "full": {"keep_last": 10}},
-            "collective_timeout": 60.0}
-    data.update(overrides)
-    return config_lib.from_dict(data)
-
-
-def run_train(config):
-    """Calls ``train`` directly; returns the summary and the echoed lines."""
-    lines: list[str] = []
-    summary = trainer.train(config, echo=lines.append)
-    return summary, lines
-
-
-def progress_losses(lines: list[str]) -> list[float]:
-    return [float(m.group(1)) for m in
-            (re.match(r"step \d+/\d+\s+mean loss (\S+)", line) for line in lines) if m]
-
-
-def ckpt_prefix(storage: str, run: str, tier: str, step: int) -> str:
-    return os.path.join(RunLayout(storage, run).checkpoint_dir(tier, step), "model.ckpt")
 
 
 def ckpt_names(storage: str, run: str, tier: str, step: int) -> set[str]:
@@ -86,29 +40,12 @@ def ckpt_names(storage: str, run: str, tier: str, step: int) -> set[str]:
         ckpt_prefix(storage, run, tier, step))}
 
 
-def serving_accuracy(model: str, prefix: str) -> tuple[float, set[str]]:
-    """Test-split accuracy of a predict graph restored from ``prefix`` by a stock
-    Saver; also returns the names of the predict graph's variables."""
-    model_fn = getattr(digits, model.split(":")[1])
-    x, y = digits.digits_eval_arrays("test")
-    graph = tf.Graph()
-    with graph.as_default():
-        image = tf.compat.v1.placeholder(tf.float32, [None, 64])
-        spec = model_fn({"image": image}, None, PREDICT, {})
-        variables = {v.op.name: v for v in tf.compat.v1.global_variables()}
-        saver = tf.compat.v1.train.Saver(var_list=variables)
-    with tf.compat.v1.Session(graph=graph) as sess:
-        saver.restore(sess, prefix)
-        classes = sess.run(spec.predictions["classes"], {image: x["image"]})
-    return float(np.mean(classes == y)), set(variables)
-
-
 def wait_for_free_cpus(timeout: float = 30.0) -> float:
     """Waits until every actor's CPUs are back (the trainer killed them)."""
     deadline = time.monotonic() + timeout
     while True:
         free = ray.available_resources().get("CPU", 0.0)
-        if free >= NUM_CPUS or time.monotonic() > deadline:
+        if free >= LOCAL_RAY_CPUS or time.monotonic() > deadline:
             return free
         time.sleep(0.2)
 
@@ -172,16 +109,6 @@ def test_mlp_loss_drops_catalog_records_loss_and_keep_last_applies(local_ray, st
     assert [s for s, _ in scalars["checkpoint/full/save_seconds"]] == [40, 80]
     assert {v for _, v in scalars["checkpoint/full/bytes"]} == {
         e["num_bytes"] for e in summary["entries"] if e["tier"] == "full"}
-
-
-def tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar under ``logdir`` as TensorBoard itself loads it:
-    ``{tag: [(step, value), ...]}`` in step order."""
-    from tensorboard.backend.event_processing import event_accumulator
-    acc = event_accumulator.EventAccumulator(logdir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag))
-            for tag in acc.Tags()["scalars"]}
 
 
 def test_cnn_loss_drops_and_inference_checkpoint_holds_bn_stats_only(local_ray, storage):
@@ -269,7 +196,7 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
                          checkpoint={"serving_every": 20, "full_every": 40})
     coordinator = Coordinator(second.to_dict())
     try:
-        plan = coordinator.prepare()
+        plan = prepare(coordinator)
         assert (plan.opened.start_step, plan.opened.resumed_from) == (40, 40)
         values = coordinator.initial_values()
     finally:
@@ -314,7 +241,7 @@ def test_resumed_run_continues_the_learning_rate_schedule_and_slots(local_ray, s
     second = make_config(storage, "lr-resume", steps=40, **common)
     coordinator = Coordinator(second.to_dict())
     try:
-        assert coordinator.prepare().opened.resumed_from == 20
+        assert prepare(coordinator).opened.resumed_from == 20
         values = coordinator.initial_values()
     finally:
         coordinator.sess.close()
@@ -423,8 +350,8 @@ def _gathers_sparse_gradients(config) -> bool:
 
 @pytest.mark.parametrize("model,input_fn,overrides", [
     (CNN, digits.__name__ + ":digits_input_fn", {}),
-    ("tests.scoped_models:ref_variables_model_fn", digits.__name__ + ":digits_input_fn",
-     {}),
+    ("tests.helpers.scoped_models:ref_variables_model_fn",
+     digits.__name__ + ":digits_input_fn", {}),
     (CNN, TFDATA, {}),
     (CNN, digits.__name__ + ":digits_input_fn", {"optimizer": CLIPPED_RMSPROP}),
     (f"{EMBEDDING}:embedding_model_fn", f"{EMBEDDING}:embedding_input_fn",
@@ -497,27 +424,17 @@ def test_user_errors_come_back_as_distributed_errors(local_ray, storage, overrid
     assert isinstance(info.value, DistributedError)
     assert not isinstance(info.value, ray.exceptions.RayError)
     assert ray.is_initialized()
-    assert wait_for_free_cpus() == NUM_CPUS  # the trainer killed its actors
+    assert wait_for_free_cpus() == LOCAL_RAY_CPUS  # the trainer killed its actors
     if os.path.isdir(os.path.join(storage, "bad")):  # the coordinator got that far
         assert Catalog(RunLayout(storage, "bad")).entries() == []
 
 
 # ----------------------------------------------------------------- GPU -----
 
-def _gpu_visible() -> bool:
-    if shutil.which("nvidia-smi") is None:
-        return False
-    probe = ("import tensorflow as tf, sys; "
-             "sys.exit(0 if tf.config.list_physical_devices('GPU') else 1)")
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                          timeout=120).returncode == 0
-
-
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_one_gpu_worker_uses_nccl_and_trains(local_ray, storage):
-    if not _gpu_visible():
+    if gpus_visible() == 0:
         pytest.skip("no GPU visible to TensorFlow")
     if ray.cluster_resources().get("GPU", 0) < 1:
         pytest.skip("the local Ray sees no GPU")
@@ -528,7 +445,7 @@ def test_one_gpu_worker_uses_nccl_and_trains(local_ray, storage):
         return GroupSpec(("127.0.0.1:1",), 0).resolved_hint()
 
     assert ray.get(hint.options(runtime_env={
-        "env_vars": dict(trainer._ACTOR_ENV)}).remote()) == "nccl"
+        "env_vars": cluster.actor_env_vars()}).remote()) == "nccl"
     summary, lines = run_train(make_config(storage, "gpu", model=MLP, workers=1,
                                            gpus_per_worker=1.0, steps=40,
                                            selection={"policy": "trainable"}))

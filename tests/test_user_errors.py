@@ -21,7 +21,7 @@ from distributed import config as config_lib
 from distributed.errors import StepError
 from distributed.train.op_errors import user_op_error
 from distributed.train.optimizers import advancing_global_step
-from tests import user_error_models as models
+from tests.helpers import user_error_models as models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERNALS = ("Traceback", "RayTaskError", "ray/", "tensorflow/python", "site-packages",
@@ -38,8 +38,8 @@ def run_module(module: str, *argv: str, timeout: int = 300):
 
 
 def write_config(tmp_path, **fields) -> str:
-    data = {"model": "tests.user_error_models:table_model_fn",
-            "input": "tests.user_error_models:leaving_ids_input_fn",
+    data = {"model": "tests.helpers.user_error_models:table_model_fn",
+            "input": "tests.helpers.user_error_models:leaving_ids_input_fn",
             "batch_size": 8, "workers": 2, "cpus_per_worker": 0.5, "steps": 40,
             "log_every": 10, "storage": str(tmp_path / "runs"), "run": "r",
             "collective_timeout": 60,
@@ -86,9 +86,9 @@ def test_an_op_inside_the_loop_of_steps_per_run_is_found_with_its_lines():
     import numpy as np
 
     from distributed.train.graph import InputSpec, build_train_graph
-    config = config_lib.from_dict({"model": "tests.user_error_models:table_model_fn",
-                                   "input": "tests.user_error_models:leaving_ids_input_fn",
-                                   "batch_size": 8})
+    config = config_lib.from_dict({
+        "model": "tests.helpers.user_error_models:table_model_fn",
+        "input": "tests.helpers.user_error_models:leaving_ids_input_fn", "batch_size": 8})
     source = models.leaving_ids_input_fn(0, 1, 8, {})
     batches = [next(source) for _ in range(3)]
     batches[2][0]["id"][1] = 150
@@ -149,7 +149,7 @@ def test_step_error_is_one_message_and_keeps_checkpoints(tmp_path):
     assert lines[0].startswith(f"error: step {models.BAD_STEP} on worker 1: "
                                "InvalidArgumentError in op "), err
     assert "is not in [0, 100)" in lines[0]
-    assert any("tests/user_error_models.py:" in line and "table_model_fn" in line
+    assert any("tests/helpers/user_error_models.py:" in line and "table_model_fn" in line
                for line in lines), err
     assert not any(s in err for s in INTERNALS), err
     assert "FAILURE" not in proc.stdout and "restarting" not in proc.stdout  # not retried
@@ -157,7 +157,7 @@ def test_step_error_is_one_message_and_keeps_checkpoints(tmp_path):
     # hand-off may still be on its way, so only the note's start is certain.
     assert lines[-1].startswith("The checkpoints committed before it are intact ("), err
     # The checkpoints committed before it verify.
-    verify = run_module("distributed.cli.ckpt", "verify", "--storage",
+    verify = run_module("distributed.ckpt", "verify", "--storage",
                         str(tmp_path / "runs"), "--run", "r")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert re.search(r"^OK\s+serving step 10\b", verify.stdout, re.M), verify.stdout
@@ -170,12 +170,12 @@ def test_optimizer_that_never_advances_global_step_is_one_line(tmp_path):
     config = write_config(
         tmp_path, input="distributed.examples.digits:digits_input_fn",
         model="distributed.examples.digits:mlp_model_fn", steps=20,
-        optimizer={"name": "tests.user_error_models:step_ignoring_optimizer",
+        optimizer={"name": "tests.helpers.user_error_models:step_ignoring_optimizer",
                    "learning_rate": 0.1})
     proc = run_module("jobs.train", "--config", config)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: optimizer: tests.user_error_models:"
+    assert lines[0].startswith("error: optimizer: tests.helpers.user_error_models:"
                                "step_ignoring_optimizer did not advance global_step")
     assert "advancing_global_step" in lines[0]

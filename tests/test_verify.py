@@ -10,6 +10,7 @@ import pytest
 from distributed.checkpoint import (CheckpointStore, CheckpointWriter, SelectionSpec,
                                     read_manifest, select_variables, verify_checkpoint)
 from distributed.errors import CheckpointCorruptError, ManifestError, SchemaVersionError
+from tests.helpers.damage import flip
 
 
 @pytest.fixture
@@ -19,14 +20,6 @@ def ckpt(tiny_model, storage):
     store.open()
     entry = store.save(CheckpointWriter(vs, num_shards=2), tiny_model.sess, 1, "full", "{}")
     return store.checkpoint_dir(entry)
-
-
-def flip(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def test_good_checkpoint_verifies(ckpt):

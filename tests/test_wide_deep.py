@@ -16,7 +16,7 @@ from distributed.examples import wide_deep
 from distributed.model import EVAL, PREDICT, TRAIN
 from distributed.serving import job
 from tests.conftest import REPO_ROOT
-from tests.test_train import local_ray, run_train  # noqa: F401
+from tests.helpers.training import run_train
 
 CONFIG = os.path.join(REPO_ROOT, "jobs", "configs", "wide_deep.yaml")
 SMALL = {"hash_buckets": 5000, "cross_buckets": 3000, "embedding_dim": 8,

@@ -35,51 +35,41 @@ CRC or its schema is ignored, so a stale, damaged or missing cache can never hid
 a committed checkpoint or show a deleted one. Restore re-reads the chosen row
 file itself (:meth:`Catalog.get`), so a row file damaged after compaction is
 still caught there.
+
+The record format (the row schema, :class:`CatalogEntry`, checked Parquet reads
+and writes) is :mod:`~distributed.checkpoint.catalog_format`; this module
+decides what is committed and keeps the compacted copy.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import io
 import os
 import re
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from distributed.checkpoint import layout
+from distributed.checkpoint.catalog_format import (CATALOG_SCHEMA, SCHEMA_VERSION,
+                                                   CatalogEntry, check_schema,
+                                                   from_row, read_checked,
+                                                   table_bytes, to_table, utc_now)
 from distributed.checkpoint.manifest import check_schema_version
+from distributed.checkpoint.metric_goal import MetricGoal
 from distributed.errors import (CheckpointCorruptError, CheckpointExistsError,
                                 CheckpointNotFoundError, ManifestError,
                                 SchemaVersionError)
 
-# 2: adds ``manifest_crc32c``; row file names carry the CRC-32C of their bytes.
-SCHEMA_VERSION = "2"
+__all__ = ["CATALOG_SCHEMA", "COMPACTED_DIR", "Catalog", "CatalogEntry",
+           "CorruptCatalogRowWarning", "utc_now"]
+
 COMPACTED_DIR = "_compacted"
 _COMPACTED_RE = re.compile(r"^catalog\.([0-9a-f]{8})\.parquet$")
 ROW_FILE_COLUMN = "row_file"
 # Rewrite the compacted copy once this many row files are missing from it.
 COMPACT_EVERY = 64
-
-CATALOG_SCHEMA = pa.schema([
-    pa.field("run", pa.string(), nullable=False),
-    pa.field("step", pa.int64(), nullable=False),
-    pa.field("tier", pa.string(), nullable=False),
-    pa.field("path", pa.string(), nullable=False),
-    pa.field("num_tensors", pa.int64(), nullable=False),
-    pa.field("num_bytes", pa.int64(), nullable=False),
-    pa.field("num_shards", pa.int64(), nullable=False),
-    pa.field("save_seconds", pa.float64(), nullable=False),
-    pa.field("committed_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    pa.field("metrics", pa.map_(pa.string(), pa.float64())),
-    pa.field("selection", pa.string(), nullable=False),
-    pa.field("manifest_crc32c", pa.uint32(), nullable=False),
-], metadata={"schema_version": SCHEMA_VERSION,
-             "format": "distributed-tf-ray/catalog"})
 
 # The compacted copy: the rows plus the name of the row file each came from.
 COMPACTED_SCHEMA = CATALOG_SCHEMA.append(
@@ -88,107 +78,6 @@ COMPACTED_SCHEMA = CATALOG_SCHEMA.append(
 
 class CorruptCatalogRowWarning(UserWarning):
     """A catalog row file is corrupt or damaged; its checkpoint is skipped."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CatalogEntry:
-    """One committed checkpoint.
-
-    Attributes:
-        run: Run name.
-        step: Global training step of the checkpoint.
-        tier: ``serving`` or ``full``.
-        path: Checkpoint directory relative to the run root.
-        num_tensors: Tensors in the checkpoint (a partitioned variable counts once).
-        num_bytes: Tensor bytes (sum of manifest lengths).
-        num_shards: ``.data`` files.
-        save_seconds: Time from start of write to commit.
-        committed_at: UTC time of the commit.
-        metrics: Training metrics at that step (e.g. ``loss``).
-        selection: The selection spec as JSON.
-        manifest_crc32c: CRC-32C of the checkpoint's ``manifest.parquet`` bytes.
-    """
-
-    run: str
-    step: int
-    tier: str
-    path: str
-    num_tensors: int
-    num_bytes: int
-    num_shards: int
-    save_seconds: float
-    committed_at: _dt.datetime
-    metrics: Mapping[str, float]
-    selection: str
-    manifest_crc32c: int
-
-    @property
-    def key(self) -> tuple[int, str]:
-        return self.step, self.tier
-
-    def to_json_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["committed_at"] = self.committed_at.isoformat()
-        d["metrics"] = dict(self.metrics)
-        return d
-
-
-def _to_table(entries: list[CatalogEntry]) -> pa.Table:
-    cols = {f.name: [getattr(e, f.name) for e in entries] for f in CATALOG_SCHEMA}
-    cols["metrics"] = [list(dict(m).items()) for m in cols["metrics"]]
-    return pa.Table.from_pydict(cols, schema=CATALOG_SCHEMA)
-
-
-def _from_row(row: dict[str, Any]) -> CatalogEntry:
-    row = {f.name: row[f.name] for f in CATALOG_SCHEMA}
-    row["metrics"] = dict(row["metrics"] or [])
-    return CatalogEntry(**row)
-
-
-def _check_schema(schema: pa.Schema, path: str,
-                  want_schema: pa.Schema = CATALOG_SCHEMA) -> None:
-    for want in want_schema:
-        idx = schema.get_field_index(want.name)
-        got = schema.field(want.name) if idx >= 0 else None
-        if got is None or not got.type.equals(want.type):
-            raise ManifestError(
-                f"{path}: catalog column {want.name!r} is "
-                f"{'missing' if got is None else got.type}, expected {want.type}")
-    if len(schema) != len(want_schema):
-        raise ManifestError(f"{path}: catalog row has unexpected extra columns")
-
-
-def _read_checked(path: str, crc: int, what: str, fix: str = "") -> pa.Table:
-    """Reads a Parquet file whose name records ``crc``; checks the CRC first
-    (``fix`` is appended to the message when it fails).
-
-    Raises:
-        FileNotFoundError: The file is gone (e.g. removed by retention).
-        CheckpointCorruptError: Its bytes do not match ``crc``.
-        ManifestError: It cannot be read or parsed.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise ManifestError(f"{path}: {what} is unreadable ({e})") from e
-    actual = layout.bytes_crc32c(data)
-    if actual != crc:
-        raise CheckpointCorruptError(
-            f"{path}: {what} is corrupt: the CRC-32C of its bytes is {actual:#010x} "
-            f"but its name records {crc:#010x}{fix}", path=path)
-    try:
-        return pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
-    except (pa.ArrowException, OSError) as e:
-        raise ManifestError(f"{path}: {what} is unreadable ({e})") from e
-
-
-def _table_bytes(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-    return sink.getvalue()
 
 
 class Catalog:
@@ -248,7 +137,7 @@ class Catalog:
                 f"run {self._layout.run!r} already has a committed {entry.tier} "
                 f"checkpoint at step {entry.step}")
         os.makedirs(self._dir, exist_ok=True)
-        data = _table_bytes(_to_table([entry]))
+        data = table_bytes(to_table([entry]))
         name = layout.catalog_row_name(entry.step, entry.tier,
                                        layout.bytes_crc32c(data))
         layout.atomic_write_bytes(os.path.join(self._dir, name), data)
@@ -291,13 +180,13 @@ class Catalog:
                 f"{path}: catalog row in the version-1 format (no CRC-32C in its "
                 f"name); this code reads version {SCHEMA_VERSION}: read the run with "
                 "the distributed-tf-ray version that wrote it")
-        table = _read_checked(
+        table = read_checked(
             path, crc, "catalog row file",
             f". Restore the file from a backup, or delete it to drop the {tier} "
             f"checkpoint at step {step} (CheckpointStore.open then removes its "
             "directory); until then readers skip it")
         check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
-        _check_schema(table.schema, path)
+        check_schema(table.schema, path)
         rows = table.to_pylist()
         want = self._layout.relative_checkpoint_path(tier, step)
         if (len(rows) != 1 or rows[0]["step"] != step or rows[0]["tier"] != tier
@@ -339,9 +228,9 @@ class Catalog:
             path = os.path.join(directory, name)
             crc = int(_COMPACTED_RE.match(name).group(1), 16)
             try:
-                table = _read_checked(path, crc, "compacted catalog")
+                table = read_checked(path, crc, "compacted catalog")
                 check_schema_version(table.schema.metadata, path, SCHEMA_VERSION)
-                _check_schema(table.schema, path, COMPACTED_SCHEMA)
+                check_schema(table.schema, path, COMPACTED_SCHEMA)
                 return table.select(COMPACTED_SCHEMA.names).cast(COMPACTED_SCHEMA)
             except (FileNotFoundError, CheckpointCorruptError, ManifestError,
                     pa.ArrowException, ValueError):
@@ -388,7 +277,7 @@ class Catalog:
     def entries(self, tier: str | None = None) -> list[CatalogEntry]:
         """Every committed checkpoint, sorted by tier then step (damaged rows
         left out with a warning)."""
-        return [_from_row(r) for r in self.table(tier).to_pylist()]
+        return [from_row(r) for r in self.table(tier).to_pylist()]
 
     def get(self, step: int, tier: str = "serving") -> CatalogEntry:
         """The committed checkpoint at ``step``, read from its row file.
@@ -402,7 +291,7 @@ class Catalog:
         keys = self.committed_keys()
         if (step, tier) in keys:
             try:
-                return _from_row(self._read_row_file(keys[step, tier]).to_pylist()[0])
+                return from_row(self._read_row_file(keys[step, tier]).to_pylist()[0])
             except FileNotFoundError:
                 pass  # deleted since we listed
         steps = sorted(s for s, t in keys if t == tier and s != step)
@@ -419,7 +308,7 @@ class Catalog:
         for step in sorted((s for s, t in keys if t == tier), reverse=True):
             table = self._read_row_or_skip((step, tier), keys[step, tier])
             if table is not None:
-                return _from_row(table.to_pylist()[0])
+                return from_row(table.to_pylist()[0])
         return None
 
     def best(self, metric: str, mode: str = "min",
@@ -430,10 +319,9 @@ class Catalog:
             ValueError: ``mode`` is not ``min`` or ``max``.
             CheckpointNotFoundError: No checkpoint of ``tier`` records ``metric``.
         """
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode {mode!r} is not valid: use 'min' or 'max'")
+        goal = MetricGoal(metric, mode)
         entries = self.entries(tier)
-        scored = [e for e in entries if metric in e.metrics]
+        scored = goal.ranked(entries)
         if not scored:
             recorded = sorted({m for e in entries for m in e.metrics})
             raise CheckpointNotFoundError(
@@ -441,9 +329,7 @@ class Catalog:
                 f"records metric {metric!r}; "
                 + (f"its checkpoints record {', '.join(recorded)}" if recorded else
                    f"it has no {tier} checkpoint with metrics yet"))
-        if mode == "min":  # ties go to the newest step
-            return min(scored, key=lambda e: (e.metrics[metric], -e.step))
-        return max(scored, key=lambda e: (e.metrics[metric], e.step))
+        return scored[0]
 
     # -- maintenance -------------------------------------------------------
 
@@ -466,7 +352,7 @@ class Catalog:
         one goes, so a crash in between leaves two sound copies; readers take
         the newest that passes its CRC.
         """
-        data = _table_bytes(self._rows(self.committed_keys()))
+        data = table_bytes(self._rows(self.committed_keys()))
         directory = os.path.join(self._dir, COMPACTED_DIR)
         os.makedirs(directory, exist_ok=True)
         name = f"catalog.{layout.crc32c_hex(layout.bytes_crc32c(data))}.parquet"
@@ -497,11 +383,4 @@ class Catalog:
         for path in removed:
             os.unlink(path)
         return removed
-
-
-def utc_now(clock: Callable[[], float] | None = None) -> _dt.datetime:
-    """Current UTC time from ``clock`` (seconds since the epoch) or the system."""
-    import time
-    seconds = (clock or time.time)()
-    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
 

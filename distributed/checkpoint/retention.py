@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
 from distributed.checkpoint.catalog import CatalogEntry
+from distributed.checkpoint.metric_goal import MODES, MetricGoal, MetricMode
 from distributed.errors import ConfigError
 
 
@@ -29,6 +30,9 @@ class KeepLastN:
         return {e.step for e in sorted(entries, key=lambda e: e.step)[-self.n:]} \
             if self.n > 0 else set()
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_last": self.n}
+
 
 @dataclasses.dataclass(frozen=True)
 class KeepEveryKSteps:
@@ -42,6 +46,9 @@ class KeepEveryKSteps:
     def keep(self, entries: Sequence[CatalogEntry]) -> set[int]:
         return {e.step for e in entries if e.step % self.k == 0}
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_every": self.k}
+
 
 @dataclasses.dataclass(frozen=True)
 class KeepBestN:
@@ -52,18 +59,17 @@ class KeepBestN:
 
     n: int
     metric: str
-    mode: str = "min"
+    mode: MetricMode = "min"
 
     def __post_init__(self):
         _positive_int(self.n, "keep_best.n")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"keep_best.mode: {self.mode!r} is not valid; use min or max")
+        object.__setattr__(self, "_goal", MetricGoal(self.metric, self.mode))
 
     def keep(self, entries: Sequence[CatalogEntry]) -> set[int]:
-        scored = [e for e in entries if self.metric in e.metrics]
-        sign = 1.0 if self.mode == "min" else -1.0
-        scored.sort(key=lambda e: (sign * e.metrics[self.metric], -e.step))
-        return {e.step for e in scored[:self.n]}
+        return {e.step for e in self._goal.ranked(entries)[:self.n]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keep_best": {"n": self.n, "metric": self.metric, "mode": self.mode}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +96,10 @@ class Retention:
                 kept |= rule.keep(tier_entries)
             doomed += [e for e in tier_entries if e.step not in kept]
         return sorted(doomed, key=lambda e: (e.step, e.tier))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config form that :meth:`from_dict` reads back (``{}``: keep all)."""
+        return {key: value for rule in self.rules for key, value in rule.to_dict().items()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, field: str = "retention"
@@ -119,7 +129,7 @@ class Retention:
             if extra:
                 raise ConfigError(f"{field}.keep_best: unknown key(s) {sorted(extra)}")
             mode = best.get("mode", "min")
-            if mode not in ("min", "max"):
+            if mode not in MODES:
                 raise ConfigError(f"{field}.keep_best.mode: {mode!r} is not valid; "
                                   "use min or max")
             if not isinstance(best["metric"], str) or not best["metric"]:

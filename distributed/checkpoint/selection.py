@@ -39,12 +39,9 @@ import warnings
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 from distributed.errors import SelectionError
+from distributed.model.walk import variables_read_by
 
 POLICIES = ("trainable", "inference", "all")
-
-# Op types that own a variable's storage; reading a variable reaches one of these.
-_VARIABLE_OP_TYPES = frozenset(
-    {"VarHandleOp", "VariableV2", "Variable", "_VarHandlesOp"})
 
 
 class MissingInferenceVariablesWarning(UserWarning):
@@ -221,40 +218,6 @@ def checkpoint_sources(names: Sequence[str], averages: Mapping[str, str],
     one (batch-norm statistics) keep their own values.
     """
     return {n: averages.get(n, n) if serve_ema else n for n in names}
-
-
-def walk_back(roots: Iterable[Any], is_leaf) -> list[Any]:
-    """Ops reached by walking data and control inputs back from ``roots``.
-
-    The walk stops at (and returns) ops for which ``is_leaf(op)`` is true; it
-    does not continue past them. Each op is visited once.
-    """
-    seen: set[int] = set()
-    stack = [getattr(o, "op", o) for o in roots]
-    leaves = []
-    while stack:
-        op = stack.pop()
-        if id(op) in seen:
-            continue
-        seen.add(id(op))
-        if is_leaf(op):
-            leaves.append(op)
-            continue
-        stack.extend(t.op for t in op.inputs)
-        stack.extend(op.control_inputs)
-    return leaves
-
-
-def variables_read_by(outputs: Iterable[Any]) -> set[str]:
-    """Names of the variables that ``outputs`` (tensors or ops) depend on.
-
-    Walks data and control inputs back from the outputs to the ops that own
-    variable storage (``VarHandleOp`` for resource variables, ``VariableV2`` for
-    ref variables). Reads inside ``tf.function`` bodies are found through the
-    captured handle, which is an input of the call op.
-    """
-    return {op.name for op in walk_back(
-        outputs, lambda op: op.type in _VARIABLE_OP_TYPES)}
 
 
 def describe_variables(variables: Iterable[Any]) -> list[VariableInfo]:

@@ -40,12 +40,6 @@ def format_slice(extents: Extents) -> str:
                     for start, length in extents)
 
 
-def resolve(extents: Extents, shape: Sequence[int]) -> Extents:
-    """``extents`` with every ``FULL`` length replaced by ``(0, dim)``."""
-    return tuple((0, int(dim)) if length == FULL else (start, length)
-                 for (start, length), dim in zip(extents, shape))
-
-
 def parse_slice(text: str, shape: Sequence[int]) -> Extents:
     """Parses a slice of a tensor of ``shape`` into resolved extents.
 

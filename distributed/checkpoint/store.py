@@ -24,7 +24,8 @@ import time
 from typing import Callable, Mapping
 
 from distributed.checkpoint import layout, lease
-from distributed.checkpoint.catalog import Catalog, CatalogEntry, utc_now
+from distributed.checkpoint.catalog import Catalog, CatalogEntry
+from distributed.checkpoint.catalog_format import utc_now
 from distributed.checkpoint.manifest import build_manifest_table, manifest_bytes
 from distributed.checkpoint.retention import Retention
 from distributed.checkpoint.verify import VerifyReport, verify_checkpoint

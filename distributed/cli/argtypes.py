@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable, TypeVar
 
+from distributed.checkpoint.metric_goal import MetricGoal
+
 T = TypeVar("T")
 
 
@@ -40,9 +42,10 @@ def number(kind: Callable[[str], T], ok: Callable[[T], bool],
 
 
 def metric_mode(text: str) -> str:
-    """``METRIC``, ``METRIC:min`` or ``METRIC:max`` (returned as given)."""
-    metric, _, mode = text.partition(":")
-    if not metric or mode not in ("", "min", "max"):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not METRIC[:min|max]; use e.g. loss or accuracy:max")
+    """``METRIC``, ``METRIC:min`` or ``METRIC:max``, checked at parse time by
+    :meth:`MetricGoal.parse` (the grammar's one home) and returned as given."""
+    try:
+        MetricGoal.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text

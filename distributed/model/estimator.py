@@ -25,7 +25,8 @@ import warnings
 from typing import Any, Callable, Mapping, NamedTuple
 
 from distributed.errors import ConfigError
-from distributed.model import EVAL, PREDICT, TRAIN, ModelSpec
+from distributed.model.spec import EVAL, PREDICT, TRAIN, ModelSpec
+from distributed.model.walk import variables_read_by
 
 
 class ModeKeys:
@@ -188,8 +189,6 @@ def _drop_unused_state(before: set[str], spec: ModelSpec) -> list[str]:
     saving them would only cost memory and checkpoint bytes.
     """
     import tensorflow as tf
-
-    from distributed.checkpoint.selection import variables_read_by
     graph = tf.compat.v1.get_default_graph()
     trainable = {v.op.name for v in tf.compat.v1.trainable_variables()}
     created = [v for v in tf.compat.v1.global_variables()

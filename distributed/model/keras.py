@@ -22,8 +22,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from distributed.checkpoint.selection import walk_back
-from distributed.train.graph import placeholders_needed
+from distributed.model.walk import placeholders_needed, walk_back
 
 
 def model_updates(model: Any, inputs: Any) -> list:

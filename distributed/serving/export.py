@@ -16,24 +16,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import logging
 import os
 import shutil
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed.checkpoint import layout
 from distributed.checkpoint.catalog import Catalog, CatalogEntry
-from distributed.checkpoint.lease import Lease
+from distributed.checkpoint.metric_goal import MetricGoal
 from distributed.checkpoint.verify import read_committed_manifest, read_verified
 from distributed.serving.restore_plan import block, restore_plan
+from distributed.storage.runstore import RunStore
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ConfigError, ManifestError, StorageError)
-
-log = logging.getLogger(__name__)
 
 EXPORTS_DIR = "exports"
 EXPORT_SCHEMA_VERSION = "1"
@@ -93,66 +91,20 @@ class RunRecord:
     input_spec: Any  # InputSpec
 
 
-def open_storage(storage: str, run: str, options: Mapping[str, Any] | None = None,
-                 cache: str | None = None):
-    """Where to read run ``run`` locally: ``(local_storage_dir, remote)``.
-
-    A directory is used as is (``remote`` is ``None``). For an object store
-    the run record and the catalog are synced into a local cache mirror (one
-    directory per storage URI under ``cache``, by default the temp dir's
-    ``dtr-cache/``; never a training job's staging mirror); checkpoints are fetched into
-    it on demand by :func:`export_checkpoint`. Call :func:`sync_catalog`
-    before each new look at the catalog.
-    """
-    from distributed.storage.remote import is_remote, open_remote
-    from distributed.storage.uris import DEFAULT_CACHE, staging_path
-    from distributed.checkpoint.layout import RUN_CONFIG_FILE, TENSORBOARD_DIR
-    if not is_remote(storage):
-        return storage, None
-    remote = open_remote(storage, options)
-    local = staging_path(storage, cache or DEFAULT_CACHE)
-    try:
-        root = layout.RunLayout(local, run).root
-    except ValueError as e:
-        raise ConfigError(f"--run: {e}") from None
-    if os.path.isdir(os.path.join(root, TENSORBOARD_DIR)):  # only writers make it
-        raise ConfigError(
-            f"--cache: {local} holds the staging mirror that the training job of "
-            f"run {run!r} writes; a reader's cache must be a directory of its own "
-            "(leave --cache out for the default)")
-    if not remote.exists(f"{run}/{RUN_CONFIG_FILE}"):
-        raise CheckpointNotFoundError(
-            f"run {run!r} not found in {storage} (no {RUN_CONFIG_FILE}); check "
-            "--storage and --run")
-    os.makedirs(os.path.join(root, layout.CATALOG_DIR), exist_ok=True)
-    remote.download_file(f"{run}/{RUN_CONFIG_FILE}", os.path.join(root, RUN_CONFIG_FILE))
-    sync_catalog(remote, local, run)
-    return local, remote
-
-
-def sync_catalog(remote, local_storage: str, run: str) -> None:
-    """Makes the local mirror's catalog equal the object store's (no-op locally)."""
-    if remote is not None:
-        remote.sync_catalog_down(run, layout.RunLayout(local_storage, run).root)
-
-
-def load_run_record(storage: str, run: str):
+def load_run_record(store: RunStore) -> RunRecord:
     """Reads the config and input spec the run recorded at its start."""
     from distributed import config as config_lib
     from distributed.checkpoint.layout import RUN_CONFIG_FILE
     from distributed.inputs.spec import InputSpec
-    try:
-        root = layout.RunLayout(os.path.abspath(storage), run).root
-    except ValueError as e:
-        raise ConfigError(f"--run: {e}") from None
-    path = os.path.join(root, RUN_CONFIG_FILE)
+    path = os.path.join(store.layout.root, RUN_CONFIG_FILE)
     try:
         with open(path) as f:
             record = json.load(f)
     except FileNotFoundError:
         raise CheckpointNotFoundError(
-            f"run {run!r} not found under {os.path.abspath(storage)} (no {RUN_CONFIG_FILE}); "
-            "check --storage and --run") from None
+            f"run {store.layout.run!r} has no {RUN_CONFIG_FILE} under "
+            f"{store.layout.storage}, so its model cannot be rebuilt; check --storage "
+            "and --run") from None
     except (OSError, ValueError) as e:
         raise ManifestError(f"{path}: unreadable run record ({e})") from None
     return RunRecord(config_lib.from_dict(record["config"]),
@@ -173,10 +125,10 @@ def candidate_checkpoints(catalog: Catalog, step: int | None = None,
     if step is not None:
         return [catalog.get(step, tier)]
     if best:
-        metric, _, mode = best.partition(":")
-        mode = mode or "min"
-        if mode not in ("min", "max") or not metric:
-            raise ConfigError(f"--best: {best!r} is not METRIC[:min|max]")
+        try:
+            goal = MetricGoal.parse(best)
+        except ConfigError as e:
+            raise ConfigError(f"--best: {e}") from None
     entries = catalog.entries(tier)
     if not entries:
         raise CheckpointNotFoundError(
@@ -185,21 +137,20 @@ def candidate_checkpoints(catalog: Catalog, step: int | None = None,
             f"(checkpoint.{tier}_every), or use --watch to export it when it lands")
     if not best:
         return sorted(entries, key=lambda e: -e.step)
-    scored = [e for e in entries if metric in e.metrics]
+    scored = goal.ranked(entries)
     if not scored:
         recorded = sorted({m for e in entries for m in e.metrics})
         raise CheckpointNotFoundError(
             f"--best: no {tier} checkpoint of run {catalog.run!r} records metric "
-            f"{metric!r}; they record {', '.join(recorded) or 'no metric'}")
-    sign = 1 if mode == "min" else -1
-    return sorted(scored, key=lambda e: (sign * e.metrics[metric], -e.step))
+            f"{goal.metric!r}; they record {', '.join(recorded) or 'no metric'}")
+    return scored
 
 
-def export_first_good(storage: str, run: str, export_root: str,
+def export_first_good(store: RunStore, export_root: str,
                       candidates: Sequence[CatalogEntry], record: RunRecord,
                       maps: Sequence[ScopeMap] = (), model: str | None = None,
-                      fallback: bool = True, echo: Callable[[str], None] = print,
-                      remote=None) -> ExportResult:
+                      fallback: bool = True,
+                      echo: Callable[[str], None] = print) -> ExportResult:
     """Exports the first candidate that verifies.
 
     A corrupt candidate is an error when ``fallback`` is off (an explicit
@@ -207,8 +158,7 @@ def export_first_good(storage: str, run: str, export_root: str,
     """
     for i, entry in enumerate(candidates):
         try:
-            result = export_checkpoint(storage, run, export_root, entry, record,
-                                       maps, model, remote=remote)
+            result = export_checkpoint(store, export_root, entry, record, maps, model)
         except (CheckpointCorruptError, ManifestError) as e:
             if not fallback:
                 raise
@@ -219,7 +169,7 @@ def export_first_good(storage: str, run: str, export_root: str,
             echo(f"using {entry.tier} checkpoint at step {entry.step} instead")
         return result
     raise CheckpointCorruptError(
-        f"no checkpoint of run {run!r} verifies ({len(candidates)} tried)")
+        f"no checkpoint of run {store.layout.run!r} verifies ({len(candidates)} tried)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,14 +212,14 @@ def _read_committed(run_layout: layout.RunLayout, entry: CatalogEntry):
                             f"longer committed (deleted meanwhile?): {e}") from None
 
 
-def export_checkpoint(storage: str, run: str, export_root: str,
+def export_checkpoint(store: RunStore, export_root: str,
                       entry: CatalogEntry, record: RunRecord,
                       maps: Sequence[ScopeMap] = (), model: str | None = None,
-                      clock: Callable[[], float] = time.time,
-                      remote=None) -> ExportResult:
+                      clock: Callable[[], float] = time.time) -> ExportResult:
     """Builds the predict graph, restores ``entry`` into it and exports it,
     holding a reader lease on the checkpoint so retention cannot delete it
-    meanwhile (see :mod:`distributed.checkpoint.lease`).
+    meanwhile (see :mod:`distributed.checkpoint.lease`); an object store
+    run's checkpoint is fetched into the reader's cache first.
 
     Raises:
         CheckpointNotFoundError: Variables the outputs read are missing from the
@@ -278,28 +228,13 @@ def export_checkpoint(storage: str, run: str, export_root: str,
             checkpoint's.
         StorageError: The export directory cannot be written.
     """
-    run_layout = layout.RunLayout(os.path.abspath(storage), run)
-    held = Lease(run_layout, entry.tier, entry.step)
-    try:
-        held.acquire()
-    except OSError as e:
-        log.warning("cannot take a reader lease under %s (%s): reading without one; "
-                    "if retention deletes the checkpoint meanwhile, the read fails "
-                    "and the next checkpoint is tried", run_layout.root, e)
-        held = None
-    try:
-        if remote is not None:  # object store: into the local mirror first
-            from distributed.storage.remote import fetch_checkpoint
-            try:
-                fetch_checkpoint(remote, run, entry.tier, entry.step, run_layout.root)
-            except CheckpointNotFoundError as e:
-                raise ManifestError(f"{entry.tier} checkpoint at step {entry.step} is "
-                                    f"no longer committed (deleted meanwhile?): {e}"
-                                    ) from None
-        return _export(run_layout, export_root, entry, record, maps, model, clock)
-    finally:
-        if held is not None:
-            held.release()
+    with store.reading(entry.tier, entry.step):
+        try:
+            store.fetch(entry.tier, entry.step)
+        except CheckpointNotFoundError as e:
+            raise ManifestError(f"{entry.tier} checkpoint at step {entry.step} is "
+                                f"no longer committed (deleted meanwhile?): {e}") from None
+        return _export(store.layout, export_root, entry, record, maps, model, clock)
 
 
 def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
@@ -308,7 +243,7 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
     import tensorflow as tf
 
     from distributed.model import PREDICT, local_initializer
-    from distributed.train.graph import call_model_fn
+    from distributed.model.graphs import build_mode_graph
 
     tf.get_logger().setLevel("ERROR")  # TF1 SavedModel builder deprecation chatter
     timings = {}
@@ -318,12 +253,10 @@ def _export(run_layout: layout.RunLayout, export_root: str, entry: CatalogEntry,
     config = record.config
     if model:
         config = dataclasses.replace(config, model=model)
-    graph = tf.Graph()
+    built = build_mode_graph(config, PREDICT, record.input_spec.placeholders)
+    graph, features, spec = built.graph, built.features, built.spec
     with graph.as_default():
-        features, _ = record.input_spec.placeholders()
-        spec = call_model_fn(config, features, None, PREDICT)
-        from distributed.checkpoint.selection import variables_read_by
-        reads = variables_read_by(list(spec.predictions.values()))
+        reads = built.output_reads()
         by_name = {v.op.name: v for v in tf.compat.v1.global_variables()}
         # Graph variable -> its checkpoint tensor and block (partitioned ones
         # may be cut differently here than in training, or not at all).

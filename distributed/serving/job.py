@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
-from distributed.checkpoint import Catalog
-from distributed.checkpoint.layout import RunLayout
 from distributed.errors import ConfigError
 from distributed.progress import StatusLine
 from distributed.serving.export import (candidate_checkpoints, export_first_good,
-                                        list_versions, load_run_record, open_storage,
-                                        parse_scope_maps, prune_versions, sync_catalog)
+                                        list_versions, load_run_record,
+                                        parse_scope_maps, prune_versions)
+from distributed.storage.runstore import open_reader
 
 
 def restore_once(storage: str, run: str, export: str, step: int | None = None,
@@ -25,20 +23,20 @@ def restore_once(storage: str, run: str, export: str, step: int | None = None,
     """Picks, verifies, restores and exports one checkpoint; returns the result.
 
     ``storage`` may be an object store URI: the run is then read through a
-    local cache mirror (``cache``; see :func:`open_storage`).
+    local cache mirror (``cache``; see
+    :func:`~distributed.storage.runstore.open_reader`).
     """
     if step is not None and best:
         raise ConfigError("--step and --best are exclusive: pick one")
     scope_maps = parse_scope_maps(maps)
     t0 = time.perf_counter()
-    storage, remote = open_storage(storage, run, storage_options, cache)
-    record = load_run_record(storage, run)
-    catalog = Catalog(RunLayout(os.path.abspath(storage), run))
+    source = open_reader(storage, run, storage_options, cache)
+    record = load_run_record(source)
     t_catalog = time.perf_counter()
-    candidates = candidate_checkpoints(catalog, step=step, best=best)
+    candidates = candidate_checkpoints(source.catalog, step=step, best=best)
     t_chosen = time.perf_counter()
-    result = export_first_good(storage, run, export, candidates, record, scope_maps,
-                               model, fallback=step is None, echo=echo, remote=remote)
+    result = export_first_good(source, export, candidates, record, scope_maps,
+                               model, fallback=step is None, echo=echo)
     split = {"load config": t_catalog - t0, "catalog": t_chosen - t_catalog,
              **result.seconds}
     echo(f"exported serving checkpoint at step {result.step} of run {run!r} to "
@@ -65,10 +63,10 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    storage, remote = open_storage(storage, run, storage_options, cache)
-    record = load_run_record(storage, run)
+    source = open_reader(storage, run, storage_options, cache)
+    record = load_run_record(source)
     scope_maps = parse_scope_maps(maps)
-    catalog = Catalog(RunLayout(os.path.abspath(storage), run))
+    catalog = source.catalog
     exported = 0
     status = StatusLine()
     echo = status.wrap(echo)
@@ -76,7 +74,7 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
          "Ctrl-C or SIGTERM to stop")
     while not stop.is_set():
         try:
-            sync_catalog(remote, storage, run)
+            source.sync()
         except Exception as e:  # an unreachable store: keep watching
             echo(f"WARNING: could not read the catalog: {e}")
         latest = catalog.latest("serving")
@@ -86,8 +84,8 @@ def watch(storage: str, run: str, export: str, maps: Sequence[str] = (),
             try:
                 fresh = [e for e in candidate_checkpoints(catalog)
                          if not done or e.step > max(done)]
-                result = export_first_good(storage, run, export, fresh, record,
-                                           scope_maps, model, echo=echo, remote=remote)
+                result = export_first_good(source, export, fresh, record,
+                                           scope_maps, model, echo=echo)
                 exported += 1
                 echo(f"exported step {result.step} as version {result.version}")
                 pruned = prune_versions(export, keep)

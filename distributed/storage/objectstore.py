@@ -39,11 +39,6 @@ DEFAULT_THREADS = 8
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
-def is_remote(storage: str) -> bool:
-    """True for an object-store URI (``s3://b/p``); see :mod:`distributed.storage.uris`."""
-    return uris.is_object_store(storage)
-
-
 @dataclasses.dataclass(frozen=True)
 class RemoteFile:
     """One listed entry, named relative to the listed directory."""
@@ -72,7 +67,7 @@ def connect(uri: str, options: Mapping[str, Any] | None = None
     Raises:
         StorageError: The URI is malformed or names no bucket.
     """
-    if not is_remote(uri):
+    if not uris.is_object_store(uri):
         raise StorageError(f"storage {uri!r} is not an object-store URI; use e.g. "
                            "s3://bucket/prefix (a plain path is local storage)")
     options = dict(options or {})
@@ -357,8 +352,6 @@ class ObjectStore:
             os.makedirs(os.path.dirname(local), exist_ok=True)
             jobs.append((f"{rel_dir}/{f.name}", local))
         return sum(parallel(self.download_file, jobs, threads))
-
-    # -- the catalog --------------------------------------------------------
 
 
 def parallel(fn: Callable[..., Any], jobs: Iterable[tuple], threads: int) -> list:

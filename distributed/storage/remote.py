@@ -25,7 +25,9 @@ it again is a no-op. A torn row could only be a store that breaks the
 whole-object rule; its name's CRC-32C still catches it, as locally.
 
 The storage layer underneath (streaming, sizes checked, errors with a fix,
-credentials from the environment) is :mod:`~distributed.storage.objectstore`.
+credentials from the environment) is :mod:`~distributed.storage.objectstore`;
+the run's writer and readers call all this through a
+:class:`~distributed.storage.runstore.RunStore`.
 """
 
 from __future__ import annotations
@@ -41,15 +43,14 @@ from typing import Any, Mapping
 from distributed.checkpoint import layout
 from distributed.checkpoint.catalog import CorruptCatalogRowWarning
 from distributed.storage.objectstore import (DEFAULT_THREADS, ObjectStore,
-                                                RemoteFile, parallel, connect,
-                                                is_remote)
+                                             RemoteFile, parallel, connect)
 from distributed.errors import (CheckpointCorruptError, CheckpointExistsError,
                                 CheckpointNotFoundError, StorageError)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CatalogSync", "Remote", "RemoteFile", "fetch_checkpoint", "is_remote",
-           "manifest_rel", "open_remote", "publish_checkpoint", "publish_pending",
+__all__ = ["CatalogSync", "Remote", "RemoteFile", "fetch_checkpoint", "manifest_rel",
+           "open_remote", "publish_checkpoint", "publish_pending",
            "remove_remote_leftovers", "unpublish_checkpoint"]
 
 
@@ -353,6 +354,3 @@ def _rename_unless_there(tmp: str, final: str) -> None:
         if not os.path.isdir(final):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# -- helpers -----------------------------------------------------------------

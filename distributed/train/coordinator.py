@@ -4,13 +4,15 @@ the catalog. One Ray actor per run (CPU only, no data).
 It builds the same training graph as the workers (so names match), initializes
 or resumes the variables, hands their values to every worker, and writes the
 checkpoints rank 0 hands it: the values are loaded into the chief Session and
-saved by the tier's sharded Saver, then committed and retention applied.
+saved by the tier's sharded Saver, then committed and retention applied. The
+run's :class:`~distributed.storage.runstore.RunStore` carries whatever a commit,
+a deletion or a file needs on the run's storage (publishing, for an object
+store); TensorBoard scalars are :mod:`~distributed.train.metrics`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import warnings
@@ -20,15 +22,11 @@ import numpy as np
 
 from distributed import logs
 from distributed.checkpoint import layout
-from distributed.checkpoint.layout import RUN_CONFIG_FILE, TENSORBOARD_DIR
+from distributed.checkpoint.layout import RUN_CONFIG_FILE
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, user_code
 from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent,
-                                        OpenedRun, RunPlan)
-
-log = logging.getLogger(__name__)
-
-EVENTS_UPLOAD_SECONDS = 30.0
+                                        OpenedRun)
 
 
 class Coordinator:
@@ -43,23 +41,15 @@ class Coordinator:
         self.config: TrainConfig = from_dict(config_dict)
         logs.setup_actor(self.config.run, "coordinator")
         self.restarting = restarting
-        from distributed.checkpoint.store import CheckpointStore
-        self.store = CheckpointStore(self.config.storage_path, self.config.run)
-        self._summary_writer = None
-        self._events_uploaded_at = 0.0
-        self._events_uploaded: dict[str, int] = {}  # event file -> size uploaded
-        self.remote = None
+        from distributed.storage.runstore import open_writer
+        from distributed.train.metrics import RunMetrics
+        cfg = self.config
+        self.store = open_writer(cfg.storage, cfg.run, cfg.storage_options,
+                                 cfg.staging or None)
+        self.metrics = RunMetrics(self.store)
         self.evaluator = self.pipeline = None
         # The eval thread commits too: commits, retention and events in turn.
         self._commit_lock = threading.RLock()
-        if self.config.remote:
-            from distributed.storage.remote import open_remote
-            self.remote = open_remote(self.config.storage, self.config.storage_options)
-
-    def prepare(self, input_spec=None) -> RunPlan:
-        """Builds the chief graph, initializes or resumes; returns the plan
-        (:meth:`build` then :meth:`open_run`)."""
-        return RunPlan(self.build(input_spec), self.open_run())
 
     def build(self, input_spec=None, eval_dataset=None) -> BuildPlan:
         """Builds the chief graph, the selection and the writers; writes nothing.
@@ -84,7 +74,7 @@ class Coordinator:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             selection = select(describe_variables(self.tg.variables),
-                               cfg.selection_spec(), reads)
+                               cfg.selection, reads)
             self._build_writers(selection, CheckpointWriter)  # ShardImbalanceWarning
         self.warnings = [str(w.message) for w in caught]
         stale = never_updated_statistics(self.tg, reads)
@@ -121,7 +111,7 @@ class Coordinator:
         # average). Rank 0 hands values over by variable name, never renamed.
         self.serving_sources = checkpoint_sources(
             [n for n in by_name if n in chosen], self.tg.averages,
-            cfg.selection_spec().serve_ema)
+            cfg.selection.serve_ema)
         self.serving_names = list(dict.fromkeys(self.serving_sources.values()))
         self.writers = {
             "serving": writer_cls(
@@ -135,12 +125,8 @@ class Coordinator:
         cfg = self.config
         self.evaluator = Evaluator(cfg, list(self.serving_sources), eval_dataset)
         known = self.evaluator.metric_names()
-        uses = [("eval.stop_when.metric", cfg.eval.stop_when and cfg.eval.stop_when.metric)]
-        for tier, rules in (cfg.retention or {}).items():
-            best = (rules or {}).get("keep_best") or {}
-            uses.append((f"retention.{tier}.keep_best.metric", best.get("metric")))
-        for field, metric in uses:
-            if metric and metric.startswith("eval/") and metric not in known:
+        for field, metric in cfg.metric_uses():
+            if metric.startswith("eval/") and metric not in known:
                 raise ConfigError(
                     f"{field}: {metric} is not recorded; evaluation records "
                     f"{', '.join(known)} (eval_metrics of the model_fn in eval mode)")
@@ -161,8 +147,6 @@ class Coordinator:
         in storage.
         """
         self.removed = self.store.open()
-        if self.remote is not None:
-            self._sync_remote()
         start_step, resumed = self._init_or_resume()
         recreated = self._recreate_serving(start_step) if resumed is not None else None
         self._write_run_config()
@@ -200,32 +184,12 @@ class Coordinator:
 
     def _commit(self, step: int, tier: str, metrics: Mapping[str, float] | None = None,
                 commit: bool = True):
-        """Writes and commits the chief Session's values as the tier's
-        checkpoint; on an object store also publishes it (and any an earlier
-        failed upload left behind). Returns the catalog entry."""
-        selection = (self.config.selection_spec().to_json() if tier == "serving"
+        """Writes and commits (``commit``: else only writes) the chief
+        Session's values as the tier's checkpoint; returns the catalog entry."""
+        selection = (self.config.selection.to_json() if tier == "serving"
                      else '{"policy": "all"}')
-        entry = self.store.save(self.writers[tier], self.sess, step, tier, selection,
-                                metrics, commit=commit)
-        if commit and self.remote is not None:
-            from distributed.storage.remote import publish_pending
-            publish_pending(self.remote, self.store.layout.root, self.config.run)
-        return entry
-
-    def _sync_remote(self) -> None:
-        """Object-store runs: the local staging mirror and the remote agree.
-
-        Rows committed locally but not yet uploaded (a crash, a failed upload)
-        are published first; then interrupted uploads are removed remotely and
-        the local catalog is made equal to the remote one, which is the truth.
-        """
-        from distributed.storage import remote as rm
-        run, root = self.config.run, self.store.layout.root
-        self.remote.probe_write(run)
-        rm.publish_pending(self.remote, root, run)
-        self.removed += rm.remove_remote_leftovers(self.remote, run)
-        self.remote.sync_catalog_down(run, root)
-        self.removed += self.store.remove_leftovers()
+        return self.store.save(self.writers[tier], self.sess, step, tier, selection,
+                               metrics, commit=commit)
 
     def _init_or_resume(self) -> tuple[int, int | None]:
         """Initializes the variables, or restores the newest full checkpoint
@@ -249,16 +213,10 @@ class Coordinator:
             return 0, None
         for entry in fulls:
             try:
-                if self.remote is not None:
-                    from distributed.storage.remote import fetch_checkpoint
-                    fetch_checkpoint(self.remote, self.config.run, "full", entry.step,
-                                     self.store.layout.root)
+                self.store.fetch("full", entry.step)
                 self.store.verify(entry.step, "full")
             except (CheckpointCorruptError, ManifestError) as e:
                 where = self.store.quarantine(entry.step, "full", str(e))
-                if self.remote is not None:
-                    from distributed.storage.remote import unpublish_checkpoint
-                    unpublish_checkpoint(self.remote, self.config.run, "full", entry.step)
                 self.warnings.append(
                     f"full checkpoint at step {entry.step} does not verify ({e}); "
                     f"moved it out of the catalog to {where} and trying the one "
@@ -290,8 +248,7 @@ class Coordinator:
                   "input_spec": self.input_spec.to_json()}
         path = os.path.join(self.store.layout.root, RUN_CONFIG_FILE)
         layout.atomic_write_bytes(path, json.dumps(record, indent=2).encode())
-        if self.remote is not None:
-            self.remote.upload_file(path, f"{self.config.run}/{RUN_CONFIG_FILE}")
+        self.store.put_file(RUN_CONFIG_FILE)
 
     def initial_values(self) -> dict[str, np.ndarray]:
         """Every variable's value, for the workers to start from."""
@@ -335,9 +292,6 @@ class Coordinator:
         """The eval thread: commits a serving checkpoint with its metrics."""
         with self._commit_lock:
             entry = self.store.commit(entry, metrics)
-            if self.remote is not None:
-                from distributed.storage.remote import publish_pending
-                publish_pending(self.remote, self.store.layout.root, self.config.run)
             deleted = self._after_commit(entry)
             self.record(entry.step, {k: v for k, v in entry.metrics.items()
                                      if k.startswith("eval/")})
@@ -353,12 +307,8 @@ class Coordinator:
         """Retention and the commit's TensorBoard scalars; the deleted entries."""
         tier = entry.tier
         with self._commit_lock:
-            deleted = self.store.apply_retention(self.config.retention_for(tier), tier) \
+            deleted = self.store.apply_retention(self.config.retention[tier], tier) \
                 if tier in self.config.retention else []
-            if self.remote is not None:
-                from distributed.storage.remote import unpublish_checkpoint
-                for gone in deleted:
-                    unpublish_checkpoint(self.remote, self.config.run, gone.tier, gone.step)
             self.record(entry.step, {
                 f"checkpoint/{tier}/save_seconds": entry.save_seconds,
                 f"checkpoint/{tier}/bytes": float(entry.num_bytes),
@@ -377,52 +327,16 @@ class Coordinator:
     def record(self, step: int, scalars: Mapping[str, float]) -> None:
         """Writes scalars to the run's TensorBoard event files
         (``<storage>/<run>/tensorboard/``)."""
-        from distributed.train.events import EventWriter
         with self._commit_lock:
-            self._record(step, scalars, EventWriter)
-
-    def _record(self, step, scalars, EventWriter) -> None:
-        try:
-            if self._summary_writer is None:
-                self._summary_writer = EventWriter(
-                    os.path.join(self.store.layout.root, TENSORBOARD_DIR))
-            self._summary_writer.scalars(step, scalars)
-        except Exception as e:  # metrics must never fail a save or the run
-            log.warning("could not write TensorBoard events (%s); retrying with a "
-                        "new event file next time", e)
-            self._summary_writer = None
-        self._upload_events()
-
-    def _upload_events(self, force: bool = False) -> None:
-        """Object-store runs: copies the run's event files to
-        ``<run>/tensorboard/`` at most every :data:`EVENTS_UPLOAD_SECONDS`
-        (and when ``force``). Every file in the local directory goes, so the
-        last events of a coordinator that a failure stopped go up too."""
-        import time
-        if self.remote is None or self._summary_writer is None:
-            return
-        if not force and time.monotonic() - self._events_uploaded_at < EVENTS_UPLOAD_SECONDS:
-            return
-        self._events_uploaded_at = time.monotonic()
-        local = os.path.dirname(self._summary_writer.path)
-        try:
-            for name in sorted(os.listdir(local)):
-                path = os.path.join(local, name)
-                size = os.path.getsize(path)
-                if name.startswith("events.out.tfevents.") and \
-                        self._events_uploaded.get(name) != size:
-                    self.remote.upload_file(path, f"{self.config.run}/{TENSORBOARD_DIR}/{name}")
-                    self._events_uploaded[name] = size
-        except Exception as e:  # metrics must never fail a save or the run
-            log.warning("could not upload the TensorBoard event files (%s); "
-                        "retrying later", e)
+            self.metrics.record(step, scalars)
 
     def close(self) -> None:
         """The end of a run: every evaluation done and committed, the last
-        TensorBoard events on the object store."""
+        TensorBoard events published with the run."""
         if self.pipeline is not None:
             self.pipeline.drain()
-        self._upload_events(force=True)
+        with self._commit_lock:
+            self.metrics.publish(force=True)
 
     def entries(self) -> list[dict[str, Any]]:
         return [e.to_json_dict() for e in self.store.catalog.entries()]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from distributed.checkpoint.metric_goal import MetricGoal
 from distributed.errors import ConfigError, user_code
 from distributed.model import EVAL, initializers
 from distributed.train.protocol import EVAL_FAILED, EVAL_SKIPPED, CheckpointEvent
@@ -45,49 +46,56 @@ class Evaluator:
     def __init__(self, config, value_names, dataset=None):
         import tensorflow as tf
 
-        from distributed.inputs.sources import DatasetSource, call_input_fn, is_dataset
-        from distributed.model import load_function
-        from distributed.train.graph import VariableLoader, call_model_fn
+        from distributed.model.graphs import build_mode_graph
+        from distributed.train.graph import VariableLoader
         ev = config.eval
         self.config, self.batches = config, ev.batches
         self.batch_size = ev.batch_size or config.batch_size
         self.params = ev.params_or(config.input_params)
         self.ref = ev.input_ref
         self._dataset = self._source = None
-        self.graph = tf.Graph()
+        built = build_mode_graph(config, EVAL, lambda: self._open_input(dataset),
+                                 seed=config.seed)
+        self.graph = built.graph
         with self.graph.as_default():
-            tf.compat.v1.set_random_seed(config.seed)
-            if ev.ray_input:
-                from distributed.inputs import raydata
-                self._dataset = dataset if dataset is not None else raydata.load_dataset(
-                    self.ref, ev.input_label, self.params, field="eval.input")
-                first = self._python_batches()
-            else:
-                self._input_fn = load_function(self.ref, "eval.input", 4)
-                first = call_input_fn(self._input_fn, self.ref, 0, 1, self.batch_size,
-                                      self.params)
-            if is_dataset(first):
-                self._source = DatasetSource(first, self.ref, 0)
-                features, labels = self._source.tensors()
-                self._check_finite(first)
-            else:
-                from distributed.inputs.sources import PythonSource
-                probe = PythonSource(first, self.ref, "eval.input", 0, prefetch=0)
-                probe.close()
-                self.spec = probe.spec
-                features, labels = self.spec.placeholders()
-                self._placeholders = (features, labels)
-            spec = call_model_fn(config, features, labels, EVAL)
-            self._updates = self._metrics(config, spec)
+            self._updates = self._metrics(config, built.spec)
             variables = tf.compat.v1.global_variables()
             self._loader = VariableLoader(variables) if variables else None
             self._names = {v.op.name for v in variables}
             # Metrics reset (local variables) each evaluation; tables once.
             self._local_init = tf.compat.v1.local_variables_initializer()
-            init = initializers(spec.scaffold).grouped()
+            init = initializers(built.spec.scaffold).grouped()
         self.missing = sorted(self._names - set(value_names))
         self.sess = tf.compat.v1.Session(graph=self.graph, config=cpu_only())
         self.sess.run(init)
+
+    def _open_input(self, dataset):
+        """The eval input's ``(features, labels)`` in the graph being built:
+        a tf.data dataset's tensors, or placeholders for Python batches."""
+        from distributed.inputs.sources import (DatasetSource, PythonSource,
+                                                call_input_fn, is_dataset)
+        from distributed.model import load_function
+        ev = self.config.eval
+        if ev.ray_input:
+            from distributed.inputs import raydata
+            self._dataset = dataset if dataset is not None else raydata.load_dataset(
+                self.ref, ev.input_label, self.params, field="eval.input")
+            first = self._python_batches()
+        else:
+            self._input_fn = load_function(self.ref, "eval.input", 4)
+            first = call_input_fn(self._input_fn, self.ref, 0, 1, self.batch_size,
+                                  self.params)
+        if is_dataset(first):
+            self._source = DatasetSource(first, self.ref, 0)
+            features, labels = self._source.tensors()
+            self._check_finite(first)
+        else:
+            probe = PythonSource(first, self.ref, "eval.input", 0, prefetch=0)
+            probe.close()
+            self.spec = probe.spec
+            features, labels = self.spec.placeholders()
+            self._placeholders = (features, labels)
+        return features, labels
 
     def _metrics(self, config, spec):
         """Sets ``self.values`` (``eval/loss`` and ``eval/<name>``); returns the
@@ -121,8 +129,9 @@ class Evaluator:
 
     def _check_finite(self, dataset) -> None:
         import tensorflow as tf
-        if self.batches is None:
-            with tf.compat.v1.Session(graph=self.graph, config=cpu_only()) as sess:
+        if self.batches is None:  # in the graph being built
+            with tf.compat.v1.Session(graph=tf.compat.v1.get_default_graph(),
+                                      config=cpu_only()) as sess:
                 if int(sess.run(dataset.cardinality())) == tf.data.INFINITE_CARDINALITY:
                     raise ConfigError(
                         f"eval.input: the tf.data dataset of {self.ref} repeats "
@@ -194,25 +203,23 @@ class EarlyStop:
     """
 
     def __init__(self, metric: str, mode: str, patience: int):
-        self.metric, self.mode, self.patience = metric, mode, patience
+        self.goal, self.patience = MetricGoal(metric, mode), patience
         self.best: float | None = None
         self.best_step: int | None = None
         self.since_best = 0
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> str | None:
         """Records one evaluation; returns why to stop, or ``None``."""
-        value = metrics.get(self.metric)
+        value = metrics.get(self.goal.metric)
         if value is None:
             return None
-        better = self.best is None or (value < self.best if self.mode == "min"
-                                       else value > self.best)
-        if better:
+        if self.best is None or self.goal.better(value, self.best):
             self.best, self.best_step, self.since_best = value, step, 0
             return None
         self.since_best += 1
         if self.since_best < self.patience:
             return None
-        return (f"{self.metric} has not improved for {self.since_best} evaluations "
+        return (f"{self.goal.metric} has not improved for {self.since_best} evaluations "
                 f"(best {self.best:.4f} at step {self.best_step}; eval.stop_when "
                 f"patience {self.patience})")
 

@@ -24,10 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 from distributed.config import OptimizerConfig, TrainConfig
-from distributed.errors import ConfigError, user_code
+from distributed.errors import ConfigError
 from distributed.inputs.spec import InputSpec, step_of
-from distributed.model import (PREDICT, TRAIN, Initializers, ModelSpec, initializers,
-                               load_function, missing_vocabulary)
+from distributed.model import PREDICT, TRAIN, Initializers, initializers
+from distributed.model.graphs import build_mode_graph, call_model_fn
+from distributed.model.walk import placeholders_needed, walk_back
 from distributed.train import optimizers, state
 
 ReduceFn = Callable[[list], list]
@@ -39,31 +40,6 @@ def make_optimizer(cfg: OptimizerConfig, params: Mapping[str, Any] | None = None
     also returns the learning-rate tensor)."""
     step = tf.compat.v1.train.get_or_create_global_step()
     return optimizers.make_optimizer(cfg, step, params or {})[0]
-
-
-def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec:
-    """Calls the user's ``model_fn`` and checks what it returns."""
-    model_fn = load_function(config.model, "model", 4)
-    with user_code("model", config.model):
-        try:
-            spec = model_fn(features, labels, mode, dict(config.model_params))
-        except ValueError as e:  # a vocabulary column counting a missing file
-            missing = re.match(r"vocabulary_file in (\S+) does not exist", str(e))
-            if missing is None:
-                raise
-            raise missing_vocabulary(
-                f"{config.model}: the vocabulary file of column "
-                f"{missing.group(1)!r}") from None
-    if not isinstance(spec, ModelSpec):
-        raise ConfigError(
-            f"model: {config.model} returned {type(spec).__name__}; it must return "
-            "distributed.model.ModelSpec(loss=..., predictions={...})")
-    if mode == TRAIN and spec.loss is None:
-        raise ConfigError(f"model: {config.model} returned no loss in train mode")
-    if mode == PREDICT and not spec.predictions:
-        raise ConfigError(f"model: {config.model} returned no predictions in "
-                          "predict mode")
-    return spec
 
 
 @dataclasses.dataclass
@@ -293,40 +269,10 @@ def _fed_in_graph(fed: set[str]) -> set[str]:
         t.op.name for (_, t), need in zip(captures, needs) if need <= fed}
 
 
-def placeholders_needed(ops: Sequence[Any]) -> list[frozenset]:
-    """For each op (or tensor) in ``ops``, the names of the ``Placeholder`` ops
-    it depends on (through data and control inputs): what running it needs fed.
-
-    One walk over the graph serves all of ``ops`` (each op's set is memoized),
-    so it costs about the graph's size, not its size per op. The back edges of
-    v1 ``while`` loops are ignored; a placeholder a loop reads enters it
-    through a forward edge anyway.
-    """
-    memo: dict[Any, frozenset] = {}
-    for root in ops:
-        stack, active = [(getattr(root, "op", root), False)], set()
-        while stack:
-            op, expanded = stack.pop()
-            if op in memo:
-                continue
-            parents = [t.op for t in op.inputs] + list(op.control_inputs)
-            if expanded:
-                own = frozenset([op.name]) if op.type == "Placeholder" else frozenset()
-                memo[op] = own.union(*(memo.get(p, frozenset()) for p in parents))
-                active.discard(op)
-            elif op not in active:
-                active.add(op)
-                stack.append((op, True))
-                stack.extend((p, False) for p in parents
-                             if p not in memo and p not in active)
-    return [memo[getattr(o, "op", o)] for o in ops]
-
-
 def _check_fed(config: TrainConfig, train_op: Any, fed: set[str]) -> None:
     """Raises :class:`ConfigError` naming the placeholders the train op needs
     that the framework does not feed (a step would fail with "You must feed a
     value for placeholder tensor")."""
-    from distributed.checkpoint.selection import walk_back
     unfed = sorted((op for op in walk_back([train_op], lambda op: op.type == "Placeholder")
                     if op.name not in fed), key=lambda op: op.name)
     if not unfed:
@@ -364,13 +310,9 @@ def never_updated_statistics(tg: TrainGraph, reads: set[str]) -> list[str]:
 
 
 def predict_reads(config: TrainConfig, input_spec: InputSpec) -> set[str]:
-    """Names of the variables the predict-mode outputs read (own throwaway graph)."""
-    from distributed.checkpoint.selection import variables_read_by
-    graph = tf.Graph()
-    with graph.as_default():
-        features, _ = input_spec.placeholders()
-        spec = call_model_fn(config, features, None, PREDICT)
-        return variables_read_by(list(spec.predictions.values()))
+    """Names of the variables the predict-mode outputs read (own throwaway
+    graph, built as the export builds it): what the selection needs."""
+    return build_mode_graph(config, PREDICT, input_spec.placeholders).output_reads()
 
 
 class VariableLoader:

@@ -3,7 +3,7 @@ values, not dicts (they cross Ray by pickling, so plain dataclasses).
 
 - :class:`BuildPlan`: the coordinator built the chief graph (``Coordinator.build``).
 - :class:`OpenedRun`: it opened the run's storage and initialized or resumed
-  (``Coordinator.open_run``); :class:`RunPlan` is both (``Coordinator.prepare``).
+  (``Coordinator.open_run``).
 - :class:`WorkerSetup`: a worker built its graph (``Worker.setup``).
 - :class:`CheckpointEvent`: something happened to a checkpoint (rank 0's
   hand-offs, the coordinator's evaluations); :meth:`CheckpointEvent.describe`
@@ -49,14 +49,6 @@ class OpenedRun:
     recreated_serving: int | None  # a serving checkpoint a failure lost, re-made
     warnings: list
     removed: list  # leftovers of interrupted saves, removed
-
-
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """A :class:`BuildPlan` and its :class:`OpenedRun` (``Coordinator.prepare``)."""
-
-    build: BuildPlan
-    opened: OpenedRun
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ save launches:
   buffer to a power of two, see :func:`_padded_gather`) and the padding is
   masked out after the gather.
 * Gradients of one dtype share a gather, in buckets of at most ``bucket_bytes``
-  (see :func:`distributed.train.collective.plan_buckets`).
+  (see :func:`distributed.train.buckets.plan_buckets`).
 
 Values are divided by the group size before the gather, so the gathered slices
 sum, duplicate indices included, to the group's mean gradient; the optimizer

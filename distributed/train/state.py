@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Sequence
 import tensorflow as tf
 
 from distributed.errors import ConfigError
+from distributed.model.walk import variables_read_by, walk_back
 
 NONE, SUM, MEAN, ONLY_FIRST_REPLICA = 0, 1, 2, 3
 _AGGREGATION = {NONE: "NONE", SUM: "SUM", MEAN: "MEAN",
@@ -143,7 +144,6 @@ def step_writes(roots: Iterable[Any]) -> dict[str, list]:
     In a function body (the loop of ``steps_per_run``) a write's handle is a
     placeholder standing for the captured outer handle; it is followed out.
     """
-    from distributed.checkpoint.selection import variables_read_by, walk_back
     graph = tf.compat.v1.get_default_graph()
     captured = {(t.op.name, t.value_index): external
                 for external, t in getattr(graph, "captures", ())}

@@ -60,8 +60,7 @@ def recorded_retention(run_layout: RunLayout) -> dict[str, Retention]:
     config = config_lib.from_dict(
         {"retention": recorded["retention"]} if "retention" in recorded else {})
     # The trainer applies retention only to the tiers its config names.
-    return {t: config.retention_for(t) if t in config.retention else Retention()
-            for t in layout.TIERS}
+    return {t: config.retention.get(t, Retention()) for t in layout.TIERS}
 
 
 def retention_from_flags(flags: Mapping[str, Any]) -> Retention | None:
@@ -119,7 +118,7 @@ def _check_idle(run_layout: RunLayout, now: float) -> str | None:
     return None
 
 
-def gc(run_layout: RunLayout, retention: Retention | None, tier: str | None,
+def gc(store: CheckpointStore, retention: Retention | None, tier: str | None,
        dry_run: bool, force: bool, clock: Callable[[], float] = time.time) -> Report:
     """Applies ``retention`` (``None``: the run's recorded one) to ``tier`` (or
     both) and removes leftovers; with ``dry_run`` only says what it would do.
@@ -127,6 +126,7 @@ def gc(run_layout: RunLayout, retention: Retention | None, tier: str | None,
     Raises:
         RunMayBeTrainingError: The run wrote recently and ``force`` is off.
     """
+    run_layout = store.layout
     tiers = [tier] if tier else list(layout.TIERS)
     if retention is None:
         policies, source = recorded_retention(run_layout), RUN_CONFIG_FILE
@@ -136,7 +136,6 @@ def gc(run_layout: RunLayout, retention: Retention | None, tier: str | None,
     busy = _check_idle(run_layout, clock())
     if busy and not (force or dry_run):
         raise RunMayBeTrainingError(busy)
-    store = CheckpointStore(run_layout.storage, run_layout.run)
     if dry_run:
         result = _plan(store, policies)
     else:

@@ -21,17 +21,17 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from typing import Sequence
 
 from distributed.checkpoint.catalog import CorruptCatalogRowWarning
 from distributed.checkpoint.layout import STEP_DIGITS, TIERS
+from distributed.checkpoint.metric_goal import MetricGoal
+from distributed.cli.argtypes import Parser, key_value, metric_mode, number
 from distributed.cli.ckpt import cleanup, commands, diff
 from distributed.cli.ckpt.output import Report, emit
-from distributed.cli.argtypes import Parser, key_value, metric_mode, number
-from distributed.cli.ckpt.run import open_remote_run, resolve_run
-from distributed.errors import ConfigError, DistributedError
+from distributed.errors import DistributedError
+from distributed.storage.runstore import open_offline_writer, open_reader
 
 PROG = "python -m distributed.ckpt"
 
@@ -133,40 +133,31 @@ def run_command(args: argparse.Namespace) -> Report:
     """Runs the parsed command; returns its report.
 
     An object store run is read through a local cache (see
-    :class:`~distributed.cli.ckpt.run.RemoteRun`): checkpoints are fetched into it
-    before they are read, and ``show`` fetches the manifest alone.
+    :func:`~distributed.storage.runstore.open_reader`): checkpoints are
+    fetched into it before they are read, and ``show`` fetches the manifest
+    alone. ``gc`` is a second writer, for a directory only.
     """
-    from distributed.storage.remote import is_remote
-    if not is_remote(args.storage):
-        return _dispatch(args, resolve_run(args.storage, args.run))
     if args.command == "gc":
-        raise ConfigError(
-            f"gc: {args.storage} is an object store; there the training job's "
-            "retention deletes checkpoints (catalog row first) and a restarted run "
-            "removes interrupted uploads. gc works on a directory")
-    run = open_remote_run(args.storage, args.run, dict(args.storage_options), args.cache)
-    with tempfile.TemporaryDirectory(prefix="dtr-show-") as tmp:
-        return _dispatch(args, run.layout, run.fetch,
-                         lambda tier, step: run.fetch_manifest(tier, step, tmp))
-
-
-def _dispatch(args: argparse.Namespace, run_layout, fetch=None,
-              manifest_dir=None) -> Report:
+        return _gc(args)
+    store = open_reader(args.storage, args.run, dict(args.storage_options), args.cache)
     if args.command == "ls":
-        return commands.ls(run_layout, args.tier)
+        return commands.ls(store, args.tier)
     if args.command == "show":
-        return commands.show(run_layout, args.step, args.tier, args.depth, manifest_dir)
+        return commands.show(store, args.step, args.tier, args.depth)
     if args.command == "verify":
-        return commands.verify(run_layout, args.step, args.tier, fetch)
-    if args.command == "diff":
-        return diff.diff(run_layout, args.a, args.b, args.tier, args.all, fetch)
+        return commands.verify(store, args.step, args.tier)
+    return diff.diff(store, args.a, args.b, args.tier, args.all)
+
+
+def _gc(args: argparse.Namespace) -> Report:
+    store = open_offline_writer(args.storage, args.run)
     best = None
     if args.keep_best:
-        metric, _, mode = args.keep_best.partition(":")
-        best = {"metric": metric, "mode": mode or "min", "n": args.keep_best_n or 1}
+        goal = MetricGoal.parse(args.keep_best)
+        best = {"metric": goal.metric, "mode": goal.mode, "n": args.keep_best_n or 1}
     retention = cleanup.retention_from_flags(
         {"keep_last": args.keep_last, "keep_every": args.keep_every, "keep_best": best})
-    return cleanup.gc(run_layout, retention, args.tier, args.dry_run, args.force)
+    return cleanup.gc(store, retention, args.tier, args.dry_run, args.force)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

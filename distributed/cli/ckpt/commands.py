@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable
 
 import pyarrow as pa
 
 from distributed.checkpoint.catalog import Catalog, CatalogEntry
-from distributed.checkpoint.layout import RunLayout
-from distributed.checkpoint.manifest import MANIFEST_SCHEMA, Manifest, read_manifest
-from distributed.checkpoint.store import CheckpointStore
+from distributed.checkpoint.manifest import MANIFEST_SCHEMA, Manifest
 from distributed.checkpoint.verify import Problem, VerifyReport
 from distributed.cli.ckpt.output import Report, format_table, mib, number, timestamp
-from distributed.cli.ckpt.run import reading, resolve_tier
+from distributed.cli.ckpt.run import resolve_tier
+from distributed.storage.runstore import RunStore
 from distributed.errors import (CheckpointCorruptError, CheckpointNotFoundError,
                                 ManifestError)
 
 
-def ls(run_layout: RunLayout, tier: str | None) -> Report:
+def ls(store: RunStore, tier: str | None) -> Report:
     """The catalog: one row per committed checkpoint (damaged rows are left
     out with a warning, as every reader does)."""
-    table = Catalog(run_layout).table(tier)
+    run_layout = store.layout
+    table = store.catalog.table(tier)
     entries = [CatalogEntry(**{**row, "metrics": dict(row["metrics"] or [])})
                for row in table.to_pylist()]
     metrics = sorted({k for e in entries for k in e.metrics})
@@ -49,20 +48,17 @@ def scope_of(name: str, depth: int) -> str:
     return "/".join(name.split("/")[:depth])
 
 
-def show(run_layout: RunLayout, step: int, tier: str | None, depth: int,
-         manifest_dir: Callable[[str, int], str] | None = None) -> Report:
+def show(store: RunStore, step: int, tier: str | None, depth: int) -> Report:
     """One checkpoint's manifest: every tensor, and bytes per scope.
 
     The manifest is read down the checksum chain (row file, then the manifest
-    against the CRC the row records); the tensors' bytes are not read.
-    ``manifest_dir(tier, step)`` says where the manifest is when it is not in
-    the checkpoint's directory (an object store run's, downloaded alone).
+    against the CRC the row records); the tensors' bytes are not read (an
+    object store run's manifest is downloaded alone).
     """
-    catalog = Catalog(run_layout)
-    tier = resolve_tier(catalog, step, tier)
-    entry = catalog.get(step, tier)
-    where = (manifest_dir or run_layout.checkpoint_dir)(tier, step)
-    manifest = read_manifest(where, entry.manifest_crc32c)
+    run_layout = store.layout
+    tier = resolve_tier(store.catalog, step, tier)
+    entry = store.catalog.get(step, tier)
+    manifest = store.read_manifest(entry)
     tensors = [dataclasses.asdict(t) for t in manifest.tensors]
     scopes = _scopes(manifest, depth)
     total = manifest.num_bytes
@@ -117,16 +113,15 @@ VERIFY_SCHEMA = pa.schema([
 ])
 
 
-def verify(run_layout: RunLayout, step: int | None, tier: str | None,
-           fetch: Callable[[str, int], None] | None = None) -> Report:
+def verify(store: RunStore, step: int | None, tier: str | None) -> Report:
     """Verifies one committed checkpoint (``step``) or all of them, down the
-    whole checksum chain; exit code 1 if any is bad. ``fetch(tier, step)``
-    first brings a checkpoint into ``run_layout`` (an object store run's cache).
+    whole checksum chain, each under a reader lease (an object store run's is
+    fetched into its cache first); exit code 1 if any is bad.
 
     Raises:
         CheckpointNotFoundError: ``step`` is given and not committed.
     """
-    store = CheckpointStore(run_layout.storage, run_layout.run)
+    run_layout = store.layout
     if step is not None:
         keys = [(resolve_tier(store.catalog, step, tier), step)]
     else:
@@ -134,10 +129,9 @@ def verify(run_layout: RunLayout, step: int | None, tier: str | None,
                       if tier is None or t == tier)
     rows = []
     for t, s in keys:
-        with reading(run_layout, t, s):
+        with store.reading(t, s):
             try:
-                if fetch is not None:
-                    fetch(t, s)
+                store.fetch(t, s)
                 report = store.verify(s, t, raise_on_error=False)
             except CheckpointNotFoundError:
                 if step is not None:

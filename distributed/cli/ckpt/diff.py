@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import math
 
-from typing import Callable
-
 import numpy as np
 import pyarrow as pa
 
-from distributed.checkpoint.catalog import Catalog
-from distributed.checkpoint.layout import RunLayout
 from distributed.checkpoint.manifest import TensorRecord
 from distributed.checkpoint.verify import read_committed_manifest, read_verified
 from distributed.cli.ckpt.output import Report, format_table, number
-from distributed.cli.ckpt.run import reading, resolve_tier
+from distributed.cli.ckpt.run import resolve_tier
+from distributed.storage.runstore import RunStore
 
 # Statuses, in the order the human table lists them.
 STATUSES = ("changed", "retyped", "only_a", "only_b", "unchanged")
@@ -70,24 +67,22 @@ def change(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return max_abs, (moved / base if base else (0.0 if moved == 0 else math.inf))
 
 
-def diff(run_layout: RunLayout, step_a: int, step_b: int, tier: str | None,
-         show_all: bool = False,
-         fetch: Callable[[str, int], None] | None = None) -> Report:
-    """Compares checkpoint A (``step_a``) with B (``step_b``) tensor by tensor.
-    ``fetch(tier, step)`` first brings each into ``run_layout`` (an object
-    store run's cache).
+def diff(store: RunStore, step_a: int, step_b: int, tier: str | None,
+         show_all: bool = False) -> Report:
+    """Compares checkpoint A (``step_a``) with B (``step_b``) tensor by tensor,
+    both under reader leases (an object store run's are fetched into its
+    cache first).
 
     Raises:
         CheckpointNotFoundError: Either step is not committed.
         CheckpointCorruptError: Either checkpoint fails verification.
     """
-    catalog = Catalog(run_layout)
-    tier_a = resolve_tier(catalog, step_a, tier)
-    tier_b = resolve_tier(catalog, step_b, tier)
-    with reading(run_layout, tier_a, step_a), reading(run_layout, tier_b, step_b):
-        if fetch is not None:
-            fetch(tier_a, step_a)
-            fetch(tier_b, step_b)
+    run_layout = store.layout
+    tier_a = resolve_tier(store.catalog, step_a, tier)
+    tier_b = resolve_tier(store.catalog, step_b, tier)
+    with store.reading(tier_a, step_a), store.reading(tier_b, step_b):
+        store.fetch(tier_a, step_a)
+        store.fetch(tier_b, step_b)
         dir_a, man_a = read_committed_manifest(run_layout, step_a, tier_a)
         dir_b, man_b = read_committed_manifest(run_layout, step_b, tier_b)
         a, b = man_a.by_name(), man_b.by_name()

@@ -1,5 +1,5 @@
 """Ray Data inputs for tests/test_raydata.py, importable by the driver and by
-Ray workers (``tests.raydata_inputs:...`` in a config's ``input.ray_dataset``).
+Ray workers (``tests.helpers.raydata_inputs:...`` in a config's ``input.ray_dataset``).
 
 Every dataset function takes ``params`` (the config's ``input_params``).
 """

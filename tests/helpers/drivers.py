@@ -5,14 +5,24 @@ test can read every replica's variables between rounds."""
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Iterable
 
 import ray
 
+from distributed import config as config_lib
 from distributed.examples.digits import digits_input_fn
-from distributed.train import trainer
+from distributed.train import cluster, trainer
 from distributed.train.coordinator import Coordinator
 from distributed.train.worker import Worker
+from tests.helpers.training import MLP
+
+
+def prepare(coordinator, input_spec=None) -> types.SimpleNamespace:
+    """What the driver does first with a coordinator, in-process: build the
+    chief graph, then open the run; returns both (``.build``, ``.opened``)."""
+    build = coordinator.build(input_spec)
+    return types.SimpleNamespace(build=build, opened=coordinator.open_run())
 
 
 def train_in_process(cfg, steps: Iterable[int], full_at_end: bool = False):
@@ -23,7 +33,7 @@ def train_in_process(cfg, steps: Iterable[int], full_at_end: bool = False):
     Returns the prepared :class:`Coordinator` (its Session open).
     """
     coord = Coordinator(cfg.to_dict())
-    coord.prepare()
+    prepare(coord)
     tg = coord.tg
     batches = digits_input_fn(0, 1, 32, {})
     names = {v.op.name: v for v in tg.variables}
@@ -41,6 +51,20 @@ def train_in_process(cfg, steps: Iterable[int], full_at_end: bool = False):
     return coord
 
 
+def train_digits_in_process(storage, run, model, policy="inference", steps=(20, 40),
+                            include=()):
+    """:func:`train_in_process` on one worker's digits config (the MLP with one
+    hidden layer of 32), the checkpoints selected by ``policy`` and ``include``.
+
+    Returns the prepared coordinator and the config.
+    """
+    cfg = config_lib.from_dict({
+        "model": model, "storage": storage, "run": run, "workers": 1,
+        "selection": {"policy": policy, "include": list(include)},
+        "steps": max(steps), "model_params": {"hidden": [32]} if model == MLP else {}})
+    return train_in_process(cfg, steps), cfg
+
+
 @contextlib.contextmanager
 def actor_group(config):
     """A coordinator and ``config.workers`` workers on the running Ray, set up
@@ -51,14 +75,15 @@ def actor_group(config):
     values every replica loaded.
     """
     cfg = config.to_dict()
-    env = {"env_vars": dict(trainer._ACTOR_ENV)}
+    env = {"env_vars": cluster.actor_env_vars()}
     coordinator = ray.remote(Coordinator).options(
-        num_cpus=trainer.COORDINATOR_CPUS, runtime_env=env).remote(cfg)
+        num_cpus=cluster.COORDINATOR_CPUS, runtime_env=env).remote(cfg)
     workers = [ray.remote(Worker).options(num_cpus=config.cpus_per_worker,
                                           runtime_env=env).remote(cfg, rank)
                for rank in range(config.workers)]
     try:
-        plan = ray.get(coordinator.prepare.remote())
+        build = ray.get(coordinator.build.remote())
+        plan = types.SimpleNamespace(build=build, opened=ray.get(coordinator.open_run.remote()))
         addresses = ray.get([w.address.remote() for w in workers])
         setups = ray.get([w.setup.remote(addresses) for w in workers])
         initial = ray.get(coordinator.initial_values.remote())
@@ -84,7 +109,6 @@ def train_and_export(module: str, model: str, input_fn: str, eval_input_fn: str,
     import sys
     import time
 
-    from distributed import config as config_lib
     from distributed.checkpoint import Catalog, RunLayout
     from tests.conftest import REPO_ROOT, start_local_ray
 

@@ -21,10 +21,11 @@ from typing import Any
 import tensorflow as tf
 
 from distributed import config as config_lib
+from distributed.model.graphs import call_model_fn
 from distributed.train import collective
-from distributed.train.graph import build_train_graph, call_model_fn
+from distributed.train.graph import build_train_graph
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU = "/device:GPU:0"
 TWO_RANKS = ("127.0.0.1:1", "127.0.0.1:2")  # never contacted: the graph is only built
 
