@@ -9,6 +9,7 @@ actors, and says in its message how to fix the problem. Entry points print
 from __future__ import annotations
 
 import contextlib
+import difflib
 import traceback
 
 
@@ -129,3 +130,10 @@ def user_code(field: str, ref: str):
             f"Traceback of {ref} (most recent call last):\n{detail}"
             f"{''.join(traceback.format_exception_only(e)).rstrip()}\n"
             f"Fix {ref} (the {field!r} entry of the config) and re-run.") from None
+
+
+def did_you_mean(name: object, valid) -> str:
+    """``"did you mean 'x'? "`` for the valid name closest to a wrong one, or
+    ``""`` when none is close: the hint every "unknown name" error carries."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""

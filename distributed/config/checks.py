@@ -7,10 +7,9 @@ settle whether a well-typed value makes sense. Each raises a one-line
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Mapping
 
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, did_you_mean
 
 RAY_INPUT_KEYS = ("ray_dataset", "label")
 
@@ -46,10 +45,9 @@ def check_input(value: Any, field: str) -> None:
         return
     unknown = sorted(set(value) - set(RAY_INPUT_KEYS), key=str)
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), RAY_INPUT_KEYS, n=1)
         raise ConfigError(
             f"{field}.{unknown[0]}: unknown key; "
-            f"{f'did you mean {close[0]!r}? ' if close else ''}a Ray Data input "
+            f"{did_you_mean(unknown[0], RAY_INPUT_KEYS)}a Ray Data input "
             "is {ray_dataset: 'package.module:function', label: COLUMN}")
     if "ray_dataset" not in value:
         raise ConfigError(f"{field}.ray_dataset: missing; a Ray Data input is "

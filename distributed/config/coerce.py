@@ -11,12 +11,11 @@ field's path (``checkpoint.on_busy``), so the user finds it in the YAML.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any, Mapping, Sequence
 
-from distributed.errors import ConfigError
+from distributed.errors import ConfigError, did_you_mean
 
 
 def build(cls: type, data: Any, prefix: str = ""):
@@ -31,11 +30,10 @@ def build(cls: type, data: Any, prefix: str = ""):
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
         raise ConfigError(
             f"{prefix}{unknown[0]}: unknown key"
             f"{'s ' + str(unknown) if len(unknown) > 1 else ''}; "
-            f"{f'did you mean {close[0]!r}? ' if close else ''}valid keys are "
+            f"{did_you_mean(unknown[0], fields)}valid keys are "
             f"{', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls, include_extras=True)
     return cls(**{name: coerce(value, hints[name], f"{prefix}{name}")
@@ -91,10 +89,8 @@ def choice(value: Any, choices: Sequence[str], path: str) -> str:
     """``value`` if it is one of ``choices``; else an error naming the closest."""
     if isinstance(value, str) and value in choices:
         return value
-    close = difflib.get_close_matches(str(value), choices, n=1)
     raise ConfigError(
-        f"{path}: {value!r} is not valid; "
-        f"{f'did you mean {close[0]!r}? ' if close else ''}use one of "
+        f"{path}: {value!r} is not valid; {did_you_mean(value, choices)}use one of "
         f"{', '.join(choices)}")
 
 

@@ -11,12 +11,11 @@ feature, and list-valued columns (fixed-length lists, tensor columns) become
 
 from __future__ import annotations
 
-import difflib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from distributed.errors import ConfigError, user_code
+from distributed.errors import ConfigError, did_you_mean, user_code
 
 FIELD = "input.ray_dataset"
 
@@ -53,10 +52,10 @@ def load_dataset(ref: str, label: str, params: Mapping[str, Any],
                           "columns); check the path or query it reads")
     names = list(schema.names)
     if label not in names:
-        close = difflib.get_close_matches(label, names, n=1)
+        hint = did_you_mean(label, names).rstrip()
         raise ConfigError(
             f"{field}.label: the dataset of {ref} has no column {label!r}"
-            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + (f" ({hint})" if hint else "")
             + f"; its columns are {', '.join(names)}")
     if len(names) < 2:
         raise ConfigError(f"{field}.label: {label!r} is the only column of the dataset "

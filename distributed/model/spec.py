@@ -8,13 +8,12 @@ without paying for its import.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import inspect
 import traceback
 from typing import Any, Callable, Mapping
 
-from distributed.errors import ConfigError, UserCodeError
+from distributed.errors import ConfigError, UserCodeError, did_you_mean
 
 TRAIN = "train"
 EVAL = "eval"
@@ -89,11 +88,11 @@ def load_function(ref: str, field: str, num_args: int) -> Callable[..., Any]:
         defined = [n for n, v in vars(module).items()
                    if callable(v) and not n.startswith("_")
                    and getattr(v, "__module__", None) == module.__name__]
-        close = difflib.get_close_matches(func_name, defined, n=1)
+        hint = did_you_mean(func_name, defined).rstrip()
         raise ConfigError(
             f"{field}: module {module_name!r} has no function {func_name!r}; "
             f"define {expected} there or fix the name after the colon"
-            + (f" (did you mean {close[0]!r}?)" if close else ""))
+            + (f" ({hint})" if hint else ""))
     try:
         inspect.signature(func).bind(*([None] * num_args))
     except TypeError as e:

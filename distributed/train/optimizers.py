@@ -12,7 +12,6 @@ run (whose global step comes from the full checkpoint) continues its schedule.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import re
@@ -21,7 +20,7 @@ from typing import Any, Mapping
 import tensorflow as tf
 
 from distributed.config import OptimizerConfig
-from distributed.errors import ConfigError, user_code
+from distributed.errors import ConfigError, did_you_mean, user_code
 
 RENAMES = {"gradient_descent": "sgd"}
 DEFAULTS = {"momentum": {"momentum": 0.9}}  # today's configs keep working
@@ -55,10 +54,8 @@ def optimizer_table() -> dict[str, type]:
 
 
 def _unknown(path: str, key: str, valid: list[str], what: str) -> ConfigError:
-    close = difflib.get_close_matches(str(key), valid, n=1)
     return ConfigError(
-        f"{path}.{key}: unknown key for {what}; "
-        f"{f'did you mean {close[0]!r}? ' if close else ''}valid keys are "
+        f"{path}.{key}: unknown key for {what}; {did_you_mean(key, valid)}valid keys are "
         f"{', '.join(valid)}")
 
 
@@ -132,10 +129,8 @@ def make_optimizer(cfg: OptimizerConfig, global_step, params: Mapping[str, Any],
     table = optimizer_table()
     cls = table.get(cfg.name)
     if cls is None:
-        close = difflib.get_close_matches(cfg.name, table, n=1)
         raise ConfigError(
-            f"{path}.name: {cfg.name!r} is not valid; "
-            f"{f'did you mean {close[0]!r}? ' if close else ''}use one of "
+            f"{path}.name: {cfg.name!r} is not valid; {did_you_mean(cfg.name, table)}use one of "
             f"{', '.join(table)} or 'package.module:function'")
     accepted = _parameters(cls.__init__)
     valid = [k for k in accepted if k not in SUPPLIED]
