@@ -3,6 +3,7 @@
     python -m jobs.restore --storage runs --run digits-cnn --export exports/digits
     python -m jobs.restore ... --step 300 | --best loss[:min|max]
     python -m jobs.restore ... --map tower/=serving/tower/ --watch --keep 3
+    python -m jobs.restore --tune-checkpoint <trial>/checkpoint_000003 --export exports/best
 
 Writes <export>/<step>/ (saved_model.pb + variables/) atomically and records the
 export under <storage>/<run>/exports/.
@@ -32,13 +33,18 @@ def parse_args(argv):
     p.add_argument("--cache", help="local cache for an object store run "
                                    "(default: the temp dir's dtr-cache/; never a training job's "
                                    "staging directory)")
-    p.add_argument("--run", required=True, help="run name")
+    p.add_argument("--run", help="run name (required unless --tune-checkpoint names it)")
     p.add_argument("--export", required=True, help="export base directory (TF Serving's model dir)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=number(int, lambda v: v >= 0, "a step >= 0"),
                        help="export this step (fails if it is corrupt)")
     which.add_argument("--best", type=metric_mode, metavar="METRIC[:min|max]",
                        help="export the best by a metric")
+    which.add_argument("--tune-checkpoint", metavar="DIR",
+                       help="export the serving checkpoint a Ray Tune trial's checkpoint "
+                            "directory names (Result.checkpoint.path of a "
+                            "distributed.tune search; it gives --storage, --run and "
+                            "--step)")
     p.add_argument("--map", action="append", default=[], metavar="CKPT_PREFIX=GRAPH_PREFIX",
                    help="restore checkpoint scope CKPT_PREFIX into graph scope GRAPH_PREFIX")
     p.add_argument("--model", help="serving model_fn (module:function) if not the run's")
@@ -51,8 +57,13 @@ def parse_args(argv):
                    help="also show TensorFlow's native start-up lines (same as "
                         "DTR_VERBOSE=1)")
     args = p.parse_args(argv)
-    if args.watch and (args.step is not None or args.best):
-        p.error("--watch exports each new checkpoint; it does not take --step or --best")
+    if args.tune_checkpoint and args.run is not None:
+        p.error("--tune-checkpoint names the run (and its storage and step); drop --run")
+    if not args.tune_checkpoint and args.run is None:
+        p.error("the following arguments are required: --run")
+    if args.watch and (args.step is not None or args.best or args.tune_checkpoint):
+        p.error("--watch exports each new checkpoint; it does not take --step, --best "
+                "or --tune-checkpoint")
     return args
 
 
@@ -61,6 +72,10 @@ def main(argv=None) -> int:
     if args.verbose:
         os.environ[logs.VERBOSE_ENV] = "1"
     logs.quiet_native_stderr()  # before TensorFlow is imported
+    if args.tune_checkpoint:
+        from distributed.tune import read_pointer
+        pointer = read_pointer(args.tune_checkpoint)
+        args.storage, args.run, args.step = pointer.storage, pointer.run, pointer.step
     logs.setup(args.run, "restore")
     reader = {"storage_options": dict(args.storage_options), "cache": args.cache}
     if args.watch:

@@ -73,6 +73,12 @@ def check_storage(value: Any) -> None:
                           f"{scheme}://bucket/prefix")
 
 
+def absolute(storage: str) -> str:
+    """``storage`` that means the same from any working directory: a local
+    directory made absolute; object-store URIs as they are."""
+    return storage if is_object_store(storage) else local_path(storage)
+
+
 def local_path(storage: str, staging: str | None = None) -> str:
     """The local directory a checkpoint store writes for ``storage``: the
     directory itself (``file://`` stripped), or an object store's mirror under

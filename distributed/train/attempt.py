@@ -19,6 +19,7 @@ from distributed.errors import ConfigError, DistributedError
 from distributed.progress import StatusLine
 from distributed.train.cluster import COORDINATOR_CPUS
 from distributed.train.failures import GroupFailure, classify, unwrap, user_error_among
+from distributed.train.hooks import RunHooks
 from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent, OpenedRun,
                                         RoundReport)
 from distributed.train.report import format_summary
@@ -30,8 +31,10 @@ class GroupRun:
     of actors (coordinator + workers) and trains with it."""
 
     def __init__(self, config: TrainConfig, echo, coordinator_cls, t0: float,
-                 actor_env: dict | None, dataset=None, eval_dataset=None):
+                 actor_env: dict | None, dataset=None, eval_dataset=None,
+                 hooks: RunHooks | None = None):
         self.config = config
+        self.hooks = hooks or RunHooks()  # a caller's (a Tune trial's) additions
         self.dataset = dataset  # Ray Data input: split anew for every group
         self.eval_dataset = eval_dataset  # Ray Data eval input: the coordinator's
         self.actor_env = actor_env  # None: the actors inherit the driver's
@@ -89,10 +92,12 @@ class GroupRun:
         cfg = config.to_dict()
         env = {} if self.actor_env is None else {"runtime_env": self.actor_env}
         coordinator = ray.remote(self.coordinator_cls).options(
-            num_cpus=COORDINATOR_CPUS, **env).remote(cfg, restarting)
+            num_cpus=COORDINATOR_CPUS, **env,
+            **self.hooks.actor_options(None)).remote(cfg, restarting)
         workers = [ray.remote(Worker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker,
-            **env).remote(cfg, rank) for rank in range(config.workers)]
+            **env, **self.hooks.actor_options(rank)).remote(cfg, rank)
+            for rank in range(config.workers)]
         self._coordinator, self._workers = coordinator, workers
         self._poll_ref = None  # a poll of a previous attempt's coordinator is dead
         self._worker_names = [f"worker {r}" for r in range(len(workers))]
@@ -197,6 +202,7 @@ class GroupRun:
                       f"{lead.steps_per_sec:.1f} steps/s")
             logs.set_step(step)
             self._record_round(lead)
+            self.stop_reason = self.stop_reason or self.hooks.stop_reason()
         if self.stop_reason is not None:
             self.echo(f"early stop after step {step}: {self.stop_reason}")
         return step
@@ -250,6 +256,7 @@ class GroupRun:
                 continue
             self.events.append(event)
             self.echo(event.describe())
+            self.stop_reason = self.stop_reason or self.hooks.on_event(event)
 
     def _get(self, refs, names, straggler_seconds: float | None = None):
         """``ray.get`` that fails as soon as any ref fails (:meth:`_raise_failure`).

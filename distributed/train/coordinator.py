@@ -206,11 +206,7 @@ class Coordinator:
                     f"run: {self.config.run!r} already has checkpoints under "
                     f"{self.store.layout.root} but no full checkpoint to resume "
                     "from; pick a new --run name or delete that directory")
-            if init.init_fn is not None:  # the scaffold's, on a fresh start only
-                with user_code("model", f"{self.config.model} (its scaffold's init_fn)"):
-                    init.init_fn(self.sess)
-            self.sess.run(init.local_init_op)
-            return 0, None
+            return self._start_fresh(init), None
         for entry in fulls:
             try:
                 self.store.fetch("full", entry.step)
@@ -242,6 +238,17 @@ class Coordinator:
             f"run: none of the {len(fulls)} full checkpoint(s) of run "
             f"{self.config.run!r} verifies, so it cannot resume ("
             + "; ".join(self.warnings[-len(fulls):]) + "); start a new --run")
+
+    def _start_fresh(self, init) -> int:
+        """A run without a full checkpoint starts here (the global initializer
+        has run): the scaffold's ``init_fn``, then the local initializers.
+        Returns the step it starts at. A run started from elsewhere overrides
+        it (:mod:`distributed.tune.warmstart`: another run's full checkpoint)."""
+        if init.init_fn is not None:  # the scaffold's, on a fresh start only
+            with user_code("model", f"{self.config.model} (its scaffold's init_fn)"):
+                init.init_fn(self.sess)
+        self.sess.run(init.local_init_op)
+        return 0
 
     def _write_run_config(self) -> None:
         record = {"config": self.config.to_dict(),

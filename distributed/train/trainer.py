@@ -18,13 +18,15 @@ from distributed.train.attempt import GroupRun
 from distributed.train.cluster import (actor_env_vars, check_gpus, check_resources,
                                        connect_ray, ray_shutdown)
 from distributed.train.failures import Decision, FailurePolicy, GroupFailure
+from distributed.train.hooks import RunHooks
 from distributed.train.preflight import check_functions, check_storage, load_ray_datasets
 from distributed.train.report import (committed_entries, complete_at, complete_note,
                                       format_summary, resume_note)
 
 
 def train(config: TrainConfig, echo: Callable[[str], None] = print,
-          coordinator_cls: type | None = None) -> dict[str, Any]:
+          coordinator_cls: type | None = None,
+          hooks: RunHooks | None = None) -> dict[str, Any]:
     """Runs one training job to ``config.steps``; returns a summary dict.
 
     When the worker group fails (a worker or the coordinator dies, a
@@ -35,7 +37,9 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
         config: The run.
         echo: Where progress lines go.
         coordinator_cls: The coordinator class (tests pass a subclass that
-            fails on purpose).
+            fails on purpose; a Tune trial one that starts from another run).
+        hooks: Actor options, checkpoint events and early stops for a caller
+            such as a Ray Tune trial (:class:`~distributed.train.hooks.RunHooks`).
     """
     from distributed.train.coordinator import Coordinator
 
@@ -58,7 +62,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = print,
         dataset, eval_dataset = load_ray_datasets(config)
         run = GroupRun(config, echo, coordinator_cls or Coordinator, t0,
                        actor_env=None if started else {"env_vars": actor_env_vars()},
-                       dataset=dataset, eval_dataset=eval_dataset)
+                       dataset=dataset, eval_dataset=eval_dataset, hooks=hooks)
         return _attempt_until_done(run, FailurePolicy(config.max_failures))
     finally:
         if started:
