@@ -9,6 +9,7 @@ the weights of the last full checkpoint are compared with stock TensorFlow.
 from __future__ import annotations
 
 import os
+import random
 
 import numpy as np
 import pytest
@@ -126,3 +127,28 @@ def test_full_checkpoints_hold_every_workers_position_serving_ones_none(local_ra
         layout.checkpoint_dir("serving", 50), "model.ckpt"))
     assert not any(n.startswith("input_position/")
                    for n in serving.get_variable_to_shape_map())
+
+
+@pytest.mark.slow
+def test_tf_data_worker_killed_after_a_full_checkpoint_trains_on_the_same_examples(
+        local_ray, tmp_path, monkeypatch):
+    """SIGKILL to a worker after the first full checkpoint: the group restarts
+    from a full checkpoint with every worker's iterator state."""
+    from distributed.train import worker as worker_module
+    from tests.helpers.fault_actors import PidRecordingWorker
+    from tests.test_faults import Killer
+    monkeypatch.setattr(worker_module, "Worker", PidRecordingWorker)
+    storage = str(tmp_path / "storage")
+    lines, killers = [], []
+
+    def echo(line):
+        lines.append(line)
+        if not killers and f"committed full checkpoint at step {FULL_EVERY}" in line:
+            killers.append(Killer(storage, random.Random(3)))
+
+    summary = trainer.train(make_config(storage, "killed"), echo=echo)
+    killers[0].check()
+    assert len(summary["failures"]) == 1, "\n".join(lines)
+    monkeypatch.undo()
+    trainer.train(make_config(storage, "straight"), echo=lambda _: None)
+    assert_same_training(final_state(storage, "straight"), final_state(storage, "killed"))
