@@ -73,7 +73,8 @@ class DatasetSource:
             handle = self._iterator._iterator_resource
             self._save_position = tf.io.serialize_tensor(tf.raw_ops.SerializeIterator(
                 resource_handle=handle, external_state_policy=2))
-            self._saved_position = tf.compat.v1.placeholder(tf.string, [])
+            # Fed only to restore; not a Placeholder, so a step feeds nothing.
+            self._saved_position = tf.compat.v1.placeholder_with_default("", [])
             self._restore_position = tf.raw_ops.DeserializeIterator(
                 resource_handle=handle,
                 serialized=tf.io.parse_tensor(self._saved_position, tf.variant))

@@ -59,15 +59,19 @@ class InputPositions:
         return [rank for rank in range(1, self.workers) if rank not in have]
 
     def load(self, sess: Any, step: int, rank0_position: bytes | None) -> None:
-        """Sets the variables to every worker's position at ``step``.
+        """Sets the variables to every worker's position at ``step``; without
+        any (a save handed over by no worker, as in tests of the coordinator
+        alone) to empty ones, which a resume reads as none.
 
         Raises:
-            RuntimeError: A position is missing (rank 0 waits for them all
-                before it hands over a full checkpoint, so this is a bug).
+            RuntimeError: Some positions are missing (rank 0 waits for them
+                all before it hands over a full checkpoint, so this is a bug).
         """
         have = dict(self._pending.get(step, {}))
         if rank0_position is not None:
             have[0] = rank0_position
+        elif not have:
+            have = {rank: b"" for rank in range(self.workers)}
         missing = [rank for rank in range(self.workers) if rank not in have]
         if missing:
             raise RuntimeError(f"the input position of worker(s) {missing} at step "
@@ -99,6 +103,10 @@ class InputPositions:
                     "input from the beginning of the epoch: an input_fn that shards "
                     "by worker index reads other examples now; to keep each example "
                     "once, resume with the same workers or use a Ray Data input")
-        self.resumed = [reader.get_tensor(f"{PREFIX}{rank}").tobytes()
-                        for rank in range(self.workers)]
+        resumed = [reader.get_tensor(f"{PREFIX}{rank}").tobytes()
+                   for rank in range(self.workers)]
+        if not all(resumed):
+            return ("the full checkpoint was saved without the workers' input "
+                    "positions, so every worker reads its input from the beginning")
+        self.resumed = resumed
         return None
