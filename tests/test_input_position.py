@@ -152,3 +152,9 @@ def test_tf_data_worker_killed_after_a_full_checkpoint_trains_on_the_same_exampl
     monkeypatch.undo()
     trainer.train(make_config(storage, "straight"), echo=lambda _: None)
     assert_same_training(final_state(storage, "straight"), final_state(storage, "killed"))
+
+
+def test_input_position_names_its_choices():
+    with pytest.raises(ConfigError, match="exact.*restart"):
+        config_lib.from_dict({"input_position": "resume"})
+    assert config_lib.from_dict({}).input_position == "exact"
