@@ -48,6 +48,8 @@ thread settings.
     python scripts/bench_input.py                      # ~6-9 minutes on 2 cores
     python scripts/bench_input.py --pairs 3 --steps 1000
     python scripts/bench_input.py --variants a,c,e     # + vectorized tf.data
+    python scripts/bench_input.py --position           # input-position costs
+                                                       # (scripts/_bench_position.py)
 """
 
 from __future__ import annotations
@@ -119,6 +121,12 @@ def parse_args(argv=None):
     p.add_argument("--probe-batches", type=int, default=150,
                    help="batches per input in the probe; 0 skips it (default 150)")
     p.add_argument("--verbose", action="store_true", help="print the trainer's lines")
+    p.add_argument("--position", action="store_true",
+                   help="instead: steps/s with input_position exact vs restart, and "
+                        "full-checkpoint save time/bytes with a 10,000-element shuffle "
+                        "buffer vs none (scripts/_bench_position.py)")
+    p.add_argument("--position-full-every", type=int, default=50,
+                   help="--position: steps between full checkpoints (default 50)")
     p.add_argument("--dir", default="/tmp", help="parent of the scratch directory")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -373,6 +381,10 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     # A throwaway token: a new local cluster otherwise writes ~/.ray/auth_token.
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    if args.position:
+        import _bench_position
+        _bench_position.run(args, log)
+        return 0
     scratch = tempfile.mkdtemp(prefix="bench_input-", dir=args.dir)
     try:
         data = write_data(args, scratch)

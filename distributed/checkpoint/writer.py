@@ -93,8 +93,8 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        shape = self.variable.shape.as_list()
-        return self.variable.dtype.base_dtype.size * math.prod(max(int(d), 0)
+        shape = self.variable.shape.as_list()  # None: sized per save, counted 0
+        return self.variable.dtype.base_dtype.size * math.prod(max(d or 0, 0)
                                                                for d in shape)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from distributed.checkpoint.layout import TIERS, check_run_name
 from distributed.checkpoint.retention import KeepBestN, KeepLastN, Retention
@@ -61,6 +61,14 @@ class TrainConfig(NamedInput):
             function) as ``params``.
         input_prefetch: Batches a Python input (generator, Ray Data) reads
             ahead on a background thread; 0 reads on the training thread.
+        input_position: What a resume (or a restart after a failure) does
+            with the input. ``exact``: every full checkpoint holds each
+            worker's input position at its step (a ``tf.data`` iterator's
+            state, shuffle buffers included; a Python input's count of
+            consumed batches), and training goes on from there, so no batch
+            is trained twice or skipped. ``restart``: each worker's input
+            starts again from its beginning (for pipelines whose state
+            cannot be saved, e.g. ``from_generator`` or ``py_function``).
         optimizer: See :class:`OptimizerConfig`.
         batch_size: Examples per worker per step.
         steps: Total training steps (including steps done before a resume).
@@ -119,6 +127,7 @@ class TrainConfig(NamedInput):
     input: Any = "distributed.examples.digits:digits_input_fn"
     input_params: dict = dataclasses.field(default_factory=dict)
     input_prefetch: int = 2
+    input_position: Literal["exact", "restart"] = "exact"
     optimizer: Annotated[OptimizerConfig, OptimizerConfig.from_value] = \
         dataclasses.field(default_factory=OptimizerConfig)
     batch_size: int = 64
@@ -144,6 +153,12 @@ class TrainConfig(NamedInput):
     steps_per_run: int = 1
     seed: int = 0
     eval: EvalConfig | None = None
+
+    @property
+    def saves_input_position(self) -> bool:
+        """Whether full checkpoints hold each worker's input position (a Ray
+        Data split is read again from its epoch's start: see README)."""
+        return self.input_position == "exact" and not self.ray_input
 
     def validate(self) -> "TrainConfig":
         """Checks every field; returns self. Raises :class:`ConfigError`."""

@@ -22,7 +22,7 @@ from typing import Any
 from distributed.errors import ConfigError, user_code
 from distributed.inputs import raydata
 from distributed.inputs.sources import (DatasetSource, PythonSource, call_input_fn,
-                                        is_dataset)
+                                        is_dataset, takes_start_batch)
 from distributed.inputs.spec import InputSpec
 
 
@@ -46,8 +46,12 @@ def open_source(config, rank: int, split: Any = None, gpu: bool = False):
                            config.batch_size, config.input_params)
     if is_dataset(result):
         return DatasetSource(result, config.input_ref, rank, gpu=gpu)
+    def reopen(batch: int):
+        return call_input_fn(input_fn, config.input_ref, rank, config.workers,
+                             config.batch_size, config.input_params, start_batch=batch)
     return PythonSource(result, config.input_ref, "input", rank,
-                        prefetch=config.input_prefetch)
+                        prefetch=config.input_prefetch,
+                        reopen=reopen if takes_start_batch(input_fn) else None)
 
 
 def probe_spec(config) -> InputSpec:

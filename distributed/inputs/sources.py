@@ -19,6 +19,8 @@ inside the loop's body) and ``feed_steps(step, n)`` (the feed of ``n`` steps).
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import queue
 import threading
 from typing import Any, Callable, Iterator, Mapping
@@ -27,6 +29,8 @@ import numpy as np
 
 from distributed.errors import ConfigError, DistributedError, user_code
 from distributed.inputs.spec import InputSpec, step_of
+
+log = logging.getLogger(__name__)
 
 
 def is_dataset(value: Any) -> bool:
@@ -62,6 +66,18 @@ class DatasetSource:
                 tf.data.experimental.prefetch_to_device(self._device, buffer_size=2))
         with tf.device(self._device):
             self._iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
+        # The iterator's own state (position, shuffle and prefetch buffers) as
+        # one string: what a full checkpoint keeps of a tf.data input. FAIL
+        # (2): a pipeline with Python state refuses, never saves half of it.
+        with tf.device("/device:CPU:0"), tf.name_scope("input_position"):
+            handle = self._iterator._iterator_resource
+            self._save_position = tf.io.serialize_tensor(tf.raw_ops.SerializeIterator(
+                resource_handle=handle, external_state_policy=2))
+            # Fed only to restore; not a Placeholder, so a step feeds nothing.
+            self._saved_position = tf.compat.v1.placeholder_with_default("", [])
+            self._restore_position = tf.raw_ops.DeserializeIterator(
+                resource_handle=handle,
+                serialized=tf.io.parse_tensor(self._saved_position, tf.variant))
 
     def tensors(self) -> tuple[dict[str, Any], Any]:
         import tensorflow as tf
@@ -74,6 +90,33 @@ class DatasetSource:
 
     def feed(self, step: int) -> None:
         return None
+
+    def position(self, sess) -> bytes:
+        """The iterator's state now (between runs of steps: nothing of a
+        step in flight), for the full checkpoint of this step."""
+        return sess.run(self._save_position)
+
+    def restore_position(self, sess, position: bytes) -> None:
+        """Sets the iterator to a state :meth:`position` saved."""
+        sess.run(self._restore_position, {self._saved_position: position})
+
+    def check_position(self, sess) -> None:
+        """Raises :class:`ConfigError` when the pipeline's state cannot be
+        saved (Python state: ``from_generator``, ``py_function``), naming the op
+        and the choice the config offers."""
+        import tensorflow as tf
+        try:
+            sess.run(self._save_position)
+        except tf.errors.FailedPreconditionError as e:
+            op = next((line.split(" is stateful")[0].strip() for line in
+                       e.message.splitlines() if " is stateful" in line), "an op")
+            raise ConfigError(
+                f"input_position: the tf.data dataset of {self.ref} runs {op} (Python "
+                "state, as from_generator and py_function have), so its position "
+                "cannot be saved in checkpoints; build it from tensors or files "
+                "(tf.data.Dataset.from_tensor_slices, TFRecordDataset) or set "
+                "input_position: restart (a resume then reads the input again from "
+                "its beginning)") from None
 
     def step_reader(self) -> Callable[[Any], tuple[dict[str, Any], Any]]:
         """Each step of an in-graph loop reads the iterator's next batch."""
@@ -128,6 +171,9 @@ class PythonSource:
         rank: This worker's index.
         prefetch: Batches read ahead.
         ended_hint: How to fix an iterator that ends.
+        reopen: For an ``input_fn`` that takes ``start_batch``: a new
+            iterator from a given batch on, so that a resume reads no batch
+            twice (without it, :meth:`restore_position` replays).
     """
 
     kind = "python"
@@ -135,8 +181,10 @@ class PythonSource:
     def __init__(self, batches: Iterator, ref: str, field: str, rank: int,
                  prefetch: int = 2,
                  ended_hint: str = "an input function must yield batches forever "
-                                   "(loop over the data in epochs)"):
+                                   "(loop over the data in epochs)",
+                 reopen: Callable[[int], Iterator] | None = None):
         self.ref, self.field, self.rank = ref, field, rank
+        self._reopen = reopen
         self._ended_hint = ended_hint
         self._iter = iter(batches)
         with user_code(field, ref):
@@ -152,6 +200,7 @@ class PythonSource:
         self._stop = threading.Event()
         self._features: dict[str, Any] = {}
         self._labels = None
+        self.consumed = 0  # batches the steps took (not those read ahead)
 
     def tensors(self, stacked: bool = False) -> tuple[dict[str, Any], Any]:
         """The placeholders the batches are fed to; ``stacked``: with a
@@ -226,7 +275,51 @@ class PythonSource:
                 f"after step {step}; {self._ended_hint}")
         if isinstance(item, _Failure):
             raise item.error
+        self.consumed += 1
         return item
+
+    def position(self, sess=None) -> bytes:
+        """Batches the steps consumed so far (read-ahead batches do not
+        count), for the full checkpoint of this step."""
+        return json.dumps({"consumed_batches": self.consumed}).encode()
+
+    def restore_position(self, sess, position: bytes) -> None:
+        """Goes on after the batches a :meth:`position` counted: reads and
+        drops them (a replay; its cost is logged once)."""
+        import time
+        target = int(json.loads(position)["consumed_batches"])
+        if self._reopen is not None and target != self.consumed:
+            self._restart_at(target)
+            return
+        batches = target - self.consumed
+        start = time.perf_counter()
+        for _ in range(batches):
+            self._next(self.consumed)
+        if batches > 0:
+            log.info("input %s on worker %d: replayed %d batches in %.2f s to reach "
+                     "the checkpoint's input position", self.ref, self.rank, batches,
+                     time.perf_counter() - start)
+
+    def _restart_at(self, batch: int) -> None:
+        """Reads from the input function's iterator from ``batch`` on."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with user_code(self.field, self.ref):
+            self._iter = iter(self._reopen(batch))
+            first = next(self._iter, _END)
+        if first is _END:
+            raise ConfigError(f"{self.field}: {self.ref} yielded no batch from batch "
+                              f"{batch} on worker {self.rank}; {self._ended_hint}")
+        self._first, self._thread, self._queue = first, None, None
+        self._stop = threading.Event()
+        self.consumed = batch
+        self.start()
+        log.info("input %s on worker %d: resumed at batch %d (start_batch)",
+                 self.ref, self.rank, batch)
+
+    def check_position(self, sess=None) -> None:
+        """A Python input's position is always saved: a count of batches."""
 
     def ended(self, step: int) -> ConfigError:
         """The error for an ``OutOfRangeError`` in a step (a dataset the
@@ -285,11 +378,22 @@ class PythonSource:
                 return
 
 
+def takes_start_batch(input_fn: Callable) -> bool:
+    """Whether ``input_fn`` accepts ``start_batch`` (the resumable protocol:
+    it yields its batches from that one on)."""
+    import inspect
+    try:
+        return "start_batch" in inspect.signature(input_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def call_input_fn(input_fn: Callable, ref: str, worker_index: int, num_workers: int,
-                  batch_size: int, params: Mapping[str, Any]):
-    """Calls the user's ``input_fn``: a ``tf.data.Dataset`` or an iterator."""
+                  batch_size: int, params: Mapping[str, Any], **start):
+    """Calls the user's ``input_fn``: a ``tf.data.Dataset`` or an iterator.
+    ``start``: ``start_batch=N`` for an ``input_fn`` that takes it."""
     with user_code("input", ref):
-        result = input_fn(worker_index, num_workers, batch_size, dict(params))
+        result = input_fn(worker_index, num_workers, batch_size, dict(params), **start)
         if is_dataset(result):
             return result
         try:
@@ -302,5 +406,5 @@ def call_input_fn(input_fn: Callable, ref: str, worker_index: int, num_workers: 
         "(features dict, labels) numpy batches")
 
 
-__all__ = ["DatasetSource", "PythonSource", "call_input_fn", "ends_with_prefetch",
+__all__ = ["DatasetSource", "PythonSource", "call_input_fn", "takes_start_batch", "ends_with_prefetch",
            "is_dataset"]

@@ -172,7 +172,9 @@ class GroupRun:
         """Every worker loads the coordinator's values: all replicas start equal."""
         coordinator, config = self._coordinator, self.config
         values = coordinator.initial_values.remote()
-        self._get([w.load.remote(values, step, built.serving_names, coordinator)
+        positions = coordinator.input_positions.remote()
+        self._get([w.load.remote(values, step, built.serving_names, coordinator,
+                                 positions)
                    for w in self._workers], self._worker_names)
         if not restarting:
             self.first_step_at = time.perf_counter() - self.t0

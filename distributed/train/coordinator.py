@@ -64,12 +64,15 @@ class Coordinator:
         from distributed.checkpoint.writer import CheckpointWriter, session_config
         from distributed.train.devices import cpu_only
         from distributed.inputs import probe_spec
+        from distributed.train.positions import InputPositions
         from distributed.train.graph import (VariableLoader, build_train_graph,
                                              never_updated_statistics, predict_reads)
 
         cfg = self.config
         self.input_spec = input_spec if input_spec is not None else probe_spec(cfg)
         self.tg = build_train_graph(cfg, self.input_spec)
+        self.positions = InputPositions(self.tg.graph, cfg.workers) \
+            if cfg.saves_input_position else None
         reads = predict_reads(cfg, self.input_spec)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -117,7 +120,9 @@ class Coordinator:
             "serving": writer_cls(
                 {c: by_name[n] for c, n in self.serving_sources.items()},
                 num_shards=cfg.checkpoint.shards),
-            "full": writer_cls(self.tg.variables, num_shards=cfg.checkpoint.shards),
+            "full": writer_cls(self.tg.variables + (self.positions.variables if
+                                                    self.positions else []),
+                               num_shards=cfg.checkpoint.shards),
         }
 
     def _build_evaluator(self, eval_dataset=None) -> None:
@@ -225,6 +230,11 @@ class Coordinator:
                 saver.restore(self.sess, os.path.join(self.store.checkpoint_dir(entry),
                                                       layout.CKPT_PREFIX))
             self.sess.run(init.local_init_op)
+            if self.positions is not None:
+                note = self.positions.read(os.path.join(
+                    self.store.checkpoint_dir(entry), layout.CKPT_PREFIX))
+                if note:
+                    self.warnings.append(note)
             restored = int(self.sess.run(self.tg.global_step))
             if restored != entry.step:
                 raise ConfigError(
@@ -257,13 +267,32 @@ class Coordinator:
         layout.atomic_write_bytes(path, json.dumps(record, indent=2).encode())
         self.store.put_file(RUN_CONFIG_FILE)
 
+    def input_positions(self) -> list[bytes] | None:
+        """Each worker's input position (by rank) from the resumed full
+        checkpoint; ``None``: every worker reads its input from the start."""
+        return self.positions.resumed if self.positions is not None else None
+
+    def put_position(self, step: int, rank: int, position: bytes) -> None:
+        """A worker's input position at a full checkpoint's step; rank 0
+        hands its own with the save, once every other one is here."""
+        self.positions.put(step, rank, position)
+
+    def missing_positions(self, step: int) -> list[int]:
+        """The ranks (but 0) whose input position at ``step`` is not here yet."""
+        return self.positions.missing(step)
+
     def initial_values(self) -> dict[str, np.ndarray]:
         """Every variable's value, for the workers to start from."""
         return self.sess.run({v.op.name: v for v in self.tg.variables})
 
     def save(self, step: int, tier: str, values: Mapping[str, np.ndarray],
-             metrics: Mapping[str, float]) -> CheckpointEvent:
+             metrics: Mapping[str, float],
+             position: bytes | None = None) -> CheckpointEvent:
         """Loads rank 0's values into the chief Session, writes and commits.
+
+        A full checkpoint also holds every worker's input position at
+        ``step``: rank 0's is ``position``, the others' came by
+        :meth:`put_position`.
 
         A step redone after a restart keeps the checkpoint committed before it
         (committed checkpoints are immutable) and says so in the result.
@@ -271,9 +300,13 @@ class Coordinator:
         from distributed.errors import StorageError
         logs.set_step(step)
         if (step, tier) in self.store.catalog.committed_keys():
+            if tier == "full" and self.positions is not None:
+                self.positions.drop_through(step)
             return CheckpointEvent.committed(
                 self.store.catalog.get(step, tier).to_json_dict(), already_committed=True)
         self.loader.load(self.sess, values)
+        if tier == "full" and self.positions is not None:
+            self.positions.load(self.sess, step, position)
         evaluate = tier == "serving" and self._eval_due(step)
         try:
             with self._commit_lock:

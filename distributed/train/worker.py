@@ -107,7 +107,11 @@ class _AsyncCheckpointer:
             except Exception as e:  # a failed save must not stop training
                 self.events.append(CheckpointEvent(FAILED, error=_short(e)))
 
-    def maybe_save(self, step: int, metrics: Mapping[str, float]) -> None:
+    def maybe_save(self, step: int, metrics: Mapping[str, float],
+                   position: bytes | None = None) -> None:
+        """Saves the tiers due at ``step``; ``position``: this worker's input
+        position at ``step``, for a full checkpoint (the other workers hand
+        theirs to the coordinator, which keeps them for the save)."""
         tiers = self._schedule.due(step)
         if not tiers:
             return
@@ -139,10 +143,13 @@ class _AsyncCheckpointer:
         def hand_off():
             try:
                 values = self._snapshot.fetch(self._sess, group, self._run_options)
+                if position is not None and "full" in tiers:
+                    self._wait_for_positions(step)
                 for tier in tiers:
                     names = self._snapshot.groups[tier]
                     refs.append(self._coordinator.save.remote(
-                        step, tier, {n: values[n] for n in names}, metrics))
+                        step, tier, {n: values[n] for n in names}, metrics,
+                        position if tier == "full" else None))
             except Exception as e:  # reported as a failed save by _collect
                 self._thread_error = f"step {step}: reading the snapshot failed: " \
                     f"{_short(e)}"
@@ -150,6 +157,22 @@ class _AsyncCheckpointer:
         self._thread = threading.Thread(target=hand_off, daemon=True)
         self._thread.start()
         self.stall_seconds += time.perf_counter() - start
+
+    def _wait_for_positions(self, step: int) -> None:
+        """Waits (on the hand-off thread) until every other worker's input
+        position at ``step`` reached the coordinator: a full checkpoint is
+        committed with all of them or not at all."""
+        import ray
+        deadline = time.monotonic() + self._max_wait
+        while True:
+            missing = ray.get(self._coordinator.missing_positions.remote(step))
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the input position of worker(s) {missing} at step {step} did "
+                    f"not reach the coordinator within {self._max_wait:.0f}s")
+            time.sleep(0.01)
 
     def flush(self) -> None:
         self._collect()
@@ -175,6 +198,7 @@ class Worker:
         import ray
         self._address = f"{ray.util.get_node_ip_address()}:{pick_free_port()}"
         self._checkpointer: _AsyncCheckpointer | None = None
+        self._coordinator = None
         self._step_checked = False  # the optimizer contract, after the first run
         importlib.import_module("tensorflow")  # import while the coordinator builds
 
@@ -228,6 +252,9 @@ class Worker:
         self.run_options = collective.run_options(self.spec)
         self.tg.initializers.run(self.sess)
         self.source.start(self.sess)
+        self._exact_input = cfg.saves_input_position
+        if self._exact_input:  # a pipeline that cannot be saved: one line, now
+            self.source.check_position(self.sess)
         self.loader = VariableLoader(self.tg.variables)
         # Every worker ends its runs at the same steps (the collectives pair up).
         self._schedule = CheckpointSchedule(cfg.checkpoint.serving_every,
@@ -235,14 +262,20 @@ class Worker:
         return WorkerSetup(os.getpid(), self.source.spec)
 
     def load(self, values: Mapping[str, np.ndarray], step: int,
-             serving_names: list[str] | None = None, coordinator=None) -> None:
-        """Loads every variable's value (identical on all replicas).
+             serving_names: list[str] | None = None, coordinator=None,
+             positions: list | None = None) -> None:
+        """Loads every variable's value (identical on all replicas) and, from
+        a resumed full checkpoint, this worker's input position (``positions``:
+        one per rank, or ``None`` to read the input from its beginning).
 
-        NOTE: rank 0 also gets the coordinator and the serving selection, and
-        from then on checkpoints.
+        NOTE: rank 0 also gets the serving selection, and from then on
+        checkpoints; every worker hands its input positions to the coordinator.
         """
         self.loader.load(self.sess, values)
         self.step = step
+        self._coordinator = coordinator
+        if positions is not None and self._exact_input:
+            self.source.restore_position(self.sess, positions[self.rank])
         if self.rank == 0 and coordinator is not None:
             self._checkpointer = _AsyncCheckpointer(
                 coordinator, self.sess, self.tg.variables, serving_names or [],
@@ -282,8 +315,11 @@ class Worker:
             logs.set_step(self.step)
             if not self._step_checked:
                 self._check_global_step()
+            position = self._input_position()
             if self._checkpointer is not None:
-                self._checkpointer.maybe_save(self.step, {"loss": losses[-1]})
+                self._checkpointer.maybe_save(self.step, {"loss": losses[-1]}, position)
+            elif position is not None and self._coordinator is not None:
+                self._coordinator.put_position.remote(self.step, self.rank, position)
         seconds = time.perf_counter() - start
         checkpointer = self._checkpointer
         return RoundReport(
@@ -292,6 +328,14 @@ class Worker:
             learning_rate=learning_rate,
             events=tuple(checkpointer.drain_events()) if checkpointer else (),
             stall_seconds=checkpointer.stall_seconds if checkpointer else None)
+
+    def _input_position(self) -> bytes | None:
+        """This worker's input position when a full checkpoint is due at the
+        step just run (runs end at checkpoint steps, so nothing of a later
+        step is counted), else ``None``."""
+        if not self._exact_input or "full" not in self._schedule.due(self.step):
+            return None
+        return self.source.position(self.sess)
 
     def _raise_if_users(self, error: Exception, end: int) -> None:
         """Raises :class:`StepError` when ``error`` came from the user's ops
