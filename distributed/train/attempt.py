@@ -322,4 +322,8 @@ class GroupRun:
         behind them returns when they are done; the other workers may be
         waiting in a collective for the failed one and never finish."""
         import ray
+        # Rank 0's hand-off of a due checkpoint may not have reached the
+        # coordinator yet (a full one waits for every worker's input
+        # position): let it finish, unless rank 0 is stuck in a collective.
+        ray.wait([self._workers[0].finish.remote()], timeout=10)
         ray.wait([self._coordinator.entries.remote()], timeout=30)
