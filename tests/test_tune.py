@@ -29,6 +29,7 @@ from distributed.errors import CheckpointNotFoundError, ConfigError
 from distributed.tune import CheckpointPointer, read_pointer, space
 from tests.conftest import REPO_ROOT, start_local_ray
 from tests.helpers.drivers import prepare
+from tests.helpers.training import saved_variables
 
 NUM_CPUS = 4
 MLP = "distributed.examples.digits:mlp_model_fn"
@@ -143,7 +144,7 @@ def full_tensors(storage: str, run: str, step: int) -> dict[str, np.ndarray]:
     import tensorflow as tf
     prefix = os.path.join(RunLayout(storage, run).checkpoint_dir("full", step), "model.ckpt")
     reader = tf.train.load_checkpoint(prefix)
-    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+    return {name: reader.get_tensor(name) for name in saved_variables(reader)}
 
 
 def learning_rates(storage: str, run: str) -> set[float]:

@@ -40,14 +40,16 @@ def assign_shards(sizes: Mapping[str, int], num_shards: int) -> dict[str, int]:
 
     Args:
         sizes: Tensor name -> bytes.
-        num_shards: Number of shards; clamped to ``[1, len(sizes)]``.
+        num_shards: Number of shards; clamped to ``[1, tensors of > 0 bytes]``
+            (a tensor sized only when saved, the input positions, counts 0
+            bytes and shares a shard).
 
     Returns:
         Tensor name -> shard index in ``[0, num_shards)``. Every shard index is used.
     """
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    num_shards = max(1, min(num_shards, len(sizes)))
+    num_shards = max(1, min(num_shards, sum(1 for size in sizes.values() if size > 0)))
     heap = [(0, k) for k in range(num_shards)]
     assignment: dict[str, int] = {}
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):

@@ -85,3 +85,11 @@ def tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
     acc.Reload()
     return {tag: sorted((e.step, e.value) for e in acc.Scalars(tag))
             for tag in acc.Tags()["scalars"]}
+
+
+def saved_variables(reader) -> set[str]:
+    """The variables a checkpoint holds (a ``tf.train.load_checkpoint`` reader),
+    without the workers' input positions a full checkpoint holds as well."""
+    from distributed.train.positions import PREFIX
+    return {name for name in reader.get_variable_to_shape_map()
+            if not name.startswith(PREFIX)}
