@@ -25,7 +25,8 @@ sys.path.insert(0, REPO_ROOT)
 from distributed import config as config_lib  # noqa: E402  (first: the one TF world)
 from distributed import logs  # noqa: E402
 from distributed.cli.argtypes import Parser, number  # noqa: E402
-from distributed.train.trainer import connect_ray, main_guard, ray_shutdown  # noqa: E402
+from distributed.cli.guard import main_guard  # noqa: E402
+from distributed.train.cluster import connect_ray, ray_shutdown  # noqa: E402
 
 METRIC = "eval/accuracy"
 
