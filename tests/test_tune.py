@@ -398,3 +398,13 @@ def test_pbt_exploit_continues_from_another_trials_full_checkpoint(
     with open(os.path.join(storage, run, RUN_CONFIG_FILE)) as f:
         assert json.load(f)["config"]["optimizer"]["learning_rate"] == new_rate
     assert bad.metrics["step"] == 30 and bad.metrics["loss"] < 1.0
+
+
+def test_tune_digits_example_script_starts():
+    """The README's runnable example imports what it needs (its search itself is
+    timed by scripts/bench_tune.py)."""
+    done = subprocess.run([sys.executable, os.path.join("scripts", "tune_digits.py"), "--help"],
+                          cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--rates" in done.stdout
