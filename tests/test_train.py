@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from distributed.examples import digits
 from distributed.train import cluster
 from distributed.train.coordinator import Coordinator
 from tests.conftest import LOCAL_RAY_CPUS
-from tests.helpers.drivers import actor_group, prepare
+from tests.helpers.drivers import actor_group, prepare, wait_for_free_cpus
 from tests.helpers.gpus import gpus_visible
 from tests.helpers.training import (CNN, CNN_BN_STATS, CNN_TRAINABLE, MLP, MLP_TRAINABLE,
                                     ckpt_prefix, make_config, progress_losses, run_train,
@@ -37,16 +36,6 @@ OPTIMIZER_STATE = re.compile(r"(/Adam(_1)?$|^beta[12]_power$|^global_step$)")
 
 def ckpt_names(storage: str, run: str, tier: str, step: int) -> set[str]:
     return saved_variables(tf.train.load_checkpoint(ckpt_prefix(storage, run, tier, step)))
-
-
-def wait_for_free_cpus(timeout: float = 30.0) -> float:
-    """Waits until every actor's CPUs are back (the trainer killed them)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        free = ray.available_resources().get("CPU", 0.0)
-        if free >= LOCAL_RAY_CPUS or time.monotonic() > deadline:
-            return free
-        time.sleep(0.2)
 
 
 # ------------------------------------------------------------ training -----
@@ -423,7 +412,7 @@ def test_user_errors_come_back_as_distributed_errors(local_ray, storage, overrid
     assert isinstance(info.value, DistributedError)
     assert not isinstance(info.value, ray.exceptions.RayError)
     assert ray.is_initialized()
-    assert wait_for_free_cpus() == LOCAL_RAY_CPUS  # the trainer killed its actors
+    assert wait_for_free_cpus(LOCAL_RAY_CPUS) == LOCAL_RAY_CPUS  # the trainer killed its actors
     if os.path.isdir(os.path.join(storage, "bad")):  # the coordinator got that far
         assert Catalog(RunLayout(storage, "bad")).entries() == []
 

@@ -15,7 +15,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from distributed.cli.guard import main_guard
 from distributed.errors import CheckpointNotFoundError, ConfigError
 from distributed.tune import CheckpointPointer, read_pointer, space
 from tests.conftest import REPO_ROOT, start_local_ray
-from tests.helpers.drivers import prepare
+from tests.helpers.drivers import prepare, wait_for_free_cpus
 from tests.helpers.training import saved_variables
 
 NUM_CPUS = 4
@@ -249,17 +248,6 @@ def test_trial_places_its_coordinator_and_workers_in_their_own_bundles(local_ray
 
 # --------------------------------------------------------- Tune searches -----
 
-def wait_for_free_cpus(timeout: float = 30.0) -> float:
-    """Waits until every actor's CPUs are back; returns the free CPUs."""
-    import ray
-    deadline = time.monotonic() + timeout
-    while True:
-        free = ray.available_resources().get("CPU", 0.0)
-        if free >= NUM_CPUS or time.monotonic() > deadline:
-            return free
-        time.sleep(0.2)
-
-
 def tuner(config: dict, tmp_path, param_space: dict, **tune_config):
     from ray import tune
 
@@ -305,7 +293,7 @@ def test_trial_stopped_by_a_scheduler_leaves_no_actors_and_no_uncommitted_files(
     assert re.fullmatch(r"stopped_\w+_00000", run), run
     assert result.metrics["storage"] == storage and result.metrics["step"] == 20
 
-    assert wait_for_free_cpus() == NUM_CPUS  # the trial's actors are gone
+    assert wait_for_free_cpus(NUM_CPUS) == NUM_CPUS  # the trial's actors are gone
     store = CheckpointStore(storage, run)
     assert store.leftovers() == []
     tmp_names = [name for _, dirs, files in os.walk(os.path.join(storage, run))

@@ -160,3 +160,15 @@ def batches_of(x: dict, y, batch_size: int):
     generated rows (the last may be smaller)."""
     for i in range(0, len(y), batch_size):
         yield {k: v[i:i + batch_size] for k, v in x.items()}, y[i:i + batch_size]
+
+
+def wait_for_free_cpus(cpus: float, timeout: float = 30.0) -> float:
+    """Waits until ``cpus`` CPUs of the local Ray are free again (the actors
+    that held them are gone) or ``timeout`` passes; returns the free CPUs."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= cpus or time.monotonic() > deadline:
+            return free
+        time.sleep(0.2)
