@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
@@ -32,8 +31,8 @@ from distributed.errors import TrainingFailedError
 from distributed.train import trainer
 from tests.conftest import REPO_ROOT, skip_or_fail_in_ci, start_local_ray
 from tests.helpers.fault_actors import (CrashingCoordinator, FailingSaveCoordinator,
-                                        PidRecordingWorker, SlowSavingCoordinator,
-                                        worker_pids_dir)
+                                        Killer, PidRecordingWorker,
+                                        SlowSavingCoordinator)
 from tests.helpers.training import MLP, tensorboard_scalars
 from tests.helpers.training import make_config as train_config
 
@@ -73,54 +72,6 @@ def leftovers(storage: str, run: str) -> list[str]:
     root = RunLayout(storage, run).root
     return [os.path.join(d, n) for d, dirs, files in os.walk(root)
             for n in dirs + files if TMP_MARKER in n]
-
-
-def own_worker_pids(storage: str) -> list[int]:
-    """The live worker processes of this test's run, as
-    :class:`~tests.helpers.fault_actors.PidRecordingWorker` recorded them, and only
-    those that descend from this test process (its own local Ray): never a
-    ``ray::`` process of another Ray on the machine."""
-    directory = worker_pids_dir(storage)
-    ours = {p.pid for p in psutil.Process().children(recursive=True)}
-    pids = []
-    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
-        with open(os.path.join(directory, name)) as f:
-            pid = int(f.read())
-        if pid in ours:
-            pids.append(pid)
-    return pids
-
-
-class Killer:
-    """Sends ``sig`` to one of this run's own workers at a random moment of
-    the next round, from a thread. :meth:`check` joins the thread and
-    re-raises in the test whatever failed in it (an ``assert`` included)."""
-
-    def __init__(self, storage: str, rng: random.Random, sig=signal.SIGKILL):
-        self.victim: int | None = None
-        self._error: BaseException | None = None
-
-        def kill():
-            try:
-                time.sleep(rng.uniform(0.05, 0.3))  # when in the round: random
-                victims = own_worker_pids(storage)
-                assert victims, (f"no live worker of this run recorded under "
-                                 f"{worker_pids_dir(storage)}")
-                self.victim = rng.choice(victims)
-                os.kill(self.victim, sig)
-            except BaseException as e:  # noqa: BLE001 - re-raised by check()
-                self._error = e
-
-        self._thread = threading.Thread(target=kill, daemon=True)
-        self._thread.start()
-
-    def check(self) -> int:
-        """Returns the pid signalled; raises what went wrong in the thread."""
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "the killer thread hung"
-        if self._error is not None:
-            raise self._error
-        return self.victim
 
 
 @pytest.fixture

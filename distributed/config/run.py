@@ -156,9 +156,8 @@ class TrainConfig(NamedInput):
 
     @property
     def saves_input_position(self) -> bool:
-        """Whether full checkpoints hold each worker's input position (a Ray
-        Data split is read again from its epoch's start: see README)."""
-        return self.input_position == "exact" and not self.ray_input
+        """Whether full checkpoints hold each worker's input position."""
+        return self.input_position == "exact"
 
     def validate(self) -> "TrainConfig":
         """Checks every field; returns self. Raises :class:`ConfigError`."""

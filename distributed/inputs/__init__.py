@@ -9,7 +9,8 @@ Three kinds, named by the config's ``input``:
   batches: read on a background thread a few batches ahead
   (:class:`PythonSource`).
 * ``{ray_dataset: "package.module:fn", label: COLUMN}``: a Ray Data dataset,
-  split across the workers (:mod:`distributed.inputs.raydata`).
+  read as one ordered stream dealt to the workers in chunks
+  (:mod:`distributed.inputs.raydata`, :mod:`distributed.inputs.raystream`).
 
 Every kind yields the same :class:`InputSpec`, so the coordinator, the predict
 graph and the restore job see the same inputs whatever the training read.
@@ -32,14 +33,13 @@ def open_source(config, rank: int, split: Any = None, gpu: bool = False):
     Args:
         config: The run's :class:`~distributed.config.TrainConfig`.
         rank: The worker's index.
-        split: Ray Data input only: this worker's split (a ``DataIterator``).
+        split: Ray Data input only: the group's
+            :class:`~distributed.inputs.raystream.Feeder` actor.
         gpu: Whether the model runs on a GPU (``tf.data`` prefetches there).
     """
     if config.ray_input:
-        batches = raydata.split_batches(split, config.batch_size, config.input_label,
-                                        config.input_ref, rank)
-        return PythonSource(batches, config.input_ref, raydata.FIELD, rank,
-                            prefetch=config.input_prefetch)
+        from distributed.inputs.raystream import RayDataSource
+        return RayDataSource(split, config, rank)
     from distributed.model import load_function
     input_fn = load_function(config.input_ref, "input", 4)
     result = call_input_fn(input_fn, config.input_ref, rank, config.workers,

@@ -2,8 +2,8 @@
 
 The config names a function ``ray_dataset_fn(params)`` that returns the
 dataset (e.g. ``ray.data.read_parquet(...)``); the driver calls it once. Each
-worker group gets fresh splits (``streaming_split(num_workers, equal=True)``),
-and each worker reads its split in batches: every column but ``label`` is a
+worker group reads it as one ordered stream dealt to the workers in chunks
+(:mod:`distributed.inputs.raystream`); every column but ``label`` is a
 feature, and list-valued columns (fixed-length lists, tensor columns) become
 ``[batch, ...]`` arrays. The batches enter the graph through a
 :class:`~distributed.inputs.sources.PythonSource`, read ahead on a thread.
@@ -76,12 +76,6 @@ def check_cpus(dataset, free_cpus: float, ref: str) -> None:
             "dataset.materialize() when the data fits in the object store")
 
 
-def split(dataset, num_workers: int) -> list:
-    """One streaming split per worker, equal in rows (a new set per worker
-    group, so a restarted group starts fresh splits)."""
-    return dataset.streaming_split(num_workers, equal=True)
-
-
 def quiet() -> None:
     """No progress bars or per-execution banners in the job's output (the
     splits' executor takes the driver's context)."""
@@ -98,22 +92,6 @@ def quiet() -> None:
     ctx.print_on_execution_start = False
 
 
-def split_batches(data_iterator, batch_size: int, label: str, ref: str,
-                  rank: int, prefetch: int = 2) -> Iterator:
-    """``(features, labels)`` numpy batches of one split, epoch after epoch."""
-    while True:
-        n = 0
-        for batch in epoch_batches(data_iterator, batch_size, label, ref,
-                                   drop_last=True, prefetch=prefetch):
-            yield batch
-            n += 1
-        if n == 0:
-            raise ConfigError(
-                f"{FIELD}: {ref} gave worker {rank} no full batch of {batch_size} "
-                "rows; the dataset is empty or has fewer than workers x batch_size "
-                "rows")
-
-
 def epoch_batches(data, batch_size: int, label: str, ref: str, drop_last: bool,
                   prefetch: int = 2) -> Iterator:
     """One pass over ``data`` (a dataset or a split) as ``(features, labels)``
@@ -121,11 +99,11 @@ def epoch_batches(data, batch_size: int, label: str, ref: str, drop_last: bool,
     for batch in data.iter_batches(batch_size=batch_size, batch_format="numpy",
                                    drop_last=drop_last, prefetch_batches=prefetch):
         batch = dict(batch)
-        labels = _column(batch.pop(label), label, ref)
-        yield {k: _column(v, k, ref) for k, v in batch.items()}, labels
+        labels = column(batch.pop(label), label, ref)
+        yield {k: column(v, k, ref) for k, v in batch.items()}, labels
 
 
-def _column(values: np.ndarray, name: str, ref: str) -> np.ndarray:
+def column(values: np.ndarray, name: str, ref: str) -> np.ndarray:
     """A column as one array: lists of equal length are stacked to [batch, ...]."""
     if values.dtype != object or not len(values) or \
             isinstance(values[0], (str, bytes)):

@@ -174,6 +174,8 @@ class PythonSource:
         reopen: For an ``input_fn`` that takes ``start_batch``: a new
             iterator from a given batch on, so that a resume reads no batch
             twice (without it, :meth:`restore_position` replays).
+        spec_batch: A batch that gives the spec and is not trained on (the
+            iterator is then not read before :meth:`start`).
     """
 
     kind = "python"
@@ -182,18 +184,21 @@ class PythonSource:
                  prefetch: int = 2,
                  ended_hint: str = "an input function must yield batches forever "
                                    "(loop over the data in epochs)",
-                 reopen: Callable[[int], Iterator] | None = None):
+                 reopen: Callable[[int], Iterator] | None = None,
+                 spec_batch: tuple | None = None):
         self.ref, self.field, self.rank = ref, field, rank
         self._reopen = reopen
         self._ended_hint = ended_hint
         self._iter = iter(batches)
-        with user_code(field, ref):
-            first = next(self._iter, _END)
-        if first is _END:
-            raise ConfigError(f"{field}: {ref} yielded no batch on worker {rank}; "
-                              f"{ended_hint}")
+        first = spec_batch
+        if first is None:
+            with user_code(field, ref):
+                first = next(self._iter, _END)
+            if first is _END:
+                raise ConfigError(f"{field}: {ref} yielded no batch on worker {rank}; "
+                                  f"{ended_hint}")
         self.spec = InputSpec.from_batch(*first, f"{field} {ref}")
-        self._first = first
+        self._first = first if spec_batch is None else None
         self._prefetch = prefetch
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -215,11 +220,12 @@ class PythonSource:
     def start(self, sess=None) -> None:
         if self._prefetch > 0 and self._thread is None:
             self._queue = queue.Queue(maxsize=self._prefetch)
-            self._queue.put(self._convert(self._first))
+            if self._first is not None:
+                self._queue.put(self._convert(self._first))
             self._thread = threading.Thread(target=self._fill, daemon=True,
                                             name=f"input-reader-{self.rank}")
             self._thread.start()
-        else:
+        elif self._first is not None:
             self._iter = itertools.chain([self._first], self._iter)
         self._first = None
 

@@ -35,7 +35,7 @@ class GroupRun:
                  hooks: RunHooks | None = None):
         self.config = config
         self.hooks = hooks or RunHooks()  # a caller's (a Tune trial's) additions
-        self.dataset = dataset  # Ray Data input: split anew for every group
+        self.dataset = dataset  # Ray Data input: a new feeder for every group
         self.eval_dataset = eval_dataset  # Ray Data eval input: the coordinator's
         self.actor_env = actor_env  # None: the actors inherit the driver's
         self.status = StatusLine()
@@ -54,6 +54,7 @@ class GroupRun:
         self._coordinator = None
         self._workers: list = []
         self._worker_names: list[str] = []
+        self._feeder = None  # the group's Ray Data feeder (Ray Data input only)
 
     def attempt(self, restarting: bool) -> dict[str, Any]:
         """Trains to ``config.steps`` (or an early stop) with a new group;
@@ -63,7 +64,8 @@ class GroupRun:
         try:
             return self._train_with_group(restarting)
         finally:
-            for actor in [coordinator] + workers:
+            feeder, self._feeder = self._feeder, None
+            for actor in [coordinator] + workers + ([feeder] if feeder else []):
                 ray.kill(actor, no_restart=True)
 
     def _train_with_group(self, restarting: bool) -> dict[str, Any]:
@@ -115,12 +117,12 @@ class GroupRun:
         if len(set(addresses)) != len(addresses):
             raise GroupFailure(f"two workers picked the same TF server address "
                                f"({addresses})")
-        if self.dataset is None:
-            splits = [None] * len(workers)
-        else:
-            from distributed.inputs import raydata
-            splits = raydata.split(self.dataset, len(workers))
-        setups = [w.setup.remote(addresses, s) for w, s in zip(workers, splits)]
+        if self.dataset is not None:
+            from distributed.inputs.raystream import start_feeder
+            config = self.config
+            self._feeder = start_feeder(self.dataset, len(workers), config.batch_size,
+                                        config.input_label, config.input_ref)
+        setups = [w.setup.remote(addresses, self._feeder) for w in workers]
         if plan_ref is None:
             plan_ref = coordinator.build.remote(
                 self._get(setups[0], "worker 0").input_spec, self.eval_dataset)
@@ -173,6 +175,13 @@ class GroupRun:
         coordinator, config = self._coordinator, self.config
         values = coordinator.initial_values.remote()
         positions = coordinator.input_positions.remote()
+        if self._feeder is not None:  # deals from the plan of rank 0's position
+            saved = self._get(positions, "the coordinator")
+            note = self._get(self._feeder.start.remote(
+                saved[0] if saved else None, config.saves_input_position),
+                "the Ray Data input")
+            if note:
+                self.echo(note)
         self._get([w.load.remote(values, step, built.serving_names, coordinator,
                                  positions)
                    for w in self._workers], self._worker_names)

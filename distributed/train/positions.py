@@ -6,7 +6,9 @@ after that step are trained on twice and the end of the data loses out. So a
 full checkpoint also holds, per worker, where its input stood at the
 checkpoint's step: a ``tf.data`` iterator's serialized state (position in the
 epoch, shuffle and prefetch buffers), or a Python input's count of consumed
-batches (:mod:`distributed.inputs.sources`).
+batches (:mod:`distributed.inputs.sources`), or for a Ray Data input the
+group's plan of the rows left (rank 0's; :mod:`distributed.inputs.raystream`),
+which a resume deals over any worker count.
 
 Each position is a ``uint8`` tensor ``input_position/worker_<rank>`` (its
 bytes; a string tensor's CRC in TF's index is not that of its bytes on disk,
@@ -97,6 +99,12 @@ class InputPositions:
             return ("the full checkpoint holds no input position (it was saved with "
                     "input_position: restart), so every worker reads its input from "
                     "the beginning")
+        if saved != list(range(self.workers)) and 0 in saved:
+            from distributed.inputs.raystream import is_plan
+            plan = reader.get_tensor(f"{PREFIX}0").tobytes()
+            if is_plan(plan):  # the group's plan: dealt over any worker count
+                self.resumed = [plan] + [b"{}"] * (self.workers - 1)
+                return None
         if saved != list(range(self.workers)):
             return (f"the full checkpoint holds the input positions of {len(saved)} "
                     f"worker(s), the run has {self.workers}, so every worker reads its "

@@ -44,6 +44,9 @@ def load_ray_datasets(config: TrainConfig) -> tuple[Any, Any]:
             dataset = raydata.load_dataset(named.input_ref, named.input_label, params,
                                            field=field)
             raydata.check_cpus(dataset, free_cpus(config), named.input_ref)
+            if field == "input" and config.saves_input_position:
+                from distributed.inputs.raystream import check_order
+                check_order(dataset, named.input_ref)
             loaded[field] = dataset
     return loaded.get("input"), loaded.get("eval.input")
 

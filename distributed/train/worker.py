@@ -210,8 +210,8 @@ class Worker:
 
         The input spec comes from this worker's own input (its first batch, or
         its dataset's element spec), so setup runs while the coordinator
-        prepares. ``split`` is this worker's Ray Data split (Ray Data input
-        only).
+        prepares. ``split`` is the group's Ray Data feeder (Ray Data input
+        only; :mod:`distributed.inputs.raystream`).
         """
         import functools
 
