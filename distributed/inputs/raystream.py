@@ -375,7 +375,7 @@ def start_feeder(dataset, workers: int, batch_size: int, label: str, ref: str):
     read tasks take theirs)."""
     import ray
     actor = ray.remote(num_cpus=0, max_concurrency=workers + 4)(Feeder)
-    return actor.options(name=None).remote(dataset, workers, batch_size, label, ref)
+    return actor.remote(dataset, workers, batch_size, label, ref)
 
 
 def feed_batches(feeder, rank: int, batch_size: int, label: str,
