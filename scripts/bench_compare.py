@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     def checkout(revision: str) -> tuple[str, str]:
         rev = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT,
                              check=True, capture_output=True, text=True).stdout.strip()
-        tree = os.path.join(scratch, rev)
+        tree = os.path.join(scratch, f"{rev}-{len(trees)}")  # --base X --ours X: two trees
         subprocess.run(["git", "worktree", "add", "--detach", tree, rev], cwd=ROOT,
                        check=True, capture_output=True)
         trees.append(tree)

@@ -35,7 +35,7 @@ def make_run(storage, run, model, params):
     coord.open_run()
     names = {v.op.name: v for v in coord.tg.variables}
     values = coord.sess.run({n: names[n] for n in coord.serving_names})
-    entry = coord.save(1, "serving", values, {"loss": 1.0})
+    entry = coord.save(1, "serving", values, {"loss": 1.0}).entry  # a CheckpointEvent
     coord.sess.close()
     return entry
 

@@ -301,9 +301,9 @@ def _timed_worker_class():
             if ck is not None:
                 inner = ck.maybe_save
 
-                def maybe_save(step, metrics):
+                def maybe_save(step, metrics, *rest):
                     t = time.perf_counter()
-                    inner(step, metrics)
+                    inner(step, metrics, *rest)
                     if ck._schedule.due(step):
                         outer._bench_saves.append((step, time.perf_counter() - t))
 
