@@ -310,6 +310,13 @@ class PythonSource:
         """Reads from the input function's iterator from ``batch`` on."""
         self._stop.set()
         if self._thread is not None:
+            # The reader may sit in a put on the full queue (0.5 s timeout):
+            # empty it so the put returns and the reader sees the stop now.
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
             self._thread.join()
         with user_code(self.field, self.ref):
             self._iter = iter(self._reopen(batch))
