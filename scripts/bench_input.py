@@ -49,7 +49,8 @@ thread settings.
     python scripts/bench_input.py --pairs 3 --steps 1000
     python scripts/bench_input.py --variants a,c,e     # + vectorized tf.data
     python scripts/bench_input.py --position           # input-position costs
-                                                       # (scripts/_bench_position.py)
+                                                       # (scripts/_bench_position.py,
+                                                       # ~10 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ VARIANTS = {
     "a": "generator, feed on the training thread (input_prefetch 0)",
     "b": "generator, background queue (input_prefetch 2)",
     "c": "tf.data in the graph (TFRecordDataset ... map AUTOTUNE)",
-    "d": "Ray Data (read_parquet + map_batches, streaming_split)",
+    "d": "Ray Data (read_parquet + map_batches, dealt in chunks)",
     "e": "tf.data vectorized (batch, then map per batch)",
 }
 CPUS_PER_WORKER = 0.25
@@ -122,11 +123,16 @@ def parse_args(argv=None):
                    help="batches per input in the probe; 0 skips it (default 150)")
     p.add_argument("--verbose", action="store_true", help="print the trainer's lines")
     p.add_argument("--position", action="store_true",
-                   help="instead: steps/s with input_position exact vs restart, and "
+                   help="instead: steps/s with input_position exact vs restart; "
                         "full-checkpoint save time/bytes with a 10,000-element shuffle "
-                        "buffer vs none (scripts/_bench_position.py)")
+                        "buffer vs none, and the position's bytes taken apart; the "
+                        "resume of a replayed vs a resumable (start_batch) generator "
+                        "(scripts/_bench_position.py)")
     p.add_argument("--position-full-every", type=int, default=50,
                    help="--position: steps between full checkpoints (default 50)")
+    p.add_argument("--position-resume-at", default="1000,5000",
+                   help="--position: batches per worker consumed before the resumes "
+                        "timed (default 1000,5000)")
     p.add_argument("--dir", default="/tmp", help="parent of the scratch directory")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -342,7 +348,7 @@ def train_one(args, config):
             "stalls": sum(r.extra["bench_stalls"] for r in steady),
             "rounds": [round(r.steps_per_sec, 1) for r in rounds],
             "first_step": summary["first_step_seconds"], "seconds": summary["seconds"],
-            "loss": rounds[-1]["loss"]}
+            "loss": rounds[-1].loss}
 
 
 def run_all(args, data, scratch):

@@ -4,7 +4,8 @@ trains on the rest of the epoch once.
 
 Real Ray, real TF: rows ``0..5999`` in order (:func:`ids_dataset`), 2
 workers, batch 16; the model counts per id how often a step trained on it
-(``state/seen``), read back from the last full checkpoint.
+(``state/seen``, :mod:`tests.helpers.position_models`), read back from the
+last full checkpoint.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def local_ray():
 
 
 def make_config(storage: str, run: str, steps: int, **overrides) -> config_lib.TrainConfig:
-    data = {"storage": storage, "run": run, "model": f"{HELPERS}:counting_model_fn",
+    data = {"storage": storage, "run": run,
+            "model": "tests.helpers.position_models:seen_model_fn",
             "model_params": {"ids": ROWS},
             "input": {"ray_dataset": f"{HELPERS}:ids_dataset", "label": "label"},
             "input_params": {"rows": ROWS}, "steps": steps, "batch_size": 16,

@@ -164,8 +164,9 @@ class GroupRun:
                   "the initial values (no full checkpoint yet)")
         redone = max(0, self.step - step)
         self.echo(f"restarted: resuming from {source}; "
-                  + (f"steps {step + 1}..{self.step} are redone ({redone} steps)"
-                     if redone else "no step is redone"))
+                  + (f"steps {step + 1}..{self.step} are redone ({redone} steps), "
+                     "then the interrupted round's" if redone else
+                     "only the interrupted round's steps are redone"))
         self.restarts += 1
         self._coordinator.record.remote(step, {"train/group_restarts": self.restarts,
                                                "train/steps_redone": redone})

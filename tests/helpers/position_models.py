@@ -70,16 +70,19 @@ def resumable_input_fn(worker_index: int, num_workers: int, batch_size: int,
 
 
 def seen_model_fn(features, labels, mode, params):
-    """One weight per id; in train mode ``state/seen`` counts each id trained on."""
+    """One weight per id (``params["ids"]`` of them, default 2,048); in train
+    mode ``state/seen`` counts each id trained on (summed over the workers),
+    so any batch trained twice or skipped shows."""
+    size = int(params.get("ids", NUM_IDS))
     ids = tf.reshape(features["id"], [-1])
-    w = tf.compat.v1.get_variable("w", [NUM_IDS], initializer=tf.zeros_initializer())
+    w = tf.compat.v1.get_variable("w", [size], initializer=tf.zeros_initializer())
     logits = tf.gather(w, ids)
     if mode == PREDICT:
         return ModelSpec(predictions={"logits": logits})
     loss = tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
     if mode == TRAIN:
         seen = tf.compat.v1.get_variable(
-            "state/seen", [NUM_IDS], trainable=False, initializer=tf.zeros_initializer(),
+            "state/seen", [size], trainable=False, initializer=tf.zeros_initializer(),
             aggregation=tf.VariableAggregation.SUM)
         tf.compat.v1.add_to_collection(
             tf.compat.v1.GraphKeys.UPDATE_OPS,

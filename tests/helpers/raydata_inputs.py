@@ -124,26 +124,3 @@ def ids_dataset(params: Mapping[str, Any]):
         .map_batches(lambda b: {"id": b["id"], "label": b["id"] % 3})
     return dataset.random_shuffle() if params.get("shuffle") else dataset
 
-
-def counting_model_fn(features, labels, mode, params):
-    """One weight per id (``params["ids"]`` of them); in training,
-    ``state/seen`` counts how often a step trained on each id (summed over
-    the workers), so any row trained twice or skipped shows."""
-    import tensorflow as tf
-
-    from distributed.model import PREDICT, TRAIN, ModelSpec
-    size = int(params["ids"])
-    ids = tf.reshape(features["id"], [-1])
-    w = tf.compat.v1.get_variable("w", [size], initializer=tf.zeros_initializer())
-    logits = tf.gather(w, ids)
-    if mode == PREDICT:
-        return ModelSpec(predictions={"logits": logits})
-    loss = tf.reduce_mean(tf.square(logits - tf.cast(labels, tf.float32)))
-    if mode == TRAIN:
-        seen = tf.compat.v1.get_variable(
-            "state/seen", [size], trainable=False, initializer=tf.zeros_initializer(),
-            aggregation=tf.VariableAggregation.SUM)
-        tf.compat.v1.add_to_collection(
-            tf.compat.v1.GraphKeys.UPDATE_OPS,
-            tf.compat.v1.scatter_add(seen, ids, tf.ones_like(ids, tf.float32)))
-    return ModelSpec(loss=loss, predictions={"logits": logits})
