@@ -54,7 +54,7 @@ def final_state(storage: str, run: str, step: int) -> dict[str, np.ndarray]:
     return {name: reader.get_tensor(name) for name in ("state/seen", "w")}
 
 
-@pytest.mark.parametrize("steps_per_run", [1, 5])
+@pytest.mark.parametrize("steps_per_run", [5])  # 1: the worker-killed test below
 def test_stopped_and_resumed_trains_on_the_same_batches(local_ray, tmp_path,
                                                         steps_per_run):
     # Stopped at step 150, each worker is 352 rows into its third chunk of
