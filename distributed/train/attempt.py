@@ -54,6 +54,7 @@ class GroupRun:
         self._coordinator = None
         self._workers: list = []
         self._worker_names: list[str] = []
+        self._servers: list = []  # parameter servers (parameter_servers > 0)
 
     def attempt(self, restarting: bool) -> dict[str, Any]:
         """Trains to ``config.steps`` (or an early stop) with a new group;
@@ -63,7 +64,7 @@ class GroupRun:
         try:
             return self._train_with_group(restarting)
         finally:
-            for actor in [coordinator] + workers:
+            for actor in [coordinator] + workers + self._servers:
                 ray.kill(actor, no_restart=True)
 
     def _train_with_group(self, restarting: bool) -> dict[str, Any]:
@@ -99,9 +100,30 @@ class GroupRun:
             **env, **self.hooks.actor_options(rank)).remote(cfg, rank)
             for rank in range(config.workers)]
         self._coordinator, self._workers = coordinator, workers
+        self._servers = self._start_servers(env)
         self._poll_ref = None  # a poll of a previous attempt's coordinator is dead
         self._worker_names = [f"worker {r}" for r in range(len(workers))]
         return coordinator, workers
+
+    def _start_servers(self, env: dict) -> list:
+        """``config.parameter_servers`` new parameter servers (see train/ps.py)."""
+        import ray
+
+        from distributed.train.ps import ParameterServer, actor_options
+        cfg = self.config.to_dict()
+        return [ray.remote(ParameterServer).options(
+            **actor_options(self.config), **env).remote(cfg, task)
+            for task in range(self.config.parameter_servers)]
+
+    def _start_server_group(self, addresses: list[str]) -> list[str] | None:
+        """Starts the parameter servers' TF servers in the workers' cluster;
+        returns their addresses (``None`` without servers)."""
+        if not self._servers:
+            return None
+        names = [f"parameter server {t}" for t in range(len(self._servers))]
+        servers = self._get([s.address.remote() for s in self._servers], names)
+        self._get([s.start.remote(addresses, servers) for s in self._servers], names)
+        return servers
 
     def _handshake(self) -> BuildPlan:
         """Every worker joins the collective group and builds its graph, the
@@ -120,11 +142,15 @@ class GroupRun:
         else:
             from distributed.inputs import raydata
             splits = raydata.split(self.dataset, len(workers))
-        setups = [w.setup.remote(addresses, s) for w, s in zip(workers, splits)]
+        servers = self._start_server_group(addresses)
+        setups = [w.setup.remote(addresses, s, *([servers] if servers else []))
+                  for w, s in zip(workers, splits)]
         if plan_ref is None:
             plan_ref = coordinator.build.remote(
                 self._get(setups[0], "worker 0").input_spec, self.eval_dataset)
         built = self._get(plan_ref, "the coordinator")
+        if servers:
+            self._get(coordinator.connect_servers.remote(servers), "the coordinator")
         for rank, setup in enumerate(self._get(setups, self._worker_names)):
             if setup.input_spec != built.input_spec:
                 raise ConfigError(
@@ -173,9 +199,12 @@ class GroupRun:
         coordinator, config = self._coordinator, self.config
         values = coordinator.initial_values.remote()
         positions = coordinator.input_positions.remote()
+        # Parameter servers: rank 0 initializes or restores their variables.
+        extra = {"server_checkpoint": coordinator.server_checkpoint.remote()} \
+            if self._servers else {}
         self._get([w.load.remote(values, step, built.serving_names, coordinator,
-                                 positions)
-                   for w in self._workers], self._worker_names)
+                                 positions, **(extra if rank == 0 else {}))
+                   for rank, w in enumerate(self._workers)], self._worker_names)
         if not restarting:
             self.first_step_at = time.perf_counter() - self.t0
             self.echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "

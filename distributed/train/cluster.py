@@ -111,4 +111,5 @@ def free_cpus(config: TrainConfig) -> float:
     """CPUs of the cluster the run's actors leave for other tasks."""
     import ray
     return ray.cluster_resources().get("CPU", 0) - (
-        config.workers * config.cpus_per_worker + COORDINATOR_CPUS)
+        config.workers * config.cpus_per_worker + COORDINATOR_CPUS
+        + config.parameter_servers * config.ps_cpus)
