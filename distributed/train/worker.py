@@ -297,7 +297,8 @@ class Worker:
             if server_checkpoint is None:
                 self.sess.run(self.tg.server_init_op)
             else:
-                self._server_restorer.restore(self.sess, server_checkpoint)
+                with self.tg.graph.as_default():  # not Saver's eager path
+                    self._server_restorer.restore(self.sess, server_checkpoint)
         self.step = step
         self._coordinator = coordinator
         if positions is not None and self._exact_input:
