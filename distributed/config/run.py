@@ -232,6 +232,11 @@ class TrainConfig(NamedInput):
                 "shards on a filesystem path they share with the coordinator, and "
                 "an object store is not one yet; use a shared directory (NFS) or "
                 "parameter_servers: 0")
+        if self.steps_per_run > 1:
+            raise ConfigError(
+                f"steps_per_run: {self.steps_per_run} with parameter_servers is not "
+                "supported yet (rank 0 updates the servers once per Session.run); "
+                "use steps_per_run: 1")
         if self.eval is not None:
             raise ConfigError(
                 "eval: evaluation reads the serving checkpoint's values in the "
