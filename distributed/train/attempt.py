@@ -340,10 +340,25 @@ class GroupRun:
             error = users
         failure = None if users is not None else classify(error, name)
         if failure is not None:
-            raise failure from None
+            raise (self._dead_server() or failure) from None
         if pending:
             self._settle()
         raise unwrap(error) from None
+
+    def _dead_server(self) -> GroupFailure | None:
+        """A dead parameter server, named, when there is one: the workers only
+        see their reads and writes to it fail."""
+        import ray
+        if not self._servers:
+            return None
+        refs = [s.ping.remote() for s in self._servers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+        for task, ref in enumerate(refs):
+            if ref in ready:
+                failure = _failure_of(ref, f"parameter server {task}")
+                if failure is not None:
+                    return failure
+        return None
 
     def _settle(self) -> None:
         """After a user error, before the actors are stopped: lets the saves
@@ -356,3 +371,13 @@ class GroupRun:
         # position): let it finish, unless rank 0 is stuck in a collective.
         ray.wait([self._workers[0].finish.remote()], timeout=10)
         ray.wait([self._coordinator.entries.remote()], timeout=30)
+
+
+def _failure_of(ref, name: str) -> GroupFailure | None:
+    """The :class:`GroupFailure` a finished call's ref holds, if any."""
+    import ray
+    try:
+        ray.get(ref)
+    except Exception as e:  # noqa: BLE001 - classified
+        return classify(e, name)
+    return None
