@@ -65,7 +65,10 @@ def job_config(args, scratch: str, name: str, rows: int, servers: int, steps: in
                          "hidden": [64, 32]},
         "optimizer": {"name": "adagrad", "learning_rate": 0.1},
         "batch_size": args.batch_size, "workers": 2, "cpus_per_worker": 0.5,
-        "parameter_servers": servers, "ps_cpus": 0.5, "steps": steps,
+        "parameter_servers": servers,
+        # Ray's share only (a server's TF threads are its own): 4 servers
+        # must fit a 2-core machine beside 2 workers and the coordinator.
+        "ps_cpus": round(0.6 / max(servers, 1), 3), "steps": steps,
         "log_every": max(1, steps // args.chunks), "collective_timeout": 300.0,
         "selection": {"policy": "trainable"},
         "checkpoint": {"serving_every": 0, "full_every": full_every},

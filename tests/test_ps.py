@@ -172,3 +172,17 @@ def test_ps_run_checkpoints_read_stock_verify_and_export(local_ray, storage, tmp
     x, _ = wide_deep.click_arrays(256, 0, 0)
     out = served(**{k: tf.constant(v) for k, v in x.items()})["probability"].numpy()
     assert out.shape == (256,) and np.all((out > 0) & (out < 1))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("fields,message", [
+    ({"ps_cpus": 8}, "ps_cpus: 2 parameter servers x 8 CPU"),
+    ({"ps_resources": {"ps_node": 1}}, "ps_resources.ps_node: 2 parameter servers x 1"),
+    ({"ps_memory": "100TiB"}, "ps_memory: 102400.00 GiB per parameter server"),
+], ids=["cpus", "resources", "memory"])
+def test_servers_the_cluster_cannot_hold_fail_before_anything_starts(local_ray, storage,
+                                                                     fields, message):
+    from distributed.train import cluster
+    config = wide_deep_config(storage, "too-big", parameter_servers=2, **fields)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        cluster.check_resources(config)

@@ -38,8 +38,10 @@ from distributed.config import TrainConfig, from_dict
 log = logging.getLogger(__name__)
 
 JOB_NAME = "ps"
-# The barrier's collective: its own group (CPU devices, the ring), one key.
-BARRIER_INSTANCE_KEY = 999_000
+# The barrier's collective: a group of its own (the workers' CPUs, the ring,
+# whatever the gradients use), so it never joins an NCCL launch order.
+BARRIER_GROUP_OFFSET = 1
+BARRIER_INSTANCE_KEY = 1
 _PART = re.compile(r"/part_\d+$")
 _SNAPSHOT_CONTAINER = "dtr_snapshot"  # snapshot.py's shadows
 
@@ -86,8 +88,6 @@ class ParameterServer:
         threads = max(2, int(self.config.ps_cpus + 0.999))
         config = cpu_only(tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads))
-        from distributed.train.collective import GROUP_LEADER
-        config.experimental.collective_group_leader = GROUP_LEADER
         self.server = tf.distribute.Server(cluster, job_name=JOB_NAME,
                                            task_index=self.task, protocol="grpc",
                                            config=config, start=True)
@@ -197,10 +197,11 @@ class Placement:
         applied = [server_apply] if self.rank == 0 else _exchanged(gradients)
         if self.spec is None or self.spec.group_size == 1:
             return tf.group(replicated_apply, *applied)
-        with tf.control_dependencies(applied), tf.device(self.spec.task_device):
+        with tf.control_dependencies(applied), \
+                tf.device(f"{self.spec.task_device}/device:CPU:0"):
             barrier = tf.raw_ops.CollectiveReduceV2(
                 input=tf.constant(0.0), group_size=self.spec.group_size,
-                group_key=self.spec.group_key,
+                group_key=self.spec.group_key + BARRIER_GROUP_OFFSET,
                 instance_key=BARRIER_INSTANCE_KEY, ordering_token=[],
                 merge_op="Add", final_op="Id", communication_hint="ring",
                 timeout_seconds=0.0, name="ps_barrier")
