@@ -28,6 +28,7 @@ Parts (``--parts``, comma-separated, default all):
 
     python scripts/bench_ps.py                              # ~10 minutes on 2 cores
     python scripts/bench_ps.py --rows 2000,1000000,4000000 --save-rows 4194304 --dim 64
+    python scripts/bench_ps.py --rows 2000,1000000 --ps-only-rows 4000000   # 24 GiB machine
 """
 
 from __future__ import annotations
@@ -143,9 +144,10 @@ def gib(n: float) -> str:
 
 def part_steps(args, scratch: str, table: Table) -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
+    ps_only = [int(r) for r in args.ps_only_rows.split(",") if r]
     results: dict = {}
-    for rows in rows_list:
-        for servers in (0, 2):
+    for rows in rows_list + ps_only:
+        for servers in ((2,) if rows in ps_only else (0, 2)):
             name = f"steps-{rows}-{servers}"
             log(f"{name}: {rows} rows x {args.dim}, parameter_servers {servers}")
             r = run_job(args, scratch, job_config(args, scratch, name, rows, servers,
@@ -154,6 +156,21 @@ def part_steps(args, scratch: str, table: Table) -> None:
             log(f"  {r['sps']:.1f} steps/s; peak RSS "
                 + ", ".join(f"{k} {gib(v)}" for k, v in sorted(r["peaks"].items())))
     base = rows_list[0]
+    for rows in ps_only:  # the replicated run would not fit this machine
+        ps, rep = results[rows, 2], results[rows_list[-1], 0]
+        table.add(f"steps/s PS at {rows} rows vs replicated at {rows_list[-1]}",
+                  f"{ps['sps']:.1f}", f"{rep['sps']:.1f}",
+                  f"{ps['sps'] / rep['sps']:.2f}x", f">= {T_STEPS}x",
+                  ps["sps"] / rep["sps"] >= T_STEPS)
+        table_bytes = (rows - base) * args.dim * 4
+        for kind in KINDS:
+            table.add(f"peak RSS {kind}, {rows} rows, 2 servers",
+                      gib(ps["peaks"].get(kind, 0)), "", "", "", None)
+        for kind in ("Worker", "Coordinator"):
+            grown = ps["peaks"].get(kind, 0) - results[base, 2]["peaks"].get(kind, 0)
+            table.add(f"{kind} growth {base}->{rows} rows, PS run", gib(grown),
+                      f"table {gib(table_bytes)}", f"{grown / table_bytes:.2f}x table",
+                      f"<= {T_GROWTH}x", grown / table_bytes <= T_GROWTH)
     for rows in rows_list:
         rep, ps = results[rows, 0], results[rows, 2]
         ratio = ps["sps"] / rep["sps"]
@@ -184,7 +201,7 @@ def part_save(args, scratch: str, table: Table) -> None:
     rows = args.save_rows
     ckpt = 2 * rows * args.dim * 4  # the table and its accumulator
     seconds: dict = {}
-    for servers in (0, 1, 2, 4):
+    for servers in [int(n) for n in args.save_servers.split(",")]:
         name = f"save-{servers}"
         log(f"{name}: a {gib(ckpt)} full checkpoint, parameter_servers {servers}")
         r = run_job(args, scratch, job_config(args, scratch, name, rows, servers,
@@ -193,9 +210,15 @@ def part_save(args, scratch: str, table: Table) -> None:
         log(f"  save seconds {r['saves']}; peak RSS "
             + ", ".join(f"{k} {gib(v)}" for k, v in sorted(r["peaks"].items())))
     for servers in (1, 2, 4):
-        table.add(f"full save {gib(ckpt)}, {servers} server(s) vs coordinator path",
-                  f"{seconds[servers]:.2f}s", f"{seconds[0]:.2f}s",
-                  f"{seconds[servers] / seconds[0]:.2f}x", "", None)
+        if servers in seconds and 0 in seconds:
+            table.add(f"full save {gib(ckpt)}, {servers} server(s) vs coordinator path",
+                      f"{seconds[servers]:.2f}s", f"{seconds[0]:.2f}s",
+                      f"{seconds[servers] / seconds[0]:.2f}x", "", None)
+        elif servers in seconds:
+            table.add(f"full save {gib(ckpt)}, {servers} server(s)",
+                      f"{seconds[servers]:.2f}s", "", "", "", None)
+    if 4 not in seconds or 1 not in seconds:
+        return
     ratio = seconds[4] / seconds[1]
     cores = os.cpu_count() or 1
     table.add("full save, 4 servers vs 1", f"{seconds[4]:.2f}s", f"{seconds[1]:.2f}s",
@@ -209,6 +232,9 @@ def main() -> int:
     p.add_argument("--parts", default="steps,save")
     p.add_argument("--rows", default="2000,250000,1000000",
                    help="table rows for the steps part; the first is the memory baseline")
+    p.add_argument("--ps-only-rows", default="",
+                   help="sizes run with servers only (a replicated run would not fit "
+                        "the machine's memory), compared with the largest --rows")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--table-parts", type=int, default=4, help="the table's partitions")
     p.add_argument("--batch-size", type=int, default=128)
@@ -216,6 +242,8 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--save-rows", type=int, default=1_000_000)
     p.add_argument("--save-steps", type=int, default=20)
+    p.add_argument("--save-servers", default="0,1,2,4",
+                   help="servers per save run; 0 is the coordinator path (replicated)")
     p.add_argument("--sample", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args()
