@@ -150,8 +150,9 @@ class Placement:
         import tensorflow as tf
         graph = tf.compat.v1.get_default_graph()
         name = kwargs.get("name")
-        if not isinstance(name, str) or graph._colocation_stack \
-                or not self.wants(name):  # pylint: disable=protected-access
+        # A slot or a moving average is made colocated with its variable.
+        colocated = bool(graph._colocation_stack)  # pylint: disable=protected-access
+        if not isinstance(name, str) or colocated or not self.wants(name):
             return next_creator(**kwargs)
         shape = tf.TensorShape(kwargs.get("shape"))
         dtype = tf.as_dtype(kwargs.get("dtype") or tf.float32)

@@ -62,7 +62,11 @@ class VariableSnapshot:
             handles, assigns = {}, {}
             for name in wanted:
                 v = by_name[name]
-                value = v.read_value()  # placed with the variable
+                if name in remote:  # read on its server: no byte leaves it
+                    with tf.device(_server_host(v)):
+                        value = v.read_value()
+                else:
+                    value = v.read_value()  # placed with the variable
                 if v.op.type != "VarHandleOp":
                     # A reference variable is updated in place, not
                     # copy-on-write: the snapshot needs its own copy.
