@@ -186,3 +186,24 @@ def test_servers_the_cluster_cannot_hold_fail_before_anything_starts(local_ray, 
     config = wide_deep_config(storage, "too-big", parameter_servers=2, **fields)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         cluster.check_resources(config)
+
+
+def test_a_snapshot_of_a_servers_variables_stays_on_its_server():
+    """Read, shadowed and left there: no byte of the table reaches rank 0 (the
+    coordinator's ServerSaver writes the shadows); the rest is fetched."""
+    from distributed.train.snapshot import VariableSnapshot
+    tg = _graph()
+    on_servers = {v.op.name for v in tg.server_variables}
+    snapshot = VariableSnapshot(tg.variables, {"full": [v.op.name for v in tg.variables]},
+                                remote=on_servers)
+    graph = tg.graph
+    for v in tg.server_variables:
+        task = v.device.split("task:")[1][0]
+        take = [op for op in graph.get_operations() if op.name.startswith("snapshot/")
+                and op.type in ("ReadVariableOp", "AssignVariableOp", "VarHandleOp")
+                and any(inp.op is v.op for inp in op.inputs)]
+        assert take and all(op.device.startswith(f"/job:ps/replica:0/task:{task}")
+                            for op in take), [(op.name, op.device) for op in take]
+    reads, _ = snapshot._fetch["full"]
+    assert not set(reads) & on_servers
+    assert "wide_deep/deep/hidden_0/kernel" in reads
