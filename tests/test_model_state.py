@@ -158,3 +158,33 @@ def test_replicas_agree_and_counters_count_as_declared(local_ray, storage, steps
         np.testing.assert_array_equal(lead[name], value, err_msg=name)
     assert saved.get_tensor("state/scatter_add_sum").sum() == 2 * steps * BATCH
     assert saved.get_tensor("state/assign_add_sum").dtype == np.int64
+
+
+# ------------------------------------------ parameter servers (issue 23) -----
+
+def test_parameter_server_run_ends_with_the_replicated_runs_variables(local_ray,
+                                                                     tmp_path):
+    """20,000 rows, 200 steps: the tables on 2 parameter servers (updated once
+    a step by rank 0, read remotely) end where the replicated run's tables
+    end, and so does every other variable, within 1e-4. The servers' run
+    stops at step 120 and resumes (its tables restored on the servers from
+    the full checkpoint), so the resume is checked on the way."""
+    from tests.helpers.ps import checkpoint_values, max_difference, wide_deep_config
+    storage = str(tmp_path)
+    common = {"steps": 200, "log_every": 40,
+              "checkpoint": {"serving_every": 200, "full_every": 40}}
+    trainer_run = __import__("distributed.train.trainer", fromlist=["train"]).train
+    trainer_run(wide_deep_config(storage, "replicated", **common), echo=lambda _: None)
+    lines: list[str] = []
+    trainer_run(wide_deep_config(storage, "servers", parameter_servers=2,
+                                 **{**common, "steps": 120}), echo=lines.append)
+    trainer_run(wide_deep_config(storage, "servers", parameter_servers=2, **common),
+                echo=lines.append)
+    assert any("resuming run 'servers' from its full checkpoint at step 120" in line
+               for line in lines), lines
+    for step in (120, 200):
+        replicated = checkpoint_values(storage, "replicated", "full", step)
+        served = checkpoint_values(storage, "servers", "full", step)
+        assert replicated["wide_deep/deep/id_embedding"].shape == (20_000, 8)
+        difference, name = max_difference(replicated, served)
+        assert difference < 1e-4, (step, name, difference)

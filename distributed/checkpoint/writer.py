@@ -189,6 +189,10 @@ class CheckpointWriter:
         num_shards: Number of ``.data`` files; default from the total bytes
             (one per 256 MiB, at most 16, at most one per variable or part).
         save_meta_graph: Also write ``model.ckpt.meta`` (large; off by default).
+        servers: Variable name -> parameter server task, for the variables
+            that live on parameter servers: their tensors are not the
+            Saver's; :attr:`server_entries` lists them and the callable given
+            to :meth:`attach_servers` writes them (see :meth:`write`).
 
     Raises:
         SelectionError: The parts given of a partitioned variable leave a gap
@@ -198,12 +202,21 @@ class CheckpointWriter:
     """
 
     def __init__(self, variables: Sequence[tf.Variable] | Mapping[str, tf.Variable],
-                 num_shards: int | None = None, save_meta_graph: bool = False):
+                 num_shards: int | None = None, save_meta_graph: bool = False,
+                 servers: Mapping[str, int] | None = None):
         entries = _entries(variables)
         self.graph = entries[0].variable.graph
         self._trainable: dict[str, bool] = {}
         for e in entries:
             self._trainable[e.name] = self._trainable.get(e.name, False) or e.trainable
+        servers = servers or {}
+        # (checkpoint name, slice spec, variable name, server task, dtype)
+        self.server_entries = [(e.name, e.spec, e.variable.op.name,
+                                servers[e.variable.op.name], e.variable.dtype.base_dtype)
+                               for e in entries if e.variable.op.name in servers]
+        self.server_bytes = sum(e.nbytes for e in entries if e.variable.op.name in servers)
+        self._write_servers = None
+        entries = [e for e in entries if e.variable.op.name not in servers]
         sizes = {e.key: e.nbytes for e in entries}
         if num_shards is None:
             num_shards = sharding.default_num_shards(sum(sizes.values()), len(sizes))
@@ -211,12 +224,15 @@ class CheckpointWriter:
             raise ValueError(f"shards must be a positive integer, got {num_shards!r}")
         self.assignment = sharding.assign_shards(sizes, num_shards)
         self.num_shards = len(set(self.assignment.values()))
-        self.total_bytes = sum(sizes.values())
+        self.total_bytes = sum(sizes.values()) + self.server_bytes
         # Logical tensors (a partitioned variable's parts are one), as the
         # manifest and the catalog count them.
         self.num_tensors = len(self._trainable)
         _warn_oversized(entries, sizes, self.num_shards)
         self.save_meta_graph = save_meta_graph
+        self.saver = None
+        if not entries:  # every selected tensor is on the parameter servers
+            return
         with self.graph.as_default(), tf.name_scope("sharded_checkpoint"):
             saveables = [
                 _ShardSaveable(e.variable, f"/device:CPU:{self.assignment[e.key]}",
@@ -225,6 +241,11 @@ class CheckpointWriter:
                 var_list=saveables, sharded=True, max_to_keep=None,
                 save_relative_paths=True, allow_empty=False)
 
+    def attach_servers(self, write_servers) -> None:
+        """``write_servers(directory)`` has the parameter servers write
+        :attr:`server_entries` into ``directory``; returns their prefixes."""
+        self._write_servers = write_servers
+
     def write(self, sess: tf.compat.v1.Session, directory: str) -> WrittenCheckpoint:
         """Saves the variables' current values into ``directory/model.ckpt.*``.
 
@@ -232,9 +253,12 @@ class CheckpointWriter:
         offsets, lengths and CRC-32C taken from TensorFlow's own ``.index``.
         """
         prefix = os.path.join(directory, CKPT_PREFIX)
-        with self.graph.as_default():
-            self.saver.save(sess, prefix, write_meta_graph=self.save_meta_graph,
-                            write_state=False)
+        if self.server_entries:
+            self._write_with_servers(sess, directory, prefix)
+        else:
+            with self.graph.as_default():
+                self.saver.save(sess, prefix, write_meta_graph=self.save_meta_graph,
+                                write_state=False)
         entries = read_index(prefix + ".index")
         num_files = max(e.shard_id for e in entries) + 1
         records = tuple(
@@ -251,6 +275,39 @@ class CheckpointWriter:
             ) for e in entries)
         files = tuple(sorted(os.listdir(directory)))
         return WrittenCheckpoint(prefix=prefix, files=files, records=records)
+
+
+    def _write_with_servers(self, sess, directory: str, prefix: str) -> None:
+        """The parameter servers write their shard files while this process
+        writes its own, into ``directory``; then one index over all of them
+        (``MergeV2Checkpoints`` renames the shards to ``model.ckpt.data-*``,
+        as a sharded ``Saver`` does with its own)."""
+        import threading
+        if self._write_servers is None:
+            raise RuntimeError("CheckpointWriter: variables on parameter servers, but "
+                               "no servers attached (attach_servers)")
+        result: dict = {}
+
+        def servers():
+            try:
+                result["prefixes"] = self._write_servers(directory)
+            except BaseException as e:  # raised on the caller's thread
+                result["error"] = e
+
+        thread = threading.Thread(target=servers, daemon=True)
+        thread.start()
+        own = []
+        if self.saver is not None:
+            own = [os.path.join(directory, "coordinator")]
+            with self.graph.as_default():
+                self.saver.save(sess, own[0], write_meta_graph=False, write_state=False)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        with tf.device("/device:CPU:0"):
+            tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=own + result["prefixes"],
+                                          destination_prefix=prefix,
+                                          delete_old_dirs=False)
 
 
 def _warn_oversized(entries: list[_Entry], sizes: Mapping[str, int],

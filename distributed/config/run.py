@@ -17,7 +17,7 @@ from distributed.checkpoint.layout import TIERS, check_run_name
 from distributed.checkpoint.retention import KeepBestN, KeepLastN, Retention
 from distributed.checkpoint.selection import SelectionSpec
 from distributed.config.checks import (check_input, check_ref, non_negative_int,
-                                       positive, positive_int)
+                                       parse_bytes, positive, positive_int, regex_list)
 from distributed.config.coerce import mapping
 from distributed.config.sections import (CheckpointConfig, EvalConfig, NamedInput,
                                          OptimizerConfig)
@@ -120,6 +120,19 @@ class TrainConfig(NamedInput):
         seed: Graph-level random seed.
         eval: Evaluation of serving checkpoints, see :class:`EvalConfig`
             (``null``: none; the only metric is then the training ``loss``).
+        parameter_servers: ``ParameterServer`` actors that hold the embedding
+            tables (every partitioned variable, and those ``ps_variables``
+            names) with their optimizer slots, as job ``ps`` of the workers'
+            TF cluster; 0 (the default) keeps every variable on every worker.
+            See README: Tables bigger than a worker.
+        ps_cpus: CPUs each parameter server asks Ray for.
+        ps_memory: Memory each parameter server asks Ray for, in bytes or as
+            ``"8GiB"`` / ``"500MB"``; ``null``: none reserved.
+        ps_resources: Ray custom resources each parameter server asks for,
+            to place them (e.g. ``{ps_node: 1}`` on high-memory nodes).
+        ps_variables: Regexes (``re.search``) of variable names that live on
+            the servers besides the partitioned ones (a slot follows its
+            variable).
     """
 
     model: str = "distributed.examples.digits:cnn_bn_model_fn"
@@ -153,6 +166,11 @@ class TrainConfig(NamedInput):
     steps_per_run: int = 1
     seed: int = 0
     eval: EvalConfig | None = None
+    parameter_servers: int = 0
+    ps_cpus: float = 1.0
+    ps_memory: Annotated[int | None, parse_bytes] = None
+    ps_resources: dict = dataclasses.field(default_factory=dict)
+    ps_variables: Annotated[list, regex_list] = dataclasses.field(default_factory=list)
 
     @property
     def saves_input_position(self) -> bool:
@@ -187,7 +205,42 @@ class TrainConfig(NamedInput):
             raise ConfigError("selection.serve_ema: needs optimizer.ema_decay (e.g. "
                               "0.999): without it there are no averages to serve")
         self._check_eval_metric_uses()
+        self._check_parameter_servers()
         return self
+
+    def _check_parameter_servers(self) -> None:
+        """``parameter_servers`` and its ``ps_*`` fields (see README: Tables
+        bigger than a worker)."""
+        non_negative_int(self.parameter_servers, "parameter_servers")
+        positive(self.ps_cpus, "ps_cpus")
+        for key, amount in self.ps_resources.items():
+            if not isinstance(key, str) or isinstance(amount, bool) or \
+                    not isinstance(amount, (int, float)) or amount <= 0:
+                raise ConfigError(f"ps_resources.{key}: expected a positive number of "
+                                  f"a Ray resource, got {amount!r}")
+        if self.parameter_servers == 0:
+            for field in ("ps_variables", "ps_resources"):
+                if getattr(self, field):
+                    raise ConfigError(f"{field}: set, but parameter_servers is 0; set "
+                                      "parameter_servers: N (e.g. 2) or drop it")
+            return
+        if uris.is_object_store(self.storage):
+            raise ConfigError(
+                f"parameter_servers: {self.parameter_servers} with storage "
+                f"{self.storage!r}: the servers write and read their checkpoint "
+                "shards on a filesystem path they share with the coordinator, and "
+                "an object store is not one yet; use a shared directory (NFS) or "
+                "parameter_servers: 0")
+        if self.steps_per_run > 1:
+            raise ConfigError(
+                f"steps_per_run: {self.steps_per_run} with parameter_servers is not "
+                "supported yet (rank 0 updates the servers once per Session.run); "
+                "use steps_per_run: 1")
+        if self.eval is not None:
+            raise ConfigError(
+                "eval: evaluation reads the serving checkpoint's values in the "
+                "coordinator, which never holds the servers' tables; with "
+                "parameter_servers evaluate the exported model instead (drop eval)")
 
     def _check_gpus(self) -> None:
         """One NCCL rank per GPU: a fraction of a GPU is for one worker only

@@ -55,6 +55,7 @@ class GroupRun:
         self._workers: list = []
         self._worker_names: list[str] = []
         self._feeder = None  # the group's Ray Data feeder (Ray Data input only)
+        self._servers: list = []  # parameter servers (parameter_servers > 0)
 
     def attempt(self, restarting: bool) -> dict[str, Any]:
         """Trains to ``config.steps`` (or an early stop) with a new group;
@@ -65,7 +66,8 @@ class GroupRun:
             return self._train_with_group(restarting)
         finally:
             feeder, self._feeder = self._feeder, None
-            for actor in [coordinator] + workers + ([feeder] if feeder else []):
+            for actor in [coordinator] + workers + self._servers + \
+                    ([feeder] if feeder else []):
                 ray.kill(actor, no_restart=True)
 
     def _train_with_group(self, restarting: bool) -> dict[str, Any]:
@@ -101,9 +103,30 @@ class GroupRun:
             **env, **self.hooks.actor_options(rank)).remote(cfg, rank)
             for rank in range(config.workers)]
         self._coordinator, self._workers = coordinator, workers
+        self._servers = self._start_servers(env)
         self._poll_ref = None  # a poll of a previous attempt's coordinator is dead
         self._worker_names = [f"worker {r}" for r in range(len(workers))]
         return coordinator, workers
+
+    def _start_servers(self, env: dict) -> list:
+        """``config.parameter_servers`` new parameter servers (see train/ps.py)."""
+        import ray
+
+        from distributed.train.ps import ParameterServer, actor_options
+        cfg = self.config.to_dict()
+        return [ray.remote(ParameterServer).options(
+            **actor_options(self.config), **env).remote(cfg, task)
+            for task in range(self.config.parameter_servers)]
+
+    def _start_server_group(self, addresses: list[str]) -> list[str] | None:
+        """Starts the parameter servers' TF servers in the workers' cluster;
+        returns their addresses (``None`` without servers)."""
+        if not self._servers:
+            return None
+        names = [f"parameter server {t}" for t in range(len(self._servers))]
+        servers = self._get([s.address.remote() for s in self._servers], names)
+        self._get([s.start.remote(addresses, servers) for s in self._servers], names)
+        return servers
 
     def _handshake(self) -> BuildPlan:
         """Every worker joins the collective group and builds its graph, the
@@ -122,11 +145,16 @@ class GroupRun:
             config = self.config
             self._feeder = start_feeder(self.dataset, len(workers), config.batch_size,
                                         config.input_label, config.input_ref)
-        setups = [w.setup.remote(addresses, self._feeder) for w in workers]
+        servers = self._start_server_group(addresses)
+        setups = [w.setup.remote(addresses, self._feeder,
+                                 *([servers] if servers else []))
+                  for w in workers]
         if plan_ref is None:
             plan_ref = coordinator.build.remote(
                 self._get(setups[0], "worker 0").input_spec, self.eval_dataset)
         built = self._get(plan_ref, "the coordinator")
+        if servers:
+            self._get(coordinator.connect_servers.remote(servers), "the coordinator")
         for rank, setup in enumerate(self._get(setups, self._worker_names)):
             if setup.input_spec != built.input_spec:
                 raise ConfigError(
@@ -183,9 +211,12 @@ class GroupRun:
                 "the Ray Data input")
             if note:
                 self.echo(note)
+        # Parameter servers: rank 0 initializes or restores their variables.
+        extra = {"server_checkpoint": coordinator.server_checkpoint.remote()} \
+            if self._servers else {}
         self._get([w.load.remote(values, step, built.serving_names, coordinator,
-                                 positions)
-                   for w in self._workers], self._worker_names)
+                                 positions, **(extra if rank == 0 else {}))
+                   for rank, w in enumerate(self._workers)], self._worker_names)
         if not restarting:
             self.first_step_at = time.perf_counter() - self.t0
             self.echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "
@@ -321,10 +352,25 @@ class GroupRun:
             error = users
         failure = None if users is not None else classify(error, name)
         if failure is not None:
-            raise failure from None
+            raise (self._dead_server() or failure) from None
         if pending:
             self._settle()
         raise unwrap(error) from None
+
+    def _dead_server(self) -> GroupFailure | None:
+        """A dead parameter server, named, when there is one: the workers only
+        see their reads and writes to it fail."""
+        import ray
+        if not self._servers:
+            return None
+        refs = [s.ping.remote() for s in self._servers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5)
+        for task, ref in enumerate(refs):
+            if ref in ready:
+                failure = _failure_of(ref, f"parameter server {task}")
+                if failure is not None:
+                    return failure
+        return None
 
     def _settle(self) -> None:
         """After a user error, before the actors are stopped: lets the saves
@@ -337,3 +383,13 @@ class GroupRun:
         # position): let it finish, unless rank 0 is stuck in a collective.
         ray.wait([self._workers[0].finish.remote()], timeout=10)
         ray.wait([self._coordinator.entries.remote()], timeout=30)
+
+
+def _failure_of(ref, name: str) -> GroupFailure | None:
+    """The :class:`GroupFailure` a finished call's ref holds, if any."""
+    import ray
+    try:
+        ray.get(ref)
+    except Exception as e:  # noqa: BLE001 - classified
+        return classify(e, name)
+    return None

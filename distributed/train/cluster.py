@@ -96,6 +96,35 @@ def check_resources(config: TrainConfig) -> None:
             f"CPU + {COORDINATOR_CPUS} for the coordinator need {need_cpus:g} CPUs "
             f"but the cluster has {total.get('CPU', 0):g}; lower --workers or "
             "cpus_per_worker")
+    _check_server_resources(config, total)
+
+
+def _check_server_resources(config: TrainConfig, total: dict) -> None:
+    """The parameter servers fit too (a server Ray cannot place would leave the
+    run waiting for it forever)."""
+    if config.parameter_servers == 0:
+        return
+    need_cpus = (config.workers * config.cpus_per_worker + COORDINATOR_CPUS
+                 + config.parameter_servers * config.ps_cpus)
+    if need_cpus > total.get("CPU", 0):
+        raise ConfigError(
+            f"ps_cpus: {config.parameter_servers} parameter servers x "
+            f"{config.ps_cpus:g} CPU, with the workers and the coordinator, need "
+            f"{need_cpus:g} CPUs but the cluster has {total.get('CPU', 0):g}; lower "
+            "ps_cpus, parameter_servers or cpus_per_worker")
+    if config.ps_memory and config.ps_memory > total.get("memory", 0):
+        raise ConfigError(
+            f"ps_memory: {config.ps_memory / 2**30:.2f} GiB per parameter server, but "
+            f"the cluster's nodes offer Ray {total.get('memory', 0) / 2**30:.2f} GiB "
+            "in all; lower ps_memory")
+    for key, amount in config.ps_resources.items():
+        need = config.parameter_servers * amount
+        if need > total.get(key, 0):
+            raise ConfigError(
+                f"ps_resources.{key}: {config.parameter_servers} parameter servers x "
+                f"{amount:g} need {need:g} but the cluster has {total.get(key, 0):g} "
+                f"of {key!r}; start nodes with --resources='{{\"{key}\": N}}' or "
+                "lower it")
 
 
 def check_gpus(config: TrainConfig, started: bool) -> None:
@@ -111,4 +140,5 @@ def free_cpus(config: TrainConfig) -> float:
     """CPUs of the cluster the run's actors leave for other tasks."""
     import ray
     return ray.cluster_resources().get("CPU", 0) - (
-        config.workers * config.cpus_per_worker + COORDINATOR_CPUS)
+        config.workers * config.cpus_per_worker + COORDINATOR_CPUS
+        + config.parameter_servers * config.ps_cpus)

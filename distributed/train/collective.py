@@ -87,6 +87,9 @@ class GroupSpec:
             (``CollectiveReduceV2``), ``"gather"`` (``CollectiveGatherV2``,
             then a local sum in rank order) or ``"auto"``: gather for two
             ranks on the ring, else all-reduce (see :meth:`mean_by_gather`).
+        servers: ``host:port`` of every parameter server's TF server (job
+            ``ps`` of the same cluster, :mod:`distributed.train.ps`), by task;
+            empty without servers. They never join the collectives.
     """
 
     addresses: tuple[str, ...]
@@ -95,9 +98,11 @@ class GroupSpec:
     timeout_seconds: float = 60.0
     communication_hint: str = "auto"
     dense_mean: str = "auto"
+    servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "addresses", tuple(self.addresses))
+        object.__setattr__(self, "servers", tuple(self.servers))
         if not self.addresses or not all(
                 isinstance(a, str) and a.rpartition(":")[2].isdigit()
                 for a in self.addresses):
@@ -188,6 +193,8 @@ def session_config(spec: GroupSpec,
         config.experimental.collective_nccl = True
     del config.device_filters[:]
     config.device_filters.append(f"/job:{JOB_NAME}/task:{spec.rank}")
+    if spec.servers:  # the parameter servers' variables are read and written remotely
+        config.device_filters.append("/job:ps")
     return config
 
 
@@ -211,7 +218,10 @@ def start_server(spec: GroupSpec,
     later Session's config. Keep a reference to the server for the life of
     the process; it cannot be stopped, only abandoned with the process.
     """
-    cluster = tf.train.ClusterSpec({JOB_NAME: list(spec.addresses)})
+    jobs = {JOB_NAME: list(spec.addresses)}
+    if spec.servers:
+        jobs["ps"] = list(spec.servers)
+    cluster = tf.train.ClusterSpec(jobs)
     return tf.distribute.Server(cluster, job_name=JOB_NAME, task_index=spec.rank,
                                 protocol="grpc", config=session_config(spec, base),
                                 start=True)

@@ -68,9 +68,16 @@ class Coordinator:
         from distributed.train.graph import (VariableLoader, build_train_graph,
                                              never_updated_statistics, predict_reads)
 
+        from distributed.train.ps import Placement
         cfg = self.config
         self.input_spec = input_spec if input_spec is not None else probe_spec(cfg)
-        self.tg = build_train_graph(cfg, self.input_spec)
+        # Parameter servers: the chief graph only records where variables live
+        # (its Session never holds the servers' variables).
+        placement = Placement.of(cfg, place=False)
+        self.tg = build_train_graph(cfg, self.input_spec, placement=placement)
+        self.server_tasks = {v.op.name: placement.task_of(v)
+                             for v in self.tg.server_variables}
+        self.server_saver = None
         self.positions = InputPositions(self.tg.graph, cfg.workers) \
             if cfg.saves_input_position else None
         reads = predict_reads(cfg, self.input_spec)
@@ -93,7 +100,7 @@ class Coordinator:
         shards = max(w.num_shards for w in self.writers.values())
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
                                          config=cpu_only(session_config(shards)))
-        self.loader = VariableLoader(self.tg.variables)
+        self.loader = VariableLoader(self._replicated())
         if cfg.eval is not None:
             self._build_evaluator(eval_dataset)
         return BuildPlan(
@@ -119,11 +126,38 @@ class Coordinator:
         self.writers = {
             "serving": writer_cls(
                 {c: by_name[n] for c, n in self.serving_sources.items()},
-                num_shards=cfg.checkpoint.shards),
+                num_shards=cfg.checkpoint.shards, **self._servers_arg()),
             "full": writer_cls(self.tg.variables + (self.positions.variables if
                                                     self.positions else []),
-                               num_shards=cfg.checkpoint.shards),
+                               num_shards=cfg.checkpoint.shards, **self._servers_arg()),
         }
+
+    def _servers_arg(self) -> dict:
+        """The writers' ``servers`` argument, only with parameter servers."""
+        return {"servers": self.server_tasks} if self.server_tasks else {}
+
+    def _replicated(self) -> list:
+        """The variables this Session holds: all but the parameter servers'."""
+        return [v for v in self.tg.variables if v.op.name not in self.server_tasks]
+
+    def connect_servers(self, servers: list[str]) -> None:
+        """With parameter servers (``host:port`` by task): a TF client of them
+        that has them write their variables' snapshots into checkpoints."""
+        from distributed.train.ps import ServerSaver
+        if not self.server_tasks:
+            return
+        self.server_saver = ServerSaver({tier: w.server_entries
+                                         for tier, w in self.writers.items()})
+        self.server_saver.connect(servers)
+        for tier, writer in self.writers.items():
+            writer.attach_servers(
+                lambda directory, tier=tier: self.server_saver.write(tier, directory))
+
+    def server_checkpoint(self) -> str | None:
+        """The prefix of the full checkpoint training resumes from, whose
+        parameter-server tensors rank 0 restores on the servers; ``None``:
+        a fresh start (rank 0 runs their initializers)."""
+        return self._resumed_prefix
 
     def _build_evaluator(self, eval_dataset=None) -> None:
         from distributed.train.evaluation import Evaluator
@@ -152,8 +186,12 @@ class Coordinator:
         in storage.
         """
         self.removed = self.store.open()
+        self._resumed_prefix = None
         start_step, resumed = self._init_or_resume()
-        recreated = self._recreate_serving(start_step) if resumed is not None else None
+        # With parameter servers their tables are restored only after this (by
+        # rank 0, on the servers), so a lost serving checkpoint is not re-made.
+        recreated = (self._recreate_serving(start_step)
+                     if resumed is not None and not self.server_tasks else None)
         self._write_run_config()
         if self.evaluator is not None:
             from distributed.train.evaluation import EarlyStop, EvalPipeline
@@ -226,9 +264,10 @@ class Coordinator:
             with self.tg.graph.as_default():
                 # A list, not {name: variable}: a partitioned variable's parts
                 # then restore from its logical tensor's slices, as saved.
-                saver = tf.compat.v1.train.Saver(var_list=list(self.tg.variables))
-                saver.restore(self.sess, os.path.join(self.store.checkpoint_dir(entry),
-                                                      layout.CKPT_PREFIX))
+                saver = tf.compat.v1.train.Saver(var_list=self._replicated())
+                prefix = os.path.join(self.store.checkpoint_dir(entry), layout.CKPT_PREFIX)
+                saver.restore(self.sess, prefix)
+                self._resumed_prefix = prefix
             self.sess.run(init.local_init_op)
             if self.positions is not None:
                 note = self.positions.read(os.path.join(
@@ -283,11 +322,22 @@ class Coordinator:
 
     def initial_values(self) -> dict[str, np.ndarray]:
         """Every variable's value, for the workers to start from."""
-        return self.sess.run({v.op.name: v for v in self.tg.variables})
+        return self.sess.run({v.op.name: v for v in self._replicated()})
 
     def save(self, step: int, tier: str, values: Mapping[str, np.ndarray],
-             metrics: Mapping[str, float],
-             position: bytes | None = None) -> CheckpointEvent:
+             metrics: Mapping[str, float], position: bytes | None = None,
+             release_servers: bool = False) -> CheckpointEvent:
+        """See :meth:`_save`; ``release_servers``: the last tier of the step,
+        after which the parameter servers free their snapshot."""
+        try:
+            return self._save(step, tier, values, metrics, position)
+        finally:
+            if release_servers and self.server_saver is not None:
+                self.server_saver.release()
+
+    def _save(self, step: int, tier: str, values: Mapping[str, np.ndarray],
+              metrics: Mapping[str, float],
+              position: bytes | None = None) -> CheckpointEvent:
         """Loads rank 0's values into the chief Session, writes and commits.
 
         A full checkpoint also holds every worker's input position at

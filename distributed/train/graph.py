@@ -16,6 +16,7 @@ global batch statistics' mean.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -70,6 +71,10 @@ class TrainGraph:
     steps: Any = None  # steps_per_run > 1: the fed number of steps of a run
     # Estimator Scaffold semantics: global init, init_fn (chief), local init
     initializers: Initializers | None = None
+    # parameter_servers: the variables on the servers (train/ps.py), graph
+    # order, and their initializer; the rest is ``initializers.init_op``'s
+    server_variables: list = dataclasses.field(default_factory=list)
+    server_init_op: Any = None
 
 
 @dataclasses.dataclass
@@ -86,7 +91,8 @@ class _Step:
 
 def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any],
                       reduce_fn: ReduceFn | None = None,
-                      device: str | None = None, steps_per_run: int = 1) -> TrainGraph:
+                      device: str | None = None, steps_per_run: int = 1,
+                      placement: Any = None) -> TrainGraph:
     """Builds input, model, loss, (reduced) gradients and optimizer in a new graph.
 
     Args:
@@ -102,6 +108,9 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
         steps_per_run: Steps per ``Session.run``: above 1 the step is the body
             of an in-graph loop (:func:`_build_loop`). The variables, their
             names and every step's arithmetic are the same either way.
+        placement: With parameter servers, a :class:`~distributed.train.ps.
+            Placement`: the variables it wants live on the servers, are
+            updated by rank 0 only and initialized apart (``server_init_op``).
     """
     graph = tf.Graph()
     with graph.as_default():
@@ -109,29 +118,58 @@ def build_train_graph(config: TrainConfig, inputs: InputSpec | Callable[[], Any]
         source = inputs if isinstance(inputs, InputSpec) else inputs()
     with graph.as_default(), tf.device(device):
         if steps_per_run > 1:
-            return _build_loop(config, graph, source, reduce_fn, steps_per_run)
+            return _on_servers(_build_loop(config, graph, source, reduce_fn,
+                                           steps_per_run, placement), placement)
         if isinstance(source, InputSpec):
             features, labels = source.placeholders()
         else:
             features, labels = source.tensors()
         step = _build_step(config, features, labels,
-                           _fed_placeholders(features, labels), reduce_fn)
+                           _fed_placeholders(features, labels), reduce_fn, placement)
         init = initializers(step.scaffold)
         init_op = init.grouped()
         variables = list(tf.compat.v1.global_variables())
         global_step = tf.compat.v1.train.get_global_step()
-    return TrainGraph(graph, features, labels, source, step.loss, step.train_op,
-                      global_step, variables, step.model_state, init_op,
-                      step.learning_rate, step.averages, initializers=init)
+    return _on_servers(TrainGraph(graph, features, labels, source, step.loss,
+                                  step.train_op, global_step, variables,
+                                  step.model_state, init_op, step.learning_rate,
+                                  step.averages, initializers=init), placement)
+
+
+def _on_servers(tg: TrainGraph, placement: Any) -> TrainGraph:
+    """With parameter servers: which variables live there, and initializers
+    that leave them alone (rank 0 runs ``server_init_op`` on a fresh start)."""
+    if placement is None:
+        return tg
+    on_servers = placement.on_servers(tg.variables)
+    if not on_servers:
+        return tg
+    init = tg.initializers
+    names = {v.op.name for v in on_servers}
+    with tg.graph.as_default():
+        rest = [v for v in tg.variables if v.op.name not in names]
+        tg.server_init_op = tf.compat.v1.variables_initializer(on_servers,
+                                                               name="init_servers")
+        replicated = tf.compat.v1.variables_initializer(rest, name="init_replicated")
+        tg.initializers = Initializers(replicated, init.local_init_op, init.init_fn)
+        tg.init_op = tg.initializers.grouped()
+    tg.server_variables = on_servers
+    return tg
 
 
 def _build_step(config: TrainConfig, features, labels, fed: set[str],
-                reduce_fn: ReduceFn | None) -> _Step:
+                reduce_fn: ReduceFn | None, placement: Any = None) -> _Step:
     """Model, loss, (reduced) gradients, optimizer update, state averaging and
     moving averages of one step, in the current graph (and loop, if any)."""
     before = set(v.op.name for v in tf.compat.v1.global_variables())
     ops_before = len(tf.compat.v1.get_default_graph().get_operations())
-    spec = call_model_fn(config, features, labels, TRAIN)
+    with placement.scope() if placement is not None else contextlib.nullcontext():
+        spec = call_model_fn(config, features, labels, TRAIN)
+    if placement is not None and getattr(spec.scaffold, "init_op", None) is not None:
+        raise ConfigError(
+            f"model: {config.model} gives a scaffold init_op, which would initialize "
+            "the parameter servers' variables on every worker; drop the scaffold's "
+            "init_op or set parameter_servers: 0")
     created = [v for v in tf.compat.v1.global_variables()
                if v.op.name not in before]
     update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
@@ -158,8 +196,7 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
     # After the all-reduce: every replica clips the same gradients alike.
     grads_and_vars = optimizers.clip_gradients(grads_and_vars,
                                                config.optimizer.clip_global_norm)
-    with tf.control_dependencies(update_ops):
-        apply = optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+    apply = _apply(config, optimizer, grads_and_vars, global_step, update_ops, placement)
     apply, averages = optimizers.apply_moving_average(config.optimizer, apply,
                                                       global_step)
     assigns = exchange.assigns([value for value, _ in state_pairs])
@@ -168,8 +205,32 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
     return _Step(loss, train_op, learning_rate, model_state, averages, spec.scaffold)
 
 
+def _apply(config: TrainConfig, optimizer, grads_and_vars, global_step, update_ops,
+           placement: Any):
+    """The optimizer's update (after the step's update ops). With parameter
+    servers the servers' variables get their own ``apply_gradients`` (no
+    global step), which only rank 0 runs (:meth:`ps.Placement.apply`)."""
+    on_servers = ({v.op.name for _, v in grads_and_vars
+                   if placement.task_of(v) is not None}
+                  if placement is not None else set())
+    if not on_servers:
+        with tf.control_dependencies(update_ops):
+            return optimizer.apply_gradients(grads_and_vars, global_step=global_step)
+    from distributed.train import ps
+    replicated = [(g, v) for g, v in grads_and_vars if v.op.name not in on_servers]
+    served = [(g, v) for g, v in grads_and_vars if v.op.name in on_servers]
+    with tf.control_dependencies(update_ops):
+        apply = (optimizer.apply_gradients(replicated, global_step=global_step)
+                 if replicated else
+                 tf.compat.v1.assign_add(global_step, 1).op)
+    server_apply = optimizer.apply_gradients(served, name="apply_on_servers")
+    ps.check_optimizer(optimizer, config.optimizer.name)
+    return placement.apply(apply, server_apply, [g for g, _ in served])
+
+
 def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
-                reduce_fn: ReduceFn | None, steps_per_run: int) -> TrainGraph:
+                reduce_fn: ReduceFn | None, steps_per_run: int,
+                placement: Any = None) -> TrainGraph:
     """Up to ``steps_per_run`` steps per ``Session.run``: the step of
     :func:`_build_step` as the body of a ``tf.while_loop`` over a fed count.
 
@@ -194,7 +255,7 @@ def _build_loop(config: TrainConfig, graph: tf.Graph, source: Any,
 
     def body(i, losses, rate):
         features, labels = read(i)
-        step = _build_step(config, features, labels, fed, reduce_fn)
+        step = _build_step(config, features, labels, fed, reduce_fn, placement)
         built.append((step, features, labels))
         rate = (tf.cast(step.learning_rate, tf.float32)
                 if step.learning_rate is not None else rate)

@@ -15,6 +15,11 @@ copy, done by TensorFlow's own executor. Reference variables (TF1's
 destroys them in the same ``Session.run``, so a snapshot holds memory only
 while it is being handed off; it is meant to run on a background thread.
 
+With parameter servers (:mod:`distributed.train.ps`) the shadows of the
+servers' variables live on their servers, alias their buffers there alike, and
+are never fetched: the coordinator has each server save its own
+(:class:`~distributed.train.ps.ServerSaver`) and frees them.
+
 NOTE: one snapshot at a time; :meth:`take` must not run while a :meth:`fetch`
 is in flight (rank 0's checkpointer allows one save in flight).
 """
@@ -38,10 +43,15 @@ class VariableSnapshot:
     Args:
         variables: Resource variables of one graph (the training graph).
         groups: Group name -> names of the variables it snapshots.
+        remote: Names of variables whose shadows stay where they live
+            (a parameter server's) and are not fetched: :meth:`fetch` returns
+            the rest of the group.
     """
 
     def __init__(self, variables: Sequence[tf.Variable],
-                 groups: Mapping[str, Iterable[str]]):
+                 groups: Mapping[str, Iterable[str]],
+                 remote: Iterable[str] = ()):
+        remote = set(remote)
         by_name = {v.op.name: v for v in variables}
         graph = next(iter(by_name.values())).graph
         self.groups = {g: tuple(sorted(set(names))) for g, names in groups.items()}
@@ -52,14 +62,18 @@ class VariableSnapshot:
             handles, assigns = {}, {}
             for name in wanted:
                 v = by_name[name]
-                value = v.read_value()  # placed with the variable
+                if name in remote:  # read on its server: no byte leaves it
+                    with tf.device(_server_host(v)):
+                        value = v.read_value()
+                else:
+                    value = v.read_value()  # placed with the variable
                 if v.op.type != "VarHandleOp":
                     # A reference variable is updated in place, not
                     # copy-on-write: the snapshot needs its own copy.
                     value = tf.raw_ops.DeepCopy(x=value)
                 # Shadows live in host memory: on CPU that is the variable's
                 # own buffer (copy-on-write), on GPU a device-to-host copy.
-                with tf.device("/device:CPU:0"):
+                with tf.device(_server_host(v) if name in remote else "/device:CPU:0"):
                     handles[name] = tf.raw_ops.VarHandleOp(
                         dtype=v.dtype.base_dtype, shape=v.shape,
                         container=_CONTAINER, shared_name=name)
@@ -67,6 +81,7 @@ class VariableSnapshot:
                         resource=handles[name], value=value)
             for group, names in self.groups.items():
                 self._take[group] = tf.group(*(assigns[n] for n in names))
+                names = [n for n in names if n not in remote]
                 with tf.device("/device:CPU:0"):
                     reads = {n: tf.raw_ops.ReadVariableOp(
                         resource=handles[n], dtype=by_name[n].dtype.base_dtype)
@@ -87,3 +102,10 @@ class VariableSnapshot:
         reads, release = self._fetch[group]
         return sess.run({"values": reads, "released": release},
                         options=options)["values"]
+
+
+def _server_host(variable) -> str:
+    """The CPU of the task (a parameter server) that holds ``variable``."""
+    spec = tf.DeviceSpec.from_string(variable.device)
+    return tf.DeviceSpec(job=spec.job, replica=spec.replica, task=spec.task,
+                         device_type="CPU", device_index=0).to_string()

@@ -41,14 +41,17 @@ class _AsyncCheckpointer:
     """
 
     def __init__(self, coordinator, sess, variables, serving_names, config: TrainConfig,
-                 run_options=None):
+                 run_options=None, on_servers=()):
         from distributed.train.snapshot import VariableSnapshot
         self._coordinator = coordinator
         self._sess = sess
         self._run_options = run_options
+        # Parameter servers' variables: snapshot there, saved by the servers.
+        self._on_servers = frozenset(on_servers)
         # "full" holds every variable, so when both tiers are due it serves both.
         self._snapshot = VariableSnapshot(variables, {
-            "serving": serving_names, "full": [v.op.name for v in variables]})
+            "serving": serving_names, "full": [v.op.name for v in variables]},
+            remote=self._on_servers)
         self._schedule = CheckpointSchedule(config.checkpoint.serving_every,
                                             config.checkpoint.full_every, config.steps)
         self._policy = BusyPolicy(config.checkpoint.on_busy)
@@ -146,10 +149,13 @@ class _AsyncCheckpointer:
                 if position is not None and "full" in tiers:
                     self._wait_for_positions(step)
                 for tier in tiers:
-                    names = self._snapshot.groups[tier]
+                    names = [n for n in self._snapshot.groups[tier]
+                             if n not in self._on_servers]
+                    release = {"release_servers": tier == tiers[-1]} \
+                        if self._on_servers else {}
                     refs.append(self._coordinator.save.remote(
                         step, tier, {n: values[n] for n in names}, metrics,
-                        position if tier == "full" else None))
+                        position if tier == "full" else None, **release))
             except Exception as e:  # reported as a failed save by _collect
                 self._thread_error = f"step {step}: reading the snapshot failed: " \
                     f"{_short(e)}"
@@ -205,13 +211,15 @@ class Worker:
     def address(self) -> str:
         return self._address
 
-    def setup(self, addresses: list[str], split: Any = None) -> WorkerSetup:
+    def setup(self, addresses: list[str], split: Any = None,
+              servers: list[str] | None = None) -> WorkerSetup:
         """Starts the TF server and builds the input, graph and Session.
 
         The input spec comes from this worker's own input (its first batch, or
         its dataset's element spec), so setup runs while the coordinator
         prepares. ``split`` is the group's Ray Data feeder (Ray Data input
-        only; :mod:`distributed.inputs.raystream`).
+        only; :mod:`distributed.inputs.raystream`). ``servers``: the parameter
+        servers' ``host:port`` by task.
         """
         import functools
 
@@ -229,7 +237,10 @@ class Worker:
             devices.hide_gpus()
         self.spec = collective.GroupSpec(
             addresses=tuple(addresses), rank=self.rank,
-            timeout_seconds=cfg.collective_timeout)
+            timeout_seconds=cfg.collective_timeout, servers=tuple(servers or ()))
+        from distributed.train.ps import Placement
+        placement = Placement.of(cfg, rank=self.rank, spec=self.spec) \
+            if servers else None
         base = tf.compat.v1.ConfigProto(
             intra_op_parallelism_threads=max(1, int(cfg.cpus_per_worker + 0.999)),
             inter_op_parallelism_threads=2)
@@ -244,7 +255,7 @@ class Worker:
         self.tg = build_train_graph(
             cfg, lambda: inputs.open_source(cfg, self.rank, split, gpu=gpu),
             reduce_fn=reduce_fn, device="/device:GPU:0" if gpu else None,
-            steps_per_run=cfg.steps_per_run)
+            steps_per_run=cfg.steps_per_run, placement=placement)
         self.source = self.tg.source
         self.sess = tf.compat.v1.Session(
             self.server.target, graph=self.tg.graph,
@@ -255,7 +266,14 @@ class Worker:
         self._exact_input = cfg.saves_input_position
         if self._exact_input:  # a pipeline that cannot be saved: one line, now
             self.source.check_position(self.sess)
-        self.loader = VariableLoader(self.tg.variables)
+        on_servers = {v.op.name for v in self.tg.server_variables}
+        self.loader = VariableLoader([v for v in self.tg.variables
+                                      if v.op.name not in on_servers])
+        self._server_restorer = None
+        if on_servers and self.rank == 0:  # restore ops placed on the servers
+            from distributed.train.ps import restorer
+            with self.tg.graph.as_default():
+                self._server_restorer = restorer(self.tg.server_variables)
         # Every worker ends its runs at the same steps (the collectives pair up).
         self._schedule = CheckpointSchedule(cfg.checkpoint.serving_every,
                                             cfg.checkpoint.full_every, cfg.steps)
@@ -263,15 +281,25 @@ class Worker:
 
     def load(self, values: Mapping[str, np.ndarray], step: int,
              serving_names: list[str] | None = None, coordinator=None,
-             positions: list | None = None) -> None:
+             positions: list | None = None,
+             server_checkpoint: str | None = None) -> None:
         """Loads every variable's value (identical on all replicas) and, from
         a resumed full checkpoint, this worker's input position (``positions``:
         one per rank, or ``None`` to read the input from its beginning).
 
         NOTE: rank 0 also gets the serving selection, and from then on
         checkpoints; every worker hands its input positions to the coordinator.
+        With parameter servers rank 0 also initializes their variables, or
+        restores them from ``server_checkpoint`` (a full checkpoint's prefix),
+        in place on the servers, which read the files themselves.
         """
         self.loader.load(self.sess, values)
+        if self._server_restorer is not None:
+            if server_checkpoint is None:
+                self.sess.run(self.tg.server_init_op)
+            else:
+                with self.tg.graph.as_default():  # not Saver's eager path
+                    self._server_restorer.restore(self.sess, server_checkpoint)
         self.step = step
         self._coordinator = coordinator
         if positions is not None and self._exact_input:
@@ -279,7 +307,8 @@ class Worker:
         if self.rank == 0 and coordinator is not None:
             self._checkpointer = _AsyncCheckpointer(
                 coordinator, self.sess, self.tg.variables, serving_names or [],
-                self.config, self.run_options)
+                self.config, self.run_options,
+                on_servers=[v.op.name for v in self.tg.server_variables])
 
     def train(self, until_step: int) -> RoundReport:
         """Runs steps up to ``until_step``; returns the round's report (rank 0's
