@@ -162,6 +162,8 @@ def test_replicas_agree_and_counters_count_as_declared(local_ray, storage, steps
 
 # ------------------------------------------ parameter servers (issue 23) -----
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_parameter_server_run_ends_with_the_replicated_runs_variables(local_ray,
                                                                      tmp_path):
     """20,000 rows, 200 steps: the tables on 2 parameter servers (updated once
@@ -173,7 +175,7 @@ def test_parameter_server_run_ends_with_the_replicated_runs_variables(local_ray,
     storage = str(tmp_path)
     common = {"steps": 200, "log_every": 40,
               "checkpoint": {"serving_every": 200, "full_every": 40}}
-    trainer_run = __import__("distributed.train.trainer", fromlist=["train"]).train
+    from distributed.train.trainer import train as trainer_run
     trainer_run(wide_deep_config(storage, "replicated", **common), echo=lambda _: None)
     lines: list[str] = []
     trainer_run(wide_deep_config(storage, "servers", parameter_servers=2,

@@ -207,3 +207,29 @@ def test_a_snapshot_of_a_servers_variables_stays_on_its_server():
     reads, _ = snapshot._fetch["full"]
     assert not set(reads) & on_servers
     assert "wide_deep/deep/hidden_0/kernel" in reads
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_last_saves_wait_for_the_one_in_flight_before_a_new_snapshot(local_ray,
+                                                                         storage):
+    """The coordinator reads the servers' snapshot after rank 0 handed the save
+    off, then frees it: the last step's snapshot is taken only once the save in
+    flight is done with the one before (same shadows), or it would be freed
+    under the last saves."""
+    import json
+
+    from distributed.train import trainer
+    from tests.helpers.fault_actors import SlowSavingCoordinator
+    config = wide_deep_config(storage, "slow", parameter_servers=2, steps=40,
+                              checkpoint={"serving_every": 40, "full_every": 20})
+    os.makedirs(config.storage_path, exist_ok=True)
+    with open(os.path.join(config.storage_path, "slow_saves.json"), "w") as f:
+        json.dump({"20": 8}, f)
+    lines: list[str] = []
+    summary = trainer.train(config, echo=lines.append,
+                            coordinator_cls=SlowSavingCoordinator)
+    assert not [line for line in lines if "FAILED" in line], lines
+    keys = {(e.tier, e.step) for e in Catalog(RunLayout(storage, "slow")).entries()}
+    assert keys == {("full", 20), ("full", 40), ("serving", 40)}, (keys, lines)
+    assert summary["steps"] == 40

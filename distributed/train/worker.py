@@ -129,6 +129,8 @@ class _AsyncCheckpointer:
             # in flight and finish() collects them all.
             if self._thread is not None:
                 self._thread.join()
+            if self._on_servers:  # the save in flight still reads (then frees)
+                self._collect()   # the servers' shadows the next take replaces
         elif decision == "wait" and not self._wait(self._max_wait):
             self.events.append(CheckpointEvent(
                 SKIPPED, step, tiers=tuple(tiers),

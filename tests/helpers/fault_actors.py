@@ -73,13 +73,13 @@ class SlowSavingCoordinator(Coordinator):
     before writing.
     """
 
-    def save(self, step, tier, values, metrics, position=None):
+    def save(self, step, tier, values, metrics, position=None, **kwargs):
         import time
         path = os.path.join(self.config.storage_path, "slow_saves.json")
         with open(path) as f:
             delay = json.load(f).get(str(step), 0)
         time.sleep(delay)
-        return super().save(step, tier, values, metrics, position)
+        return super().save(step, tier, values, metrics, position, **kwargs)
 
 
 class FailingSaveCoordinator(Coordinator):
