@@ -151,7 +151,6 @@ class Feeder:
         self._logs: list[deque] = [deque() for _ in range(workers)]
         self._dropped_rows = [0] * workers  # rows of chunks trimmed off a log
         self._chunks = 0  # chunks made
-        self._regular = 0  # of them regular (not the plan's tails)
         self._cursor: tuple[int, int] | None = None  # after the last regular chunk
         self._pieces: Iterator[_Piece] | None = None
         self._carry: _Piece | None = None  # the rest of a piece split by a chunk
@@ -292,7 +291,6 @@ class Feeder:
             chunk.rows += take
         self._chunks += 1
         if tail is None:
-            self._regular += 1
             epoch, _, end = chunk.ranges[-1]
             self._cursor = (epoch, end)
         return chunk
