@@ -42,6 +42,7 @@ from tests.helpers.ray_cluster import simulated_cluster
 from distributed.train import trainer
 from tests.conftest import REPO_ROOT, start_local_ray
 from tests.helpers import raydata_inputs
+from tests.helpers.drivers import wait_for_free_cpus
 from tests.helpers.training import (CNN, CNN_BN_STATS, CNN_TRAINABLE, MLP,
                                     MLP_TRAINABLE, ckpt_prefix, progress_losses,
                                     serving_accuracy)
@@ -251,7 +252,7 @@ class TestOnLocalRay:
         # Nothing written: not even the run's directory.
         assert not os.path.exists(os.path.join(storage, "bad"))
         assert os.listdir(storage) == []
-        assert wait_for_cpus(NUM_CPUS) == NUM_CPUS  # the trainer killed its actors
+        assert wait_for_free_cpus(NUM_CPUS) == NUM_CPUS  # the trainer killed its actors
 
     def test_missing_label_column_from_the_command_line_is_one_error_line(
             self, local_ray, storage, tmp_path, digits_parquet, capsys):
@@ -275,15 +276,6 @@ class TestOnLocalRay:
             r"has no column 'labels' \(did you mean 'label'\?\); its columns are "
             r"image, label\n", err), err
         assert os.listdir(storage) == []
-
-
-def wait_for_cpus(expected: float, timeout: float = 30.0) -> float:
-    deadline = time.monotonic() + timeout
-    while True:
-        free = ray.available_resources().get("CPU", 0.0)
-        if free >= expected or time.monotonic() > deadline:
-            return free
-        time.sleep(0.2)
 
 
 @contextlib.contextmanager
