@@ -68,6 +68,54 @@ def test_prefetch_added_only_when_missing():
         assert source.spec.features == {"x": ("int64", (1,))}
 
 
+def _shuffled_ids():
+    return tf.data.Dataset.range(64).shuffle(16, seed=3).repeat().batch(4).map(
+        lambda ids: ({"id": ids}, ids % 2))
+
+
+def test_position_fetched_in_the_step_equals_the_one_taken_after_it():
+    """``position_after`` (fetched in a step's run, serialized beside it)
+    holds the position after that step, as ``position`` (between runs) does:
+    restoring either goes on with the same next batches (the bytes may differ:
+    the prefetch buffer fills meanwhile). A GPU worker that saves positions
+    keeps the iterator on the CPU (prefetch_to_device cannot be saved)."""
+    with tf.Graph().as_default():
+        source = DatasetSource(_shuffled_ids(), "test:ids", 0, gpu=True,
+                               saves_position=True)
+        features, labels = source.tensors()
+        in_step = source.position_after(tf.nest.flatten((features, labels)))
+        ops = {op.type for op in tf.compat.v1.get_default_graph().get_operations()}
+        assert "GeneratorDataset" not in ops  # no prefetch_to_device
+        with tf.compat.v1.Session() as sess:
+            source.start(sess)
+            source.check_position(sess)
+            for _ in range(5):
+                sess.run(features)
+            _, fetched = sess.run([features, in_step])
+            between = source.position(sess)
+            after = [sess.run(features)["id"] for _ in range(3)]
+            source.restore_position(sess, fetched)
+            again = [sess.run(features)["id"] for _ in range(3)]
+            source.restore_position(sess, between)
+            once_more = [sess.run(features)["id"] for _ in range(3)]
+    np.testing.assert_array_equal(after, again)
+    np.testing.assert_array_equal(after, once_more)
+
+
+def test_dataset_tensorflow_cannot_save_is_refused_with_the_choices():
+    with tf.Graph().as_default():
+        data = _shuffled_ids().apply(
+            tf.data.experimental.prefetch_to_device("/device:CPU:0"))
+        source = DatasetSource(data, "test:ids", 0, saves_position=True)
+        with tf.compat.v1.Session() as sess:
+            source.start(sess)
+            with pytest.raises(ConfigError) as e:
+                source.check_position(sess)
+    message = str(e.value)
+    assert "GeneratorDataset" in message and "prefetch_to_device" in message, message
+    assert "input_position: restart" in message and "\n" not in message, message
+
+
 def finite_input_fn(worker_index, num_workers, batch_size, params):
     return tf.data.Dataset.from_tensor_slices(
         ({"image": np.zeros((40, 64), np.float32)}, np.zeros(40, np.int64))

@@ -45,7 +45,8 @@ def open_source(config, rank: int, split: Any = None, gpu: bool = False):
     result = call_input_fn(input_fn, config.input_ref, rank, config.workers,
                            config.batch_size, config.input_params)
     if is_dataset(result):
-        return DatasetSource(result, config.input_ref, rank, gpu=gpu)
+        return DatasetSource(result, config.input_ref, rank, gpu=gpu,
+                             saves_position=config.saves_input_position)
     def reopen(batch: int):
         return call_input_fn(input_fn, config.input_ref, rank, config.workers,
                              config.batch_size, config.input_params, start_batch=batch)

@@ -23,7 +23,7 @@ import json
 import logging
 import queue
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -47,37 +47,57 @@ class DatasetSource:
     A dataset without a final ``prefetch`` gets ``prefetch(AUTOTUNE)``; on a
     GPU worker the batches are prefetched to the GPU
     (``tf.data.experimental.prefetch_to_device``), so the next batch is
-    already there when the step needs it.
+    already there when the step needs it. Not when its position is saved
+    (``saves_position``): ``prefetch_to_device`` runs a ``GeneratorDataset``,
+    whose state TensorFlow cannot save, so the iterator stays on the CPU
+    (prefetching there) and each step copies its batch to the GPU.
 
     NOTE: construct inside the graph the dataset was built in.
     """
 
     kind = "tf.data"
 
-    def __init__(self, dataset, ref: str, rank: int, gpu: bool = False):
+    def __init__(self, dataset, ref: str, rank: int, gpu: bool = False,
+                 saves_position: bool = False):
         import tensorflow as tf
         self.ref, self.rank = ref, rank
         self.spec = InputSpec.from_element_spec(dataset.element_spec, f"input {ref}")
         if not ends_with_prefetch(dataset):
             dataset = dataset.prefetch(tf.data.AUTOTUNE)
-        self._device = "/device:GPU:0" if gpu else "/device:CPU:0"
-        if gpu:
+        to_gpu = gpu and not saves_position
+        self._device = "/device:GPU:0" if to_gpu else "/device:CPU:0"
+        if to_gpu:
             dataset = dataset.apply(
                 tf.data.experimental.prefetch_to_device(self._device, buffer_size=2))
         with tf.device(self._device):
             self._iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
         # The iterator's own state (position, shuffle and prefetch buffers) as
-        # one string: what a full checkpoint keeps of a tf.data input. FAIL
-        # (2): a pipeline with Python state refuses, never saves half of it.
+        # one string: what a full checkpoint keeps of a tf.data input.
         with tf.device("/device:CPU:0"), tf.name_scope("input_position"):
-            handle = self._iterator._iterator_resource
-            self._save_position = tf.io.serialize_tensor(tf.raw_ops.SerializeIterator(
-                resource_handle=handle, external_state_policy=2))
+            self._save_position = self._serialize()
             # Fed only to restore; not a Placeholder, so a step feeds nothing.
             self._saved_position = tf.compat.v1.placeholder_with_default("", [])
             self._restore_position = tf.raw_ops.DeserializeIterator(
-                resource_handle=handle,
+                resource_handle=self._iterator._iterator_resource,
                 serialized=tf.io.parse_tensor(self._saved_position, tf.variant))
+
+    def _serialize(self):
+        """The iterator's state as a string tensor. FAIL (2): a pipeline with
+        Python state refuses, never saves half of it."""
+        import tensorflow as tf
+        return tf.io.serialize_tensor(tf.raw_ops.SerializeIterator(
+            resource_handle=self._iterator._iterator_resource, external_state_policy=2))
+
+    def position_after(self, tensors: Sequence[Any]):
+        """The iterator's state as a tensor to fetch in the run of a step: it
+        runs once ``tensors`` (the step's reads of the iterator) are computed,
+        beside the rest of the step, and holds nothing of a later step. The
+        same bytes :meth:`position` returns between the runs, without a run
+        of its own. Build in this source's graph."""
+        import tensorflow as tf
+        with tf.device("/device:CPU:0"), tf.name_scope("input_position"), \
+                tf.control_dependencies(list(tensors)):
+            return self._serialize()
 
     def tensors(self) -> tuple[dict[str, Any], Any]:
         import tensorflow as tf
@@ -102,21 +122,32 @@ class DatasetSource:
 
     def check_position(self, sess) -> None:
         """Raises :class:`ConfigError` when the pipeline's state cannot be
-        saved (Python state: ``from_generator``, ``py_function``), naming the op
-        and the choice the config offers."""
+        saved (Python state: ``from_generator``, ``py_function``; a dataset
+        TensorFlow cannot checkpoint), naming the op and the choice the config
+        offers."""
         import tensorflow as tf
         try:
             sess.run(self._save_position)
-        except tf.errors.FailedPreconditionError as e:
-            op = next((line.split(" is stateful")[0].strip() for line in
-                       e.message.splitlines() if " is stateful" in line), "an op")
+        except (tf.errors.FailedPreconditionError, tf.errors.UnimplementedError) as e:
+            lines = e.message.splitlines()
+            stateful = next((ln.split(" is stateful")[0].strip() for ln in lines
+                             if " is stateful" in ln), None)
+            unsaved = next((ln.split(" does not support checkpointing")[0].strip()
+                            for ln in lines if " does not support checkpointing" in ln),
+                           None)
+            if stateful is not None or unsaved is None:
+                what = (f"runs {stateful or 'an op'} (Python state, as from_generator "
+                        "and py_function have)")
+            else:
+                what = (f"holds a {unsaved}, whose state TensorFlow cannot save "
+                        "(from_generator, prefetch_to_device and copy_to_device make "
+                        "one)")
             raise ConfigError(
-                f"input_position: the tf.data dataset of {self.ref} runs {op} (Python "
-                "state, as from_generator and py_function have), so its position "
-                "cannot be saved in checkpoints; build it from tensors or files "
-                "(tf.data.Dataset.from_tensor_slices, TFRecordDataset) or set "
-                "input_position: restart (a resume then reads the input again from "
-                "its beginning)") from None
+                f"input_position: the tf.data dataset of {self.ref} {what}, so its "
+                "position cannot be saved in checkpoints; build it from tensors or "
+                "files (tf.data.Dataset.from_tensor_slices, TFRecordDataset) without "
+                "those, or set input_position: restart (a resume then reads the "
+                "input again from its beginning)") from None
 
     def step_reader(self) -> Callable[[Any], tuple[dict[str, Any], Any]]:
         """Each step of an in-graph loop reads the iterator's next batch."""
