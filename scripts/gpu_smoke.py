@@ -288,7 +288,8 @@ def idle_actors():
             cfg = config_lib.load(os.path.join(REPO_ROOT, "jobs", "configs",
                                                "digits_eval.yaml"),
                                   {"storage": storage, "workers": 1})
-            coordinator = ray.remote(_ProbedCoordinator).options(
+            from distributed.train.coordinator import remote_class
+            coordinator = remote_class(_ProbedCoordinator).options(
                 num_cpus=0.25, num_gpus=0).remote(cfg.to_dict())
             try:
                 ray.get(coordinator.build.remote())

@@ -88,6 +88,7 @@ class GroupRun:
         """A new coordinator and ``config.workers`` workers (no call made yet)."""
         import ray
 
+        from distributed.train.coordinator import remote_class
         from distributed.train.worker import Worker
 
         config = self.config
@@ -95,7 +96,7 @@ class GroupRun:
                             "starting the actors and building the graphs")
         cfg = config.to_dict()
         env = {} if self.actor_env is None else {"runtime_env": self.actor_env}
-        coordinator = ray.remote(self.coordinator_cls).options(
+        coordinator = remote_class(self.coordinator_cls).options(
             num_cpus=COORDINATOR_CPUS, **env,
             **self.hooks.actor_options(None)).remote(cfg, restarting)
         workers = [ray.remote(Worker).options(

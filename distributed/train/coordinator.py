@@ -25,14 +25,26 @@ from distributed.checkpoint import layout
 from distributed.checkpoint.layout import RUN_CONFIG_FILE
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, user_code
-from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent,
-                                        OpenedRun)
+from distributed.train.protocol import (EARLY_STOP, POSITIONS_GROUP, BuildPlan,
+                                        CheckpointEvent, OpenedRun)
+
+
+def remote_class(cls: type | None = None):
+    """``cls`` (the :class:`Coordinator` or a subclass) as a Ray actor class:
+    its methods run one at a time, but :meth:`Coordinator.put_position`,
+    called with ``.options(concurrency_group=POSITIONS_GROUP)``, runs on a
+    thread of its own, so a full save waiting for the workers' positions
+    receives them."""
+    import ray
+    return ray.remote(concurrency_groups={POSITIONS_GROUP: 1})(cls or Coordinator)
 
 
 class Coordinator:
-    """Chief of one run. Wrapped with ``ray.remote`` by the trainer.
+    """Chief of one run. Wrapped with ``ray.remote`` by the trainer
+    (:func:`remote_class`).
 
-    NOTE: methods run one at a time (a Ray actor), so at most one save runs.
+    NOTE: methods run one at a time (a Ray actor), so at most one save runs;
+    only :meth:`put_position` runs beside them.
     """
 
     def __init__(self, config_dict: Mapping[str, Any], restarting: bool = False):
@@ -312,13 +324,10 @@ class Coordinator:
         return self.positions.resumed if self.positions is not None else None
 
     def put_position(self, step: int, rank: int, position: bytes) -> None:
-        """A worker's input position at a full checkpoint's step; rank 0
-        hands its own with the save, once every other one is here."""
+        """A worker's input position at a full checkpoint's step (rank 0 hands
+        its own with the save, which waits for the others). Called in the
+        ``positions`` concurrency group, beside a save."""
         self.positions.put(step, rank, position)
-
-    def missing_positions(self, step: int) -> list[int]:
-        """The ranks (but 0) whose input position at ``step`` is not here yet."""
-        return self.positions.missing(step)
 
     def initial_values(self) -> dict[str, np.ndarray]:
         """Every variable's value, for the workers to start from."""
@@ -354,6 +363,9 @@ class Coordinator:
                 self.positions.drop_through(step)
             return CheckpointEvent.committed(
                 self.store.catalog.get(step, tier).to_json_dict(), already_committed=True)
+        if tier == "full" and self.positions is not None and position is not None:
+            # The other workers' positions come by put_position.
+            self.positions.wait(step, self.config.collective_timeout / 2)
         self.loader.load(self.sess, values)
         if tier == "full" and self.positions is not None:
             self.positions.load(self.sess, step, position)

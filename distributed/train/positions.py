@@ -23,6 +23,7 @@ values handed to them are those of a run without positions.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ class InputPositions:
         import tensorflow as tf
         self.workers = workers
         self._pending: dict[int, dict[int, bytes]] = {}  # step -> rank -> position
+        self._arrived = threading.Condition()  # put runs on a thread of its own
         self.resumed: list[bytes] | None = None
         with graph.as_default(), tf.compat.v1.name_scope(None):
             self.variables = [
@@ -54,11 +56,30 @@ class InputPositions:
                                       for v, fed in zip(self.variables, self._fed)))
 
     def put(self, step: int, rank: int, position: bytes) -> None:
-        self._pending.setdefault(step, {})[rank] = position
+        with self._arrived:
+            self._pending.setdefault(step, {})[rank] = position
+            self._arrived.notify_all()
 
     def missing(self, step: int) -> list[int]:
-        have = self._pending.get(step, {})
-        return [rank for rank in range(1, self.workers) if rank not in have]
+        """The ranks (but 0) whose position at ``step`` is not here."""
+        with self._arrived:
+            have = self._pending.get(step, {})
+            return [rank for rank in range(1, self.workers) if rank not in have]
+
+    def wait(self, step: int, timeout: float) -> None:
+        """Waits until every other worker's position at ``step`` is here.
+
+        Raises:
+            TimeoutError: Some did not come within ``timeout`` seconds (the
+                full checkpoint is not saved).
+        """
+        with self._arrived:
+            if self._arrived.wait_for(lambda: not self.missing(step), timeout):
+                return
+        raise TimeoutError(
+            f"the input position of worker(s) {self.missing(step)} at step {step} "
+            f"did not reach the coordinator within {timeout:.0f}s; the full "
+            "checkpoint is not saved")
 
     def load(self, sess: Any, step: int, rank0_position: bytes | None) -> None:
         """Sets the variables to every worker's position at ``step``; without
@@ -66,10 +87,11 @@ class InputPositions:
         alone) to empty ones, which a resume reads as none.
 
         Raises:
-            RuntimeError: Some positions are missing (rank 0 waits for them
+            RuntimeError: Some positions are missing (the save waits for them
                 all before it hands over a full checkpoint, so this is a bug).
         """
-        have = dict(self._pending.get(step, {}))
+        with self._arrived:
+            have = dict(self._pending.get(step, {}))
         if rank0_position is not None:
             have[0] = rank0_position
         elif not have:
@@ -84,8 +106,9 @@ class InputPositions:
 
     def drop_through(self, step: int) -> None:
         """Forgets the positions of ``step`` and before (saved or skipped)."""
-        for old in [s for s in self._pending if s <= step]:
-            del self._pending[old]
+        with self._arrived:
+            for old in [s for s in self._pending if s <= step]:
+                del self._pending[old]
 
     def read(self, prefix: str) -> str | None:
         """Reads the positions of the checkpoint at ``prefix`` into

@@ -25,6 +25,10 @@ EVAL_FAILED = "eval_failed"  # committed without eval metrics: evaluation failed
 EARLY_STOP = "early_stop"    # eval.stop_when says stop
 KINDS = (COMMITTED, SKIPPED, FAILED, EVAL_SKIPPED, EVAL_FAILED, EARLY_STOP)
 
+# The coordinator's concurrency group (a thread beside its one-at-a-time
+# methods) that workers hand their input positions in, while a save waits.
+POSITIONS_GROUP = "positions"
+
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:

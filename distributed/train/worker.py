@@ -27,8 +27,9 @@ import numpy as np
 from distributed import logs
 from distributed.config import TrainConfig, from_dict
 from distributed.errors import ConfigError, LossDivergedError, last_line
-from distributed.train.protocol import (FAILED, SKIPPED, CheckpointEvent,
-                                        CoordinatorLostError, RoundReport, WorkerSetup)
+from distributed.train.protocol import (FAILED, POSITIONS_GROUP, SKIPPED,
+                                        CheckpointEvent, CoordinatorLostError,
+                                        RoundReport, WorkerSetup)
 from distributed.train.schedule import BusyPolicy, CheckpointSchedule
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,6 @@ class _AsyncCheckpointer:
         def hand_off():
             try:
                 values = self._snapshot.fetch(self._sess, group, self._run_options)
-                if position is not None and "full" in tiers:
-                    self._wait_for_positions(step)
                 for tier in tiers:
                     names = [n for n in self._snapshot.groups[tier]
                              if n not in self._on_servers]
@@ -165,22 +164,6 @@ class _AsyncCheckpointer:
         self._thread = threading.Thread(target=hand_off, daemon=True)
         self._thread.start()
         self.stall_seconds += time.perf_counter() - start
-
-    def _wait_for_positions(self, step: int) -> None:
-        """Waits (on the hand-off thread) until every other worker's input
-        position at ``step`` reached the coordinator: a full checkpoint is
-        committed with all of them or not at all."""
-        import ray
-        deadline = time.monotonic() + self._max_wait
-        while True:
-            missing = ray.get(self._coordinator.missing_positions.remote(step))
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"the input position of worker(s) {missing} at step {step} did "
-                    f"not reach the coordinator within {self._max_wait:.0f}s")
-            time.sleep(0.01)
 
     def flush(self) -> None:
         self._collect()
@@ -266,8 +249,10 @@ class Worker:
         self.tg.initializers.run(self.sess)
         self.source.start(self.sess)
         self._exact_input = cfg.saves_input_position
+        self._position_fetch = None
         if self._exact_input:  # a pipeline that cannot be saved: one line, now
             self.source.check_position(self.sess)
+            self._position_fetch = self._build_position_fetch()
         on_servers = {v.op.name for v in self.tg.server_variables}
         self.loader = VariableLoader([v for v in self.tg.variables
                                       if v.op.name not in on_servers])
@@ -323,8 +308,10 @@ class Worker:
         while self.step < until_step:
             end = self._schedule.run_end(self.step, until_step, self.tg.steps_per_run)
             # The round's last run also reads the learning rate its last step used.
+            take_position = self._position_due(end)
             try:
-                run_losses, rate = self._run(end - self.step, end == until_step)
+                run_losses, rate, position = self._run(
+                    end - self.step, end == until_step, take_position)
             except tf.errors.OutOfRangeError:
                 raise self.source.ended(self.step) from None
             except tf.errors.OpError as e:
@@ -346,11 +333,13 @@ class Worker:
             logs.set_step(self.step)
             if not self._step_checked:
                 self._check_global_step()
-            position = self._input_position()
+            if take_position and position is None:  # a Python input: a count
+                position = self.source.position(self.sess)
             if self._checkpointer is not None:
                 self._checkpointer.maybe_save(self.step, {"loss": losses[-1]}, position)
             elif position is not None and self._coordinator is not None:
-                self._coordinator.put_position.remote(self.step, self.rank, position)
+                self._coordinator.put_position.options(
+                    concurrency_group=POSITIONS_GROUP).remote(self.step, self.rank, position)
         seconds = time.perf_counter() - start
         checkpointer = self._checkpointer
         return RoundReport(
@@ -360,13 +349,26 @@ class Worker:
             events=tuple(checkpointer.drain_events()) if checkpointer else (),
             stall_seconds=checkpointer.stall_seconds if checkpointer else None)
 
-    def _input_position(self) -> bytes | None:
-        """This worker's input position when a full checkpoint is due at the
-        step just run (runs end at checkpoint steps, so nothing of a later
-        step is counted), else ``None``."""
-        if not self._exact_input or "full" not in self._schedule.due(self.step):
+    def _position_due(self, step: int) -> bool:
+        """Whether this worker's input position goes into a full checkpoint
+        at ``step`` (runs end at checkpoint steps, so a position taken at the
+        end of the run holds nothing of a later step)."""
+        return self._exact_input and "full" in self._schedule.due(step)
+
+    def _build_position_fetch(self):
+        """A ``tf.data`` input's position as a tensor fetched in the run that
+        ends at a full checkpoint's step (no run of its own; it serializes
+        beside the step): after the step's reads of the iterator, or after
+        the in-graph loop of ``steps_per_run``. ``None`` for other inputs."""
+        position_after = getattr(self.source, "position_after", None)
+        if position_after is None:
             return None
-        return self.source.position(self.sess)
+        import tensorflow as tf
+        tg = self.tg
+        after = [tg.loss] if tg.steps_per_run > 1 else \
+            tf.nest.flatten((tg.features, tg.labels))
+        with tg.graph.as_default():
+            return position_after(after)
 
     def _raise_if_users(self, error: Exception, end: int) -> None:
         """Raises :class:`StepError` when ``error`` came from the user's ops
@@ -404,24 +406,29 @@ class Worker:
             "distributed.train.optimizers.advancing_global_step(optimizer) from "
             "your optimizer function, or fix its apply_gradients")
 
-    def _run(self, n: int, read_rate: bool) -> tuple[list[float], float | None]:
+    def _run(self, n: int, read_rate: bool, take_position: bool = False
+             ) -> tuple[list[float], float | None, bytes | None]:
         """``n`` steps in one ``Session.run`` (one, or an in-graph loop of
-        ``steps_per_run``); returns each step's loss, and with ``read_rate``
-        the learning rate the last step used."""
+        ``steps_per_run``); returns each step's loss, with ``read_rate`` the
+        learning rate the last step used, and with ``take_position`` a
+        ``tf.data`` input's position after the last step (else ``None``)."""
         tg = self.tg
-        fetches = [tg.train_op, tg.loss]
+        fetches = {"train": tg.train_op, "loss": tg.loss}
         if read_rate and tg.learning_rate is not None:
-            fetches.append(tg.learning_rate)
+            fetches["rate"] = tg.learning_rate
+        if take_position and self._position_fetch is not None:
+            fetches["position"] = self._position_fetch
         if tg.steps_per_run > 1:
             feed = self.source.feed_steps(self.step, n) or {}
             feed[tg.steps] = n
             out = self.sess.run(fetches, feed, options=self.run_options)
-            losses = [float(x) for x in out[1]]
+            losses = [float(x) for x in out["loss"]]
         else:
             out = self.sess.run(fetches, self.source.feed(self.step),
                                 options=self.run_options)
-            losses = [float(out[1])]
-        return losses, float(out[2]) if len(out) > 2 else None
+            losses = [float(out["loss"])]
+        rate = out.get("rate")
+        return losses, None if rate is None else float(rate), out.get("position")
 
     def finish(self) -> list[CheckpointEvent]:
         """Rank 0, after the last step: waits for the saves in flight; returns

@@ -13,7 +13,7 @@ import ray
 from distributed import config as config_lib
 from distributed.examples.digits import digits_input_fn
 from distributed.train import cluster, trainer
-from distributed.train.coordinator import Coordinator
+from distributed.train.coordinator import Coordinator, remote_class
 from distributed.train.worker import Worker
 from tests.helpers.training import MLP
 
@@ -76,7 +76,7 @@ def actor_group(config):
     """
     cfg = config.to_dict()
     env = {"env_vars": cluster.actor_env_vars()}
-    coordinator = ray.remote(Coordinator).options(
+    coordinator = remote_class(Coordinator).options(
         num_cpus=cluster.COORDINATOR_CPUS, runtime_env=env).remote(cfg)
     workers = [ray.remote(Worker).options(num_cpus=config.cpus_per_worker,
                                           runtime_env=env).remote(cfg, rank)
