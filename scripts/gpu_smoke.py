@@ -5,8 +5,8 @@
 Checks, each on the GPU where TensorFlow sees one, else its CPU path (said on
 the line):
 
-1. placement: every example's train graph (the ``steps_per_run`` loop) built
-   as a GPU worker builds it: the kernel registry's verdict per op
+1. placement: every example's train graph (the ``steps_per_run`` loop; one step
+   with parameter servers) as a GPU worker builds it: the kernel registry's verdict per op
    (``distributed.train.placement``); on a GPU also one real step of the
    examples with CPU-only ops, traced, counting where ops ran.
 2. two ranks (Ray actors) exchange a dense and a sparse gradient with unequal,
@@ -16,6 +16,9 @@ the line):
    collectives ran.
 3. tf.data prefetched to the GPU (``DatasetSource(gpu=True)``) in a worker's
    Session on its TF server; on CPU ``prefetch_to_device`` to CPU:0 there.
+   With its position saved (``input_position: exact``), the iterator on the
+   CPU beside a GPU step: the position taken in the step's run restores to
+   the same next batches.
 4. the snapshot (``distributed.train.snapshot``) of GPU variables: values as
    of ``take``, after the variables change.
 5. the actors that hold no GPU: a real Coordinator with an evaluator, as a
@@ -106,7 +109,8 @@ def placement():
         for name, case in cases.items():
             @check(f"placement {name}")
             def _(name=name, case=case):
-                report = check_gpu_placement(pc.build(case, "train", steps_per_run=2))
+                report = check_gpu_placement(pc.build(case, "train",
+                                                      steps_per_run=pc.loop_steps(case)))
                 ok = not report.unplaceable and all(
                     d.endswith("/device:GPU:0") and k for _, _, d, k in report.collectives)
                 text = report.summary()
@@ -256,6 +260,36 @@ def prefetch():
                     + ("" if GPUS else f" ({PATH}: prefetch_to_device to CPU:0)"))
 
 
+def position_on_gpu():
+    @check("tf.data input position on a GPU worker")
+    def _():
+        from distributed.inputs.sources import DatasetSource
+        graph = tf.Graph()
+        with graph.as_default():
+            data = tf.data.Dataset.range(64).shuffle(16, seed=3).repeat().batch(4).map(
+                lambda i: ({"x": tf.cast(i, tf.float32)}, i))
+            # input_position: exact (the default) on a GPU worker: the iterator
+            # stays on the CPU (prefetch_to_device cannot be saved).
+            source = DatasetSource(data, "smoke", 0, gpu=bool(GPUS), saves_position=True)
+            features, labels = source.tensors()
+            with tf.device(DEVICE):
+                doubled = features["x"] * 2.0
+            in_step = source.position_after([labels])
+        with _session(graph) as sess:
+            source.start(sess)
+            source.check_position(sess)
+            for _ in range(3):
+                sess.run(doubled)
+            _, position = sess.run([doubled, in_step])
+            after = [sess.run(labels).tolist() for _ in range(3)]
+            source.restore_position(sess, position)
+            again = [sess.run(labels).tolist() for _ in range(3)]
+        ok = after == again
+        return ok, (f"restored position reads the same next batches={ok} "
+                    f"({len(position)} B), the step's math on {DEVICE}"
+                    + ("" if GPUS else f" ({PATH})"))
+
+
 def snapshot():
     @check("snapshot")
     def _():
@@ -338,6 +372,7 @@ def main() -> int:
           + ("" if GPUS else f"; {PATH}: every check runs its CPU path"), flush=True)
     placement()
     prefetch()
+    position_on_gpu()
     snapshot()
     ray.init(address="local", num_cpus=4, num_gpus=GPUS, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {

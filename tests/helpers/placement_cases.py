@@ -60,6 +60,13 @@ def cases(records_dir: str | None = None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def loop_steps(case: dict[str, Any], steps: int = 2) -> int:
+    """``steps`` for a case's in-graph loop, or 1 for a case with parameter
+    servers (they refuse ``steps_per_run`` > 1: rank 0 updates them once per
+    run)."""
+    return 1 if case.get("parameter_servers") else steps
+
+
 def gpu_spec(rank: int = 0) -> collective.GroupSpec:
     """A two-rank NCCL group, as a GPU worker's ``auto`` hint resolves."""
     return collective.GroupSpec(TWO_RANKS, rank, communication_hint="nccl")
