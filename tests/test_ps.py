@@ -26,7 +26,7 @@ from distributed.serving import job
 from distributed.train.graph import build_train_graph
 from distributed.train.ps import Placement
 from tests.conftest import REPO_ROOT
-from tests.helpers.ps import TABLE, checkpoint_values, wide_deep_config
+from tests.helpers.ps import TABLE, WARM_VALUE, checkpoint_values, wide_deep_config
 from tests.helpers.training import ckpt_prefix, run_train
 
 PS_CONFIG = os.path.join(REPO_ROOT, "jobs", "configs", "wide_deep_ps.yaml")
@@ -172,6 +172,23 @@ def test_ps_run_checkpoints_read_stock_verify_and_export(local_ray, storage, tmp
     x, _ = wide_deep.click_arrays(256, 0, 0)
     out = served(**{k: tf.constant(v) for k, v in x.items()})["probability"].numpy()
     assert out.shape == (256,) and np.all((out > 0) & (out < 1))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_scaffold_init_fn_warm_starts_the_servers_tables_too(local_ray, storage):
+    """A warm start (the scaffold's ``init_fn``) sets the tables on the servers,
+    not only the coordinator's copies of them."""
+    config = wide_deep_config(
+        storage, "warm", model="tests.helpers.ps:warm_started_model_fn",
+        parameter_servers=2, steps=2, log_every=2,
+        optimizer={"name": "sgd", "learning_rate": 1e-9},
+        checkpoint={"serving_every": 0, "full_every": 2})
+    summary, lines = run_train(config)
+    assert summary["steps"] == 2, lines
+    table = checkpoint_values(storage, "warm", "full", 2)[TABLE]
+    assert table.shape == (20_000, 8)
+    np.testing.assert_allclose(table, WARM_VALUE, atol=1e-6)
 
 
 @pytest.mark.ray

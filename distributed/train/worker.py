@@ -284,6 +284,7 @@ class Worker:
         if self._server_restorer is not None:
             if server_checkpoint is None:
                 self.sess.run(self.tg.server_init_op)
+                self._warm_start_servers()
             else:
                 with self.tg.graph.as_default():  # not Saver's eager path
                     self._server_restorer.restore(self.sess, server_checkpoint)
@@ -296,6 +297,20 @@ class Worker:
                 coordinator, self.sess, self.tg.variables, serving_names or [],
                 self.config, self.run_options,
                 on_servers=[v.op.name for v in self.tg.server_variables])
+
+    def _warm_start_servers(self) -> None:
+        """Rank 0, on a fresh start with parameter servers: the scaffold's
+        ``init_fn`` (a warm start) once more, in this Session, where it also
+        writes the servers' variables (the coordinator's run of it set only
+        its own copies, which the servers never read). This rank's replicated
+        variables get the values the coordinator handed every rank again."""
+        init = self.tg.initializers
+        if init is None or init.init_fn is None:
+            return
+        from distributed.errors import user_code
+        with user_code("model", f"{self.config.model} (its scaffold's init_fn, on "
+                                "the parameter servers' variables)"):
+            init.init_fn(self.sess)
 
     def train(self, until_step: int) -> RoundReport:
         """Runs steps up to ``until_step``; returns the round's report (rank 0's

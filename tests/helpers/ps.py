@@ -4,6 +4,8 @@ read with stock TensorFlow."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -46,3 +48,18 @@ def max_difference(a: dict, b: dict) -> tuple[float, str]:
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     worst = max(a, key=lambda n: float(np.max(np.abs(a[n] - b[n]))) if a[n].size else 0.0)
     return float(np.max(np.abs(a[worst] - b[worst]))), worst
+
+
+WARM_VALUE = 0.25
+
+
+def warm_started_model_fn(features, labels, mode, params):
+    """The wide-and-deep example whose scaffold's ``init_fn`` (a warm start)
+    sets every part of the id table to ``WARM_VALUE``."""
+    from distributed.examples.wide_deep import wide_deep_model_fn
+    spec = wide_deep_model_fn(features, labels, mode, params)
+    parts = [v for v in tf.compat.v1.global_variables()
+             if v.op.name.startswith(f"{TABLE}/part_")]
+    assign = tf.group(*(v.assign(tf.fill(tf.shape(v), WARM_VALUE)) for v in parts))
+    scaffold = tf.compat.v1.train.Scaffold(init_fn=lambda _, sess: sess.run(assign))
+    return dataclasses.replace(spec, scaffold=scaffold)
