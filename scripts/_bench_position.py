@@ -189,17 +189,6 @@ def _source_restore(n: int, reps: int) -> dict:
     return {**out, **{f"{k}_med": statistics.median(v) for k, v in out.items()}}
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-
-
 def _position_anatomy(buffer: int, batches: int = 10) -> dict:
     """Worker 0's position with ``buffer`` after ``batches`` steps, as the
     worker takes it (``DatasetSource.position``), taken apart: a serialized
@@ -209,6 +198,7 @@ def _position_anatomy(buffer: int, batches: int = 10) -> dict:
     import tensorflow as tf
     from tensorflow.core.framework import tensor_pb2
 
+    from distributed.checkpoint.tf_index import read_varint
     from distributed.inputs.sources import DatasetSource
     from tests.helpers import position_models as pm
     graph = tf.Graph()
@@ -226,7 +216,7 @@ def _position_anatomy(buffer: int, batches: int = 10) -> dict:
     count = proto.tensor_shape.dim[0].size if proto.tensor_shape.dim else 1
     lengths, i = [], 0
     for _ in range(count):
-        length, i = _varint(content, i)
+        length, i = read_varint(content, i)
         lengths.append(length)
     header, entries = i, []
     for length in lengths:

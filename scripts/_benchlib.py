@@ -24,6 +24,18 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def print_table(heads, rows) -> None:
+    """``rows`` (tuples of strings) under ``heads``, each column as wide as its
+    widest cell, a rule under the heads."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(heads)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(fmt.format(*heads))
+    print(fmt.format(*("-" * w for w in widths)))
+    for r in rows:
+        print(fmt.format(*r).rstrip())
+
+
 class Table:
     """Rows of (measure, ours, baseline, ratio, target, PASS/FAIL/blank)."""
 
@@ -35,13 +47,8 @@ class Table:
                           "" if ok is None else ("PASS" if ok else "FAIL")))
 
     def print(self):
-        heads = ("measure", "ours", "baseline", "ratio", "target", "result")
-        widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(heads)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        print(fmt.format(*heads))
-        print(fmt.format(*("-" * w for w in widths)))
-        for r in self.rows:
-            print(fmt.format(*r).rstrip())
+        print_table(("measure", "ours", "baseline", "ratio", "target", "result"),
+                    self.rows)
 
     @property
     def fails(self):

@@ -36,6 +36,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from _benchlib import print_table  # noqa: E402
+
 GB = 1e9
 KIB = 1024
 SWEEP_SHARDS = (1, 2, 4, 8)
@@ -498,13 +500,8 @@ def _run(args, tf, root, t_start, CheckpointStore, CheckpointWriter, SelectionSp
         f"{cat['table_nocomp_ms']:.1f} ms", "", "", "", None)
 
     heads = ("measure", "value", "baseline", "ratio", "target", "result")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
     print()
-    print(line.format(*heads))
-    print(line.format(*("-" * w for w in widths)))
-    for r in rows:
-        print(line.format(*r).rstrip())
+    print_table(heads, rows)
     print()
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
     print(f"raw seconds (repeats={args.repeats} after {args.warmup} warm-up "

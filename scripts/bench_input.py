@@ -72,6 +72,8 @@ import time  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _benchlib import print_table  # noqa: E402
+
 # Targets: never change these to make a run pass.
 T_QUEUE_VS_FEED = 1.15     # (b) / (a) steps/s, at least
 T_TFDATA_VS_FEED = 1.3     # (c) / (a) steps/s, at least
@@ -422,13 +424,8 @@ def main(argv=None) -> int:
                      f"{med[v]['run_ms']:.2f}", f"{med[v]['cpu_ms']:.2f}"))
     heads = ("variant", "steps/s", "vs (a)", "target", "result", "ms/step",
              "input wait", "Session.run", "worker CPU")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print()
-    print(fmt.format(*heads))
-    print(fmt.format(*("-" * w for w in widths)))
-    for r in rows:
-        print(fmt.format(*r).rstrip())
+    print_table(heads, rows)
     print()
     print(f"medians of {args.pairs} alternating round(s) ({', '.join(args.variants)}); "
           f"{args.steps} steps per run, timed rounds {args.warmup_rounds + 1}.."

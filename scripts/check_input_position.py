@@ -55,6 +55,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from _benchlib import print_table  # noqa: E402
+
 CONFIGS = {kind: os.path.join(ROOT, "jobs", "configs", f"position_{kind}.yaml")
            for kind in ("tfdata", "generator", "resumable")}
 WORKERS, BATCH = 2, 16
@@ -357,14 +359,8 @@ def main(argv=None) -> int:
 
     heads = ("case", "compared with", "counts equal", "max |w diff|", "wall s",
              "result", "note")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(heads)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     print()
-    print(fmt.format(*heads))
-    print(fmt.format(*("-" * w for w in widths)))
-    for r in rows:
-        print(fmt.format(*r).rstrip())
+    print_table(heads, rows)
     print()
     print(f"{steps} steps, full every {args.every}, {WORKERS} workers x batch {BATCH}; "
           f"counts exact, weights within {ATOL:g}; wall s: the job(s) of the row, "

@@ -77,7 +77,8 @@ def unmask_crc(masked: int) -> int:
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned LEB128 varint at ``buf[pos:]`` and the position after it."""
     result = shift = 0
     while True:
         if pos >= len(buf):
@@ -118,9 +119,9 @@ def _block_entries(block: bytes):
         raise ValueError("bad restart count")
     pos, key = 0, b""
     while pos < limit:
-        shared, pos = _varint(block, pos)
-        non_shared, pos = _varint(block, pos)
-        value_len, pos = _varint(block, pos)
+        shared, pos = read_varint(block, pos)
+        non_shared, pos = read_varint(block, pos)
+        value_len, pos = read_varint(block, pos)
         if shared > len(key) or pos + non_shared + value_len > limit:
             raise ValueError("corrupt block entry")
         key = key[:shared] + block[pos:pos + non_shared]
@@ -171,13 +172,13 @@ def _table_entries(data: bytes, path: str, verify: bool):
     if magic != _TABLE_MAGIC:
         raise ValueError(f"{path}: not a checkpoint index (bad magic)")
     pos = len(data) - _FOOTER_SIZE
-    _, pos = _varint(data, pos)  # metaindex offset
-    _, pos = _varint(data, pos)  # metaindex size
-    index_offset, pos = _varint(data, pos)
-    index_size, pos = _varint(data, pos)
+    _, pos = read_varint(data, pos)  # metaindex offset
+    _, pos = read_varint(data, pos)  # metaindex size
+    index_offset, pos = read_varint(data, pos)
+    index_size, pos = read_varint(data, pos)
     for _, handle in _block_entries(_read_block(data, index_offset, index_size, verify)):
-        block_offset, hpos = _varint(handle, 0)
-        block_size, _ = _varint(handle, hpos)
+        block_offset, hpos = read_varint(handle, 0)
+        block_size, _ = read_varint(handle, hpos)
         yield from _block_entries(_read_block(data, block_offset, block_size, verify))
 
 
@@ -338,16 +339,16 @@ def check_index_file(path: str, expected_crc32c: int | None = None) -> int:
     if magic != _TABLE_MAGIC:
         raise ValueError("bad magic number in the footer")
     pos = len(data) - _FOOTER_SIZE
-    meta_offset, pos = _varint(data, pos)
-    meta_size, pos = _varint(data, pos)
-    index_offset, pos = _varint(data, pos)
-    index_size, pos = _varint(data, pos)
+    meta_offset, pos = read_varint(data, pos)
+    meta_size, pos = read_varint(data, pos)
+    index_offset, pos = read_varint(data, pos)
+    index_size, pos = read_varint(data, pos)
     _read_block(data, meta_offset, meta_size, verify=True)
     index_block = _read_block(data, index_offset, index_size, verify=True)
     count = 0
     for _, handle in _block_entries(index_block):
-        block_offset, hpos = _varint(handle, 0)
-        block_size, _ = _varint(handle, hpos)
+        block_offset, hpos = read_varint(handle, 0)
+        block_size, _ = read_varint(handle, hpos)
         _read_block(data, block_offset, block_size, verify=True)
         count += 1
     return count
