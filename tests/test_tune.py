@@ -167,6 +167,11 @@ def test_run_starts_from_another_runs_full_checkpoint_with_its_own_settings(
     train(config_lib.from_dict(mlp_config(storage, "donor", steps=20)), echo=lambda _: None)
     donor = full_tensors(storage, "donor", 20)
     assert {"beta1_power", "mlp/dense_0/kernel/Adam", "global_step"} <= set(donor)
+    import tensorflow as tf
+    donor_position = tf.train.load_checkpoint(os.path.join(RunLayout(
+        storage, "donor").checkpoint_dir("full", 20), "model.ckpt")).get_tensor(
+            "input_position/worker_0").tobytes()
+    assert donor_position
 
     exploit = config_lib.from_dict(mlp_config(
         storage, "exploit", steps=40, optimizer={"name": "adam", "learning_rate": 0.003}))
@@ -176,6 +181,8 @@ def test_run_starts_from_another_runs_full_checkpoint_with_its_own_settings(
         plan = prepare(coordinator)
         assert (plan.opened.start_step, plan.opened.resumed_from) == (20, None)
         values = coordinator.initial_values()
+        # The input goes on where the donor's stood at step 20.
+        assert coordinator.input_positions() == [donor_position]
     finally:
         coordinator.sess.close()
     assert set(values) == set(donor)

@@ -33,7 +33,9 @@ class _WarmStartCoordinator(Coordinator):
 
     def _start_fresh(self, init) -> int:
         """Restores every variable from the origin's full checkpoint (read in
-        place under a reader's lease, verified first); returns its step."""
+        place under a reader's lease, verified first), and with
+        ``input_position: exact`` the input positions it holds (the trial's
+        input goes on where the origin's stood); returns its step."""
         import tensorflow as tf
 
         from distributed.storage.runstore import open_reader
@@ -54,6 +56,10 @@ class _WarmStartCoordinator(Coordinator):
                 with self.tg.graph.as_default():
                     saver = tf.compat.v1.train.Saver(var_list=list(self.tg.variables))
                     saver.restore(self.sess, prefix)
+                if self.positions is not None:  # the input goes on where it stood
+                    note = self.positions.read(prefix)
+                    if note:
+                        self.warnings.append(note)
             except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
                 raise ConfigError(
                     f"{what} does not fit this trial's graph ({last_line(e)}); PBT "
