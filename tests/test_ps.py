@@ -110,6 +110,25 @@ def test_partitioned_parts_and_their_slots_go_to_the_servers_spread_by_bytes():
     assert max(by_task.values()) <= 1.2 * min(by_task.values()), by_task
 
 
+def test_ps_variables_match_a_keras_weight_by_its_full_name():
+    """A Keras layer makes its weight with ``tf.Variable(name="embeddings")``
+    under its name scope (DeepCTR's ``sparse_emb_user``): the regex sees
+    the name the variable gets, ``sparse_emb_user/embeddings``, as it does a
+    ``get_variable``'s."""
+    placement = Placement(2, ["^sparse_emb_", "^dense/kernel$"])
+    with tf.Graph().as_default(), placement.scope():
+        with tf.name_scope("sparse_emb_user"):
+            table = tf.Variable(tf.zeros([4, 2]), name="embeddings")
+        with tf.name_scope("sparse_emb_user"):  # a second layer of that name
+            second = tf.Variable(tf.zeros([4, 2]), name="embeddings")
+        kernel = tf.compat.v1.get_variable("dense/kernel", [2])
+        other = tf.Variable(tf.zeros([3]), name="dense_1/kernel")
+    assert second.op.name == "sparse_emb_user_1/embeddings"
+    assert [placement.task_of(v) is not None for v in (table, second, kernel, other)] == \
+        [True, True, True, False]
+    assert table.device.startswith("/job:ps/replica:0/task:0") and not other.device
+
+
 def _runs(op) -> set[str]:
     """The ops a grouped op runs (its control inputs, through nested groups)."""
     seen, todo = set(), [op]

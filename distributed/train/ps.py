@@ -152,7 +152,13 @@ class Placement:
         name = kwargs.get("name")
         # A slot or a moving average is made colocated with its variable.
         colocated = bool(graph._colocation_stack)  # pylint: disable=protected-access
-        if not isinstance(name, str) or colocated or not self.wants(name):
+        if colocated or not isinstance(name or "Variable", str):
+            return next_creator(**kwargs)
+        # The name the variable will have: ``get_variable`` passes its full
+        # name (under no name scope), while ``tf.Variable`` (Keras layers'
+        # weights: ``embeddings`` under ``sparse_emb_user/``) passes one
+        # relative to the current name scope, made unique as its op's name.
+        if not self.wants(graph.unique_name(name or "Variable", mark_as_used=False)):
             return next_creator(**kwargs)
         shape = tf.TensorShape(kwargs.get("shape"))
         dtype = tf.as_dtype(kwargs.get("dtype") or tf.float32)
