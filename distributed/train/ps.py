@@ -160,8 +160,14 @@ class Placement:
         # relative to the current name scope, made unique as its op's name.
         if not self.wants(graph.unique_name(name or "Variable", mark_as_used=False)):
             return next_creator(**kwargs)
-        shape = tf.TensorShape(kwargs.get("shape"))
-        dtype = tf.as_dtype(kwargs.get("dtype") or tf.float32)
+        shape, dtype = kwargs.get("shape"), kwargs.get("dtype")
+        initial = kwargs.get("initial_value")
+        if shape is None and initial is not None and not callable(initial):
+            # tf.Variable(value): sized by its value (no shape given).
+            shape = getattr(initial, "shape", None)
+            dtype = dtype or getattr(initial, "dtype", None)
+        shape = tf.TensorShape(shape)
+        dtype = tf.as_dtype(dtype or tf.float32)
         nbytes = (shape.num_elements() or 0) * dtype.size if shape.rank is not None else 0
         task = min(range(self.servers), key=lambda t: (self.loads[t], t))
         self.loads[task] += nbytes
