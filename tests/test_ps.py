@@ -130,6 +130,15 @@ def test_ps_variables_match_a_keras_weight_by_its_full_name():
     assert table.device.startswith("/job:ps/replica:0/task:0") and not other.device
 
 
+def test_a_ps_variables_regex_that_places_nothing_is_one_line_naming_it():
+    with pytest.raises(ConfigError) as e:
+        _graph(patterns=[r"wide/bias$", r"^embeddings"])
+    message = str(e.value)
+    assert message.startswith("ps_variables: '^embeddings' matches no variable of model "
+                              "distributed.examples.wide_deep:wide_deep_model_fn")
+    assert "wide_deep/deep/id_embedding/part_0" in message and "\n" not in message
+
+
 def _runs(op) -> set[str]:
     """The ops a grouped op runs (its control inputs, through nested groups)."""
     seen, todo = set(), [op]

@@ -172,6 +172,8 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
             "init_op or set parameter_servers: 0")
     created = [v for v in tf.compat.v1.global_variables()
                if v.op.name not in before]
+    if placement is not None:
+        placement.check_patterns(config.model, [v.op.name for v in created])
     update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
     update_ops += _function_updates(ops_before, update_ops)
     # A functional Keras model's updates on its own Input can never run.

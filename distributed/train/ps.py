@@ -135,6 +135,7 @@ class Placement:
         self.spec = spec
         self.loads = [0] * servers
         self.tasks: dict[str, int] = {}  # variable name -> server task
+        self.matched: set[str] = set()  # the patterns that matched a variable
 
     @classmethod
     def of(cls, config: TrainConfig, **kwargs) -> "Placement | None":
@@ -144,7 +145,22 @@ class Placement:
         return cls(config.parameter_servers, config.ps_variables, **kwargs)
 
     def wants(self, name: str) -> bool:
-        return bool(_PART.search(name)) or any(p.search(name) for p in self.patterns)
+        matched = [p for p in self.patterns if p.search(name)]
+        self.matched.update(p.pattern for p in matched)
+        return bool(_PART.search(name)) or bool(matched)
+
+    def check_patterns(self, model: str, names: Sequence[str]) -> None:
+        """Refuses a ``ps_variables`` regex that placed no variable of the
+        model (``names``: its variables), which would otherwise leave the
+        tables the user meant for the servers replicated, silently."""
+        from distributed.errors import ConfigError
+        for pattern in self.patterns:
+            if pattern.pattern not in self.matched:
+                shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+                raise ConfigError(
+                    f"ps_variables: {pattern.pattern!r} matches no variable of model "
+                    f"{model} (re.search in each variable's full name; optimizer slots "
+                    f"follow their variable); its variables: {shown}")
 
     def _creator(self, next_creator, **kwargs):
         import tensorflow as tf
