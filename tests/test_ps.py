@@ -139,6 +139,21 @@ def test_a_ps_variables_regex_that_places_nothing_is_one_line_naming_it():
     assert "wide_deep/deep/id_embedding/part_0" in message and "\n" not in message
 
 
+def test_a_table_on_the_servers_with_a_dense_gradient_is_named_in_a_warning():
+    cfg = wide_deep_config("unused", "graph", parameter_servers=2,
+                           ps_variables=[r"hidden_0/(kernel|bias)$"])
+    placement = Placement.of(cfg, rank=0)
+    build_train_graph(cfg, SPEC, placement=placement)
+    # The parts of the id table get the rows looked up; the dense kernel (a
+    # matrix) its whole gradient; a bias (rank 1) is no table.
+    assert placement.dense_tables == ["wide_deep/deep/hidden_0/kernel"]
+    warning = placement.dense_gradient_warning()
+    assert warning.startswith("parameter servers: the gradient of "
+                              "wide_deep/deep/hidden_0/kernel is dense")
+    assert not Placement.of(wide_deep_config("unused", "g", parameter_servers=2)
+                            ).dense_gradient_warning()
+
+
 def _runs(op) -> set[str]:
     """The ops a grouped op runs (its control inputs, through nested groups)."""
     seen, todo = set(), [op]

@@ -191,6 +191,8 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
     if not grads_and_vars:
         raise ConfigError(f"model: {config.model} has no trainable variable "
                           "that the loss depends on")
+    if placement is not None:
+        placement.note_gradients(grads_and_vars)
     pairs = list(grads_and_vars) + list(zip(exchange.sent(), model_state))
     if reduce_fn is not None:
         pairs = reduce_fn(pairs)

@@ -136,6 +136,7 @@ class Placement:
         self.loads = [0] * servers
         self.tasks: dict[str, int] = {}  # variable name -> server task
         self.matched: set[str] = set()  # the patterns that matched a variable
+        self.dense_tables: list[str] = []  # see note_gradients
 
     @classmethod
     def of(cls, config: TrainConfig, **kwargs) -> "Placement | None":
@@ -161,6 +162,31 @@ class Placement:
                     f"ps_variables: {pattern.pattern!r} matches no variable of model "
                     f"{model} (re.search in each variable's full name; optimizer slots "
                     f"follow their variable); its variables: {shown}")
+
+    def note_gradients(self, grads_and_vars) -> None:
+        """Records the server-resident tables (rank >= 2) whose gradient is
+        dense, not an ``IndexedSlices`` of the rows looked up: see
+        :meth:`dense_gradient_warning`."""
+        import tensorflow as tf
+        self.dense_tables = [
+            v.op.name for g, v in grads_and_vars
+            if self.task_of(v) is not None and not isinstance(g, tf.IndexedSlices)
+            and v.shape.rank is not None and v.shape.rank >= 2]
+
+    def dense_gradient_warning(self) -> str | None:
+        """The coordinator's warning for :attr:`dense_tables`, if any."""
+        if not self.dense_tables:
+            return None
+        return (
+            f"parameter servers: the gradient of {', '.join(self.dense_tables)} is "
+            "dense (the whole table), not the rows a step looked up: every step each "
+            "worker reads the whole table from the servers, makes and exchanges a "
+            "gradient of its size, and rank 0 sends all of it to the servers, so a "
+            "table bigger than a worker does not fit. Something in the loss reads "
+            "the whole table, most often a regularizer on the embedding (a Keras "
+            "Embedding's embeddings_regularizer, even l2(0): DeepCTR's "
+            "l2_reg_embedding=0 still adds one, so leave model.losses out of the "
+            "loss too); for a table that fits, ignore this.")
 
     def _creator(self, next_creator, **kwargs):
         import tensorflow as tf
