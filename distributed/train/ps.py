@@ -155,9 +155,10 @@ class Placement:
         model (``names``: its variables), which would otherwise leave the
         tables the user meant for the servers replicated, silently."""
         from distributed.errors import ConfigError
+        names = sorted({_PART.sub("", n) for n in names})  # a partitioned one once
         for pattern in self.patterns:
             if pattern.pattern not in self.matched:
-                shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
                 raise ConfigError(
                     f"ps_variables: {pattern.pattern!r} matches no variable of model "
                     f"{model} (re.search in each variable's full name; optimizer slots "
