@@ -110,6 +110,51 @@ def test_partitioned_parts_and_their_slots_go_to_the_servers_spread_by_bytes():
     assert max(by_task.values()) <= 1.2 * min(by_task.values()), by_task
 
 
+def test_ps_variables_match_a_keras_weight_by_its_full_name():
+    """A Keras layer makes its weight with ``tf.Variable(name="embeddings")``
+    under its name scope (DeepCTR's ``sparse_emb_user``): the regex sees
+    the name the variable gets, ``sparse_emb_user/embeddings``, as it does a
+    ``get_variable``'s."""
+    placement = Placement(2, ["^sparse_emb_", "^dense/kernel$"])
+    with tf.Graph().as_default(), placement.scope():
+        with tf.name_scope("sparse_emb_user"):
+            table = tf.Variable(tf.zeros([4, 2]), name="embeddings")
+        with tf.name_scope("sparse_emb_user"):  # a second layer of that name
+            second = tf.Variable(tf.zeros([4, 2]), name="embeddings")
+        kernel = tf.compat.v1.get_variable("dense/kernel", [2])
+        other = tf.Variable(tf.zeros([3]), name="dense_1/kernel")
+    assert second.op.name == "sparse_emb_user_1/embeddings"
+    # Greedy by bytes, sized by their initial values: the second table goes to
+    # the empty server.
+    assert [placement.task_of(v) for v in (table, second, kernel, other)] == [0, 1, 0, None]
+    assert table.device.startswith("/job:ps/replica:0/task:0") and not other.device
+
+
+def test_a_ps_variables_regex_that_places_nothing_is_one_line_naming_it():
+    with pytest.raises(ConfigError) as e:
+        _graph(patterns=[r"wide/bias$", r"^embeddings"])
+    message = str(e.value)
+    assert message.startswith("ps_variables: '^embeddings' matches no variable of model "
+                              "distributed.examples.wide_deep:wide_deep_model_fn")
+    assert "wide_deep/deep/id_embedding," in message and "part_0" not in message
+    assert "\n" not in message
+
+
+def test_a_table_on_the_servers_with_a_dense_gradient_is_named_in_a_warning():
+    cfg = wide_deep_config("unused", "graph", parameter_servers=2,
+                           ps_variables=[r"hidden_0/(kernel|bias)$"])
+    placement = Placement.of(cfg, rank=0)
+    build_train_graph(cfg, SPEC, placement=placement)
+    # The parts of the id table get the rows looked up; the dense kernel (a
+    # matrix) its whole gradient; a bias (rank 1) is no table.
+    assert placement.dense_tables == ["wide_deep/deep/hidden_0/kernel"]
+    warning = placement.dense_gradient_warning()
+    assert warning.startswith("parameter servers: the gradient of "
+                              "wide_deep/deep/hidden_0/kernel is dense")
+    assert not Placement.of(wide_deep_config("unused", "g", parameter_servers=2)
+                            ).dense_gradient_warning()
+
+
 def _runs(op) -> set[str]:
     """The ops a grouped op runs (its control inputs, through nested groups)."""
     seen, todo = set(), [op]

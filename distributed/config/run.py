@@ -130,9 +130,10 @@ class TrainConfig(NamedInput):
             ``"8GiB"`` / ``"500MB"``; ``null``: none reserved.
         ps_resources: Ray custom resources each parameter server asks for,
             to place them (e.g. ``{ps_node: 1}`` on high-memory nodes).
-        ps_variables: Regexes (``re.search``) of variable names that live on
-            the servers besides the partitioned ones (a slot follows its
-            variable).
+        ps_variables: Regexes (``re.search``) of variable names (full names,
+            as ``v.op.name``) that live on the servers besides the partitioned
+            ones (a slot follows its variable); each must match a variable
+            of the model.
     """
 
     model: str = "distributed.examples.digits:cnn_bn_model_fn"

@@ -109,6 +109,9 @@ class Coordinator:
                 "model, inputs) after model(inputs, training=...) in model_fn "
                 "(README: Keras 2 layers). Ignore this if they are frozen on "
                 "purpose.")
+        dense = placement.dense_gradient_warning() if placement is not None else None
+        if dense:
+            self.warnings.append(dense)
         shards = max(w.num_shards for w in self.writers.values())
         self.sess = tf.compat.v1.Session(graph=self.tg.graph,
                                          config=cpu_only(session_config(shards)))

@@ -172,6 +172,8 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
             "init_op or set parameter_servers: 0")
     created = [v for v in tf.compat.v1.global_variables()
                if v.op.name not in before]
+    if placement is not None:
+        placement.check_patterns(config.model, [v.op.name for v in created])
     update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
     update_ops += _function_updates(ops_before, update_ops)
     # A functional Keras model's updates on its own Input can never run.
@@ -189,6 +191,8 @@ def _build_step(config: TrainConfig, features, labels, fed: set[str],
     if not grads_and_vars:
         raise ConfigError(f"model: {config.model} has no trainable variable "
                           "that the loss depends on")
+    if placement is not None:
+        placement.note_gradients(grads_and_vars)
     pairs = list(grads_and_vars) + list(zip(exchange.sent(), model_state))
     if reduce_fn is not None:
         pairs = reduce_fn(pairs)

@@ -135,6 +135,8 @@ class Placement:
         self.spec = spec
         self.loads = [0] * servers
         self.tasks: dict[str, int] = {}  # variable name -> server task
+        self.matched: set[str] = set()  # the patterns that matched a variable
+        self.dense_tables: list[str] = []  # see note_gradients
 
     @classmethod
     def of(cls, config: TrainConfig, **kwargs) -> "Placement | None":
@@ -144,7 +146,48 @@ class Placement:
         return cls(config.parameter_servers, config.ps_variables, **kwargs)
 
     def wants(self, name: str) -> bool:
-        return bool(_PART.search(name)) or any(p.search(name) for p in self.patterns)
+        matched = [p for p in self.patterns if p.search(name)]
+        self.matched.update(p.pattern for p in matched)
+        return bool(_PART.search(name)) or bool(matched)
+
+    def check_patterns(self, model: str, names: Sequence[str]) -> None:
+        """Refuses a ``ps_variables`` regex that placed no variable of the
+        model (``names``: its variables), which would otherwise leave the
+        tables the user meant for the servers replicated, silently."""
+        from distributed.errors import ConfigError
+        names = sorted({_PART.sub("", n) for n in names})  # a partitioned one once
+        for pattern in self.patterns:
+            if pattern.pattern not in self.matched:
+                shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                raise ConfigError(
+                    f"ps_variables: {pattern.pattern!r} matches no variable of model "
+                    f"{model} (re.search in each variable's full name; optimizer slots "
+                    f"follow their variable); its variables: {shown}")
+
+    def note_gradients(self, grads_and_vars) -> None:
+        """Records the server-resident tables (rank >= 2) whose gradient is
+        dense, not an ``IndexedSlices`` of the rows looked up: see
+        :meth:`dense_gradient_warning`."""
+        import tensorflow as tf
+        self.dense_tables = [
+            v.op.name for g, v in grads_and_vars
+            if self.task_of(v) is not None and not isinstance(g, tf.IndexedSlices)
+            and v.shape.rank is not None and v.shape.rank >= 2]
+
+    def dense_gradient_warning(self) -> str | None:
+        """The coordinator's warning for :attr:`dense_tables`, if any."""
+        if not self.dense_tables:
+            return None
+        return (
+            f"parameter servers: the gradient of {', '.join(self.dense_tables)} is "
+            "dense (the whole table), not the rows a step looked up: every step each "
+            "worker reads the whole table from the servers, makes and exchanges a "
+            "gradient of its size, and rank 0 sends all of it to the servers, so a "
+            "table bigger than a worker does not fit. Something in the loss reads "
+            "the whole table, most often a regularizer on the embedding (a Keras "
+            "Embedding's embeddings_regularizer, even l2(0): DeepCTR's "
+            "l2_reg_embedding=0 still adds one, so leave model.losses out of the "
+            "loss too); for a table that fits, ignore this.")
 
     def _creator(self, next_creator, **kwargs):
         import tensorflow as tf
@@ -152,10 +195,22 @@ class Placement:
         name = kwargs.get("name")
         # A slot or a moving average is made colocated with its variable.
         colocated = bool(graph._colocation_stack)  # pylint: disable=protected-access
-        if not isinstance(name, str) or colocated or not self.wants(name):
+        if colocated or not isinstance(name or "Variable", str):
             return next_creator(**kwargs)
-        shape = tf.TensorShape(kwargs.get("shape"))
-        dtype = tf.as_dtype(kwargs.get("dtype") or tf.float32)
+        # The name the variable will have: ``get_variable`` passes its full
+        # name (under no name scope), while ``tf.Variable`` (Keras layers'
+        # weights: ``embeddings`` under ``sparse_emb_user/``) passes one
+        # relative to the current name scope, made unique as its op's name.
+        if not self.wants(graph.unique_name(name or "Variable", mark_as_used=False)):
+            return next_creator(**kwargs)
+        shape, dtype = kwargs.get("shape"), kwargs.get("dtype")
+        initial = kwargs.get("initial_value")
+        if shape is None and initial is not None and not callable(initial):
+            # tf.Variable(value): sized by its value (no shape given).
+            shape = getattr(initial, "shape", None)
+            dtype = dtype or getattr(initial, "dtype", None)
+        shape = tf.TensorShape(shape)
+        dtype = tf.as_dtype(dtype or tf.float32)
         nbytes = (shape.num_elements() or 0) * dtype.size if shape.rank is not None else 0
         task = min(range(self.servers), key=lambda t: (self.loads[t], t))
         self.loads[task] += nbytes

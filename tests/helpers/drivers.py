@@ -95,31 +95,64 @@ def actor_group(config):
             ray.kill(actor)
 
 
-def train_and_export(module: str, model: str, input_fn: str, eval_input_fn: str,
-                     optimizer: dict, storage: str, run: str, export: str,
-                     steps: int = 40):
-    """What the public-code tests share: trains ``module``'s model on 2 workers
-    of a real local Ray with evaluation (serving checkpoints every
-    ``steps // 2``), checks the run, then exports its last serving checkpoint
-    with ``python -m jobs.restore`` in a fresh process (``TF_USE_LEGACY_KERAS``
-    unset). Returns the serving catalog entries; prints the job's lines and
-    timings (shown with ``-s``)."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from distributed.checkpoint import Catalog, RunLayout
-    from tests.conftest import REPO_ROOT, start_local_ray
-
-    config = config_lib.from_dict({
+def two_worker_config(module: str, model: str, input_fn: str, optimizer: dict,
+                      storage: str, run: str, steps: int = 40,
+                      eval_input_fn: str | None = None, **overrides
+                      ) -> config_lib.TrainConfig:
+    """The public-code tests' run: ``module``'s model on 2 workers of half a
+    CPU, 16 examples a worker, serving checkpoints every ``steps // 2`` and a
+    full one at the end, evaluated on ``eval_input_fn`` if given;
+    ``overrides`` replace top-level fields."""
+    data = {
         "model": f"{module}:{model}", "input": f"{module}:{input_fn}",
         "optimizer": optimizer, "storage": storage, "run": run, "workers": 2,
         "cpus_per_worker": 0.5, "batch_size": 16, "steps": steps,
         "log_every": steps // 2,
         "checkpoint": {"serving_every": steps // 2, "full_every": steps},
-        "eval": {"input": f"{module}:{eval_input_fn}", "batch_size": 64},
-        "collective_timeout": 120.0})
+        "collective_timeout": 120.0}
+    if eval_input_fn is not None:
+        data["eval"] = {"input": f"{module}:{eval_input_fn}", "batch_size": 64}
+    data.update(overrides)
+    return config_lib.from_dict(data)
+
+
+def export_last(storage: str, run: str, export: str) -> float:
+    """Exports the run's last serving checkpoint with ``python -m
+    jobs.restore`` in a fresh process (``TF_USE_LEGACY_KERAS`` unset);
+    prints its output (shown with ``-s``), returns its seconds."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--storage", storage,
+                           "--run", run, "--export", export],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout + proc.stderr)
+    return time.time() - started
+
+
+def train_and_export(module: str, model: str, input_fn: str, eval_input_fn: str,
+                     optimizer: dict, storage: str, run: str, export: str,
+                     steps: int = 40):
+    """What the public-code tests share: trains ``module``'s model on 2 workers
+    of a real local Ray with evaluation (:func:`two_worker_config`), checks
+    the run, then exports its last serving checkpoint (:func:`export_last`).
+    Returns the serving catalog entries; prints the job's lines and timings
+    (shown with ``-s``)."""
+    import time
+
+    from distributed.checkpoint import Catalog, RunLayout
+    from tests.conftest import start_local_ray
+
+    config = two_worker_config(module, model, input_fn, optimizer, storage, run, steps,
+                               eval_input_fn=eval_input_fn)
     lines: list[str] = []
     started = time.time()
     with start_local_ray(4, log_to_driver=False):
@@ -132,16 +165,9 @@ def train_and_export(module: str, model: str, input_fn: str, eval_input_fn: str,
                if e.tier == "serving"]
     assert [e.step for e in serving] == [steps // 2, steps], lines
 
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--storage", storage,
-                           "--run", run, "--export", export],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    print(proc.stdout + proc.stderr)
+    exported = export_last(storage, run, export)
     print(f"{run}: trained {steps} steps in {trained:.1f}s, exported in "
-          f"{time.time() - started:.1f}s")
+          f"{exported:.1f}s")
     return serving
 
 
