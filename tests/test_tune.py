@@ -234,14 +234,24 @@ def test_trial_places_its_coordinator_and_workers_in_their_own_bundles(local_ray
                                          {"CPU": 0.5}]
     gpus = config_lib.from_dict({"workers": 2, "gpus_per_worker": 1})
     assert placement.bundles(gpus)[2:] == [{"CPU": 0.5, "GPU": 1.0}] * 2
+    servers = config_lib.from_dict({"workers": 2, "cpus_per_worker": 0.5,
+                                    "parameter_servers": 2, "ps_cpus": 0.25})
+    assert placement.bundles(servers)[4:] == [{"CPU": 0.25}] * 2
+    big = config_lib.from_dict({"parameter_servers": 1, "ps_resources": {"ps_node": 1},
+                                "ps_memory": "1GiB"})
+    assert placement.bundles(big)[-1] == {"CPU": 1.0, "ps_node": 1.0, "memory": 2**30}
 
     @ray.remote(num_cpus=0.25)
     def bundle_indexes(config):  # runs where a trial runs: bundle 0 of its group
-        return [placement.actor_options(config, rank).get("scheduling_strategy")
-                for rank in (None, 0, 1)]
+        return ([placement.actor_options(config, rank).get("scheduling_strategy")
+                 for rank in (None, 0, 1)]
+                + [placement.actor_options(config, None, server=task).get(
+                    "scheduling_strategy") for task in range(config.parameter_servers)])
 
-    for bundles, expected in ((placement.bundles(config), [1, 2, 3]),
-                              ([{"CPU": 0.25}, {"CPU": 1.25}], [None] * 3)):
+    for config, bundles, expected in (
+            (config, placement.bundles(config), [1, 2, 3]),
+            (config, [{"CPU": 0.25}, {"CPU": 1.25}], [None] * 3),
+            (servers, placement.bundles(servers), [1, 2, 3, 4, 5])):
         group = ray.util.placement_group(bundles)
         ray.get(group.ready(), timeout=60)
         try:
@@ -312,6 +322,31 @@ def test_trial_stopped_by_a_scheduler_leaves_no_actors_and_no_uncommitted_files(
     pointer = read_pointer(result.checkpoint.path)
     assert (pointer.run, pointer.step, pointer.resume_run, pointer.resume_step) == (
         run, 20, run, 20)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trial_with_parameter_servers_holds_them_in_its_placement_group(
+        local_ray, storage, tmp_path):
+    """A trial of a run with parameter servers trains with the tables on them
+    (the servers write their own shards of each checkpoint) and leaves no
+    actor behind; its placement group has a bundle per server (the servers'
+    Ray options place them there: the bundles test above)."""
+    from distributed.tune import placement
+    from tests.helpers.ps import wide_deep_config
+    config = wide_deep_config(storage, "ps", rows=2000, parameter_servers=2, steps=20,
+                              log_every=10,
+                              checkpoint={"serving_every": 10, "full_every": 10})
+    search = tuner(config.to_dict(), tmp_path, {"optimizer.learning_rate": 0.1},
+                   metric="loss", mode="min")
+    (result,) = search.fit()
+    assert result.error is None, result.error
+    assert result.metrics["step"] == 20
+    entries = Catalog(RunLayout(storage, result.metrics["run"])).entries()
+    assert entries and all(e.num_shards >= 3 for e in entries), entries
+    # The servers' bundles: what the trial reserved, beside the workers'.
+    assert placement.bundles(config)[4:] == [{"CPU": 0.5}] * 2
+    assert wait_for_free_cpus(NUM_CPUS) == NUM_CPUS  # the servers are gone too
 
 
 def input_failing_once(worker_index, num_workers, batch_size, params):

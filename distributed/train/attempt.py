@@ -116,7 +116,8 @@ class GroupRun:
         from distributed.train.ps import ParameterServer, actor_options
         cfg = self.config.to_dict()
         return [ray.remote(ParameterServer).options(
-            **actor_options(self.config), **env).remote(cfg, task)
+            **actor_options(self.config), **env,
+            **self.hooks.server_options(task)).remote(cfg, task)
             for task in range(self.config.parameter_servers)]
 
     def _start_server_group(self, addresses: list[str]) -> list[str] | None:

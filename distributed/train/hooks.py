@@ -23,6 +23,10 @@ class RunHooks:
         e.g. the placement group bundle it must run in."""
         return {}
 
+    def server_options(self, task: int) -> dict[str, Any]:
+        """Extra Ray options of parameter server ``task``."""
+        return {}
+
     def on_event(self, event: CheckpointEvent) -> str | None:
         """Called with each checkpoint event the job prints; a returned reason
         ends the run after this round, as ``eval.stop_when`` does: the saves in

@@ -191,6 +191,9 @@ class _TrialHooks(RunHooks):
     def actor_options(self, rank: int | None) -> dict[str, Any]:
         return placement.actor_options(self.config, rank)
 
+    def server_options(self, task: int) -> dict[str, Any]:
+        return placement.actor_options(self.config, None, server=task)
+
     def stop_reason(self) -> str | None:
         return self._stop_reason
 
