@@ -224,6 +224,34 @@ def test_run_starts_from_another_runs_full_checkpoint_with_its_own_settings(
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_warm_start_with_parameter_servers_restores_their_tables_from_the_donor(
+        local_ray, storage):
+    """PBT's exploit with the tables on servers: the servers restore the
+    donor's tables (in place, from its files), not their initial values."""
+    from distributed.train.trainer import train
+    from distributed.tune.warmstart import coordinator_from
+    from tests.helpers.ps import TABLE, checkpoint_values, wide_deep_config
+
+    def config(run, steps, rate):
+        return wide_deep_config(storage, run, rows=2000, parameter_servers=2,
+                                steps=steps, log_every=10,
+                                optimizer={"name": "adagrad", "learning_rate": rate},
+                                checkpoint={"serving_every": 0, "full_every": 10})
+
+    train(config("donor", 20, 0.5), echo=lambda _: None)
+    train(config("fresh", 10, 1e-9), echo=lambda _: None)
+    lines: list[str] = []
+    train(config("exploit", 30, 1e-9), echo=lines.append,
+          coordinator_cls=coordinator_from("donor", 20))
+    donor = checkpoint_values(storage, "donor", "full", 20)[TABLE]
+    exploit = checkpoint_values(storage, "exploit", "full", 30)[TABLE]
+    fresh = checkpoint_values(storage, "fresh", "full", 10)[TABLE]
+    assert np.abs(donor - fresh).max() > 1e-2  # the donor's table trained
+    np.testing.assert_allclose(exploit, donor, atol=1e-5, err_msg="\n".join(lines))
+
+
+@pytest.mark.ray
 def test_trial_places_its_coordinator_and_workers_in_their_own_bundles(local_ray):
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

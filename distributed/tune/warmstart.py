@@ -54,8 +54,13 @@ class _WarmStartCoordinator(Coordinator):
                                   layout.CKPT_PREFIX)
             try:
                 with self.tg.graph.as_default():
-                    saver = tf.compat.v1.train.Saver(var_list=list(self.tg.variables))
+                    # A list: a partitioned variable's parts restore from its
+                    # logical tensor's slices. The servers' variables are
+                    # restored on the servers, by rank 0, from the same files.
+                    saver = tf.compat.v1.train.Saver(var_list=self._replicated())
                     saver.restore(self.sess, prefix)
+                if self.server_tasks:
+                    self._resumed_prefix = prefix
                 if self.positions is not None:  # the input goes on where it stood
                     note = self.positions.read(prefix)
                     if note:
