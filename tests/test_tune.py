@@ -224,34 +224,6 @@ def test_run_starts_from_another_runs_full_checkpoint_with_its_own_settings(
 
 
 @pytest.mark.ray
-@pytest.mark.slow
-def test_warm_start_with_parameter_servers_restores_their_tables_from_the_donor(
-        local_ray, storage):
-    """PBT's exploit with the tables on servers: the servers restore the
-    donor's tables (in place, from its files), not their initial values."""
-    from distributed.train.trainer import train
-    from distributed.tune.warmstart import coordinator_from
-    from tests.helpers.ps import TABLE, checkpoint_values, wide_deep_config
-
-    def config(run, steps, rate):
-        return wide_deep_config(storage, run, rows=2000, parameter_servers=2,
-                                steps=steps, log_every=10,
-                                optimizer={"name": "adagrad", "learning_rate": rate},
-                                checkpoint={"serving_every": 0, "full_every": 10})
-
-    train(config("donor", 20, 0.5), echo=lambda _: None)
-    lines: list[str] = []
-    train(config("exploit", 30, 1e-9), echo=lines.append,
-          coordinator_cls=coordinator_from("donor", 20))
-    donor = checkpoint_values(storage, "donor", "full", 20)[TABLE]
-    exploit = checkpoint_values(storage, "exploit", "full", 30)[TABLE]
-    # The donor's steps moved its table (so its initial values differ too).
-    earlier = checkpoint_values(storage, "donor", "full", 10)[TABLE]
-    assert np.abs(donor - earlier).max() > 1e-2
-    np.testing.assert_allclose(exploit, donor, atol=1e-5, err_msg="\n".join(lines))
-
-
-@pytest.mark.ray
 def test_trial_places_its_coordinator_and_workers_in_their_own_bundles(local_ray):
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -354,27 +326,45 @@ def test_trial_stopped_by_a_scheduler_leaves_no_actors_and_no_uncommitted_files(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trial_with_parameter_servers_holds_them_in_its_placement_group(
+def test_trial_with_parameter_servers_trains_and_an_exploit_restores_its_tables(
         local_ray, storage, tmp_path):
     """A trial of a run with parameter servers trains with the tables on them
     (the servers write their own shards of each checkpoint) and leaves no
     actor behind; its placement group has a bundle per server (the servers'
-    Ray options place them there: the bundles test above)."""
+    Ray options place them there: the bundles test above). A run that starts
+    from its full checkpoint (PBT's exploit) has its servers restore the
+    trial's tables from the files, not start from their initial values."""
+    from distributed.train.trainer import train
     from distributed.tune import placement
-    from tests.helpers.ps import wide_deep_config
-    config = wide_deep_config(storage, "ps", rows=2000, parameter_servers=2, steps=20,
-                              log_every=10,
-                              checkpoint={"serving_every": 10, "full_every": 10})
-    search = tuner(config.to_dict(), tmp_path, {"optimizer.learning_rate": 0.1},
-                   metric="loss", mode="min")
+    from distributed.tune.warmstart import coordinator_from
+    from tests.helpers.ps import TABLE, checkpoint_values, wide_deep_config
+
+    def config(run, steps, rate):
+        return wide_deep_config(storage, run, rows=2000, parameter_servers=2,
+                                steps=steps, log_every=10,
+                                optimizer={"name": "adagrad", "learning_rate": rate},
+                                checkpoint={"serving_every": 10, "full_every": 10})
+
+    search = tuner(config("ps", 20, 0.5).to_dict(), tmp_path,
+                   {"optimizer.learning_rate": 0.5}, metric="loss", mode="min")
     (result,) = search.fit()
     assert result.error is None, result.error
     assert result.metrics["step"] == 20
-    entries = Catalog(RunLayout(storage, result.metrics["run"])).entries()
+    donor_run = result.metrics["run"]
+    entries = Catalog(RunLayout(storage, donor_run)).entries()
     assert entries and all(e.num_shards >= 3 for e in entries), entries
-    # The servers' bundles: what the trial reserved, beside the workers'.
-    assert placement.bundles(config)[4:] == [{"CPU": 0.5}] * 2
+    assert placement.bundles(config("ps", 20, 0.5))[4:] == [{"CPU": 0.5}] * 2
     assert wait_for_free_cpus(NUM_CPUS) == NUM_CPUS  # the servers are gone too
+
+    lines: list[str] = []
+    train(config("exploit", 30, 1e-9), echo=lines.append,
+          coordinator_cls=coordinator_from(donor_run, 20))
+    donor = checkpoint_values(storage, donor_run, "full", 20)[TABLE]
+    exploit = checkpoint_values(storage, "exploit", "full", 30)[TABLE]
+    # The donor's steps moved its table (so its initial values differ too).
+    earlier = checkpoint_values(storage, donor_run, "full", 10)[TABLE]
+    assert np.abs(donor - earlier).max() > 1e-2
+    np.testing.assert_allclose(exploit, donor, atol=1e-5, err_msg="\n".join(lines))
 
 
 def input_failing_once(worker_index, num_workers, batch_size, params):
