@@ -6,8 +6,9 @@ it changes no TensorFlow, tf_keras, NumPy or Ray version) builds its models
 from ``tensorflow.keras`` (Keras 2 here only through ``TF_USE_LEGACY_KERAS=1``,
 which :mod:`distributed.tfworld` sets in every process). ``DeepFM`` is used as
 its README shows: ``SparseFeat``/``DenseFeat`` columns in, a functional
-``Model`` out, with a linear part, per-feature ``Embedding`` tables (sparse
-gradients, L2 regularizers in ``model.losses``), an FM interaction and a DNN
+``Model`` out, with a linear part, per-feature ``Embedding`` tables (with
+L2 regularizers in ``model.losses``, which read each table whole, so their
+gradients are dense), an FM interaction and a DNN
 with batch norm (updates in ``model.updates``) and dropout. One sparse feature
 is a raw string the model hashes itself (``use_hash=True``).
 
