@@ -252,8 +252,6 @@ class Coordinator:
     def _init_or_resume(self) -> tuple[int, int | None]:
         """Initializes the variables, or restores the newest full checkpoint
         that verifies (older ones are tried when newer ones are corrupt)."""
-        import tensorflow as tf
-
         from distributed.errors import CheckpointCorruptError, ManifestError
         init = self.tg.initializers
         self.sess.run(init.init_op)
@@ -276,19 +274,9 @@ class Coordinator:
                     f"moved it out of the catalog to {where} and trying the one "
                     "before it")
                 continue
-            with self.tg.graph.as_default():
-                # A list, not {name: variable}: a partitioned variable's parts
-                # then restore from its logical tensor's slices, as saved.
-                saver = tf.compat.v1.train.Saver(var_list=self._replicated())
-                prefix = os.path.join(self.store.checkpoint_dir(entry), layout.CKPT_PREFIX)
-                saver.restore(self.sess, prefix)
-                self._resumed_prefix = prefix
+            self._restore_full(os.path.join(self.store.checkpoint_dir(entry),
+                                            layout.CKPT_PREFIX))
             self.sess.run(init.local_init_op)
-            if self.positions is not None:
-                note = self.positions.read(os.path.join(
-                    self.store.checkpoint_dir(entry), layout.CKPT_PREFIX))
-                if note:
-                    self.warnings.append(note)
             restored = int(self.sess.run(self.tg.global_step))
             if restored != entry.step:
                 raise ConfigError(
@@ -302,6 +290,23 @@ class Coordinator:
             f"run: none of the {len(fulls)} full checkpoint(s) of run "
             f"{self.config.run!r} verifies, so it cannot resume ("
             + "; ".join(self.warnings[-len(fulls):]) + "); start a new --run")
+
+    def _restore_full(self, prefix: str) -> None:
+        """Restores the variables this Session holds from the full checkpoint
+        at ``prefix`` and, with ``input_position: exact``, the input positions
+        it holds; the parameter servers' variables are restored on the servers
+        by rank 0 from the same files (:meth:`server_checkpoint`)."""
+        import tensorflow as tf
+        with self.tg.graph.as_default():
+            # A list, not {name: variable}: a partitioned variable's parts
+            # then restore from its logical tensor's slices, as saved.
+            saver = tf.compat.v1.train.Saver(var_list=self._replicated())
+            saver.restore(self.sess, prefix)
+        self._resumed_prefix = prefix
+        if self.positions is not None:  # the input goes on where it stood
+            note = self.positions.read(prefix)
+            if note:
+                self.warnings.append(note)
 
     def _start_fresh(self, init) -> int:
         """A run without a full checkpoint starts here (the global initializer

@@ -53,18 +53,7 @@ class _WarmStartCoordinator(Coordinator):
             prefix = os.path.join(origin.layout.checkpoint_dir("full", step),
                                   layout.CKPT_PREFIX)
             try:
-                with self.tg.graph.as_default():
-                    # A list: a partitioned variable's parts restore from its
-                    # logical tensor's slices. The servers' variables are
-                    # restored on the servers, by rank 0, from the same files.
-                    saver = tf.compat.v1.train.Saver(var_list=self._replicated())
-                    saver.restore(self.sess, prefix)
-                if self.server_tasks:
-                    self._resumed_prefix = prefix
-                if self.positions is not None:  # the input goes on where it stood
-                    note = self.positions.read(prefix)
-                    if note:
-                        self.warnings.append(note)
+                self._restore_full(prefix)
             except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
                 raise ConfigError(
                     f"{what} does not fit this trial's graph ({last_line(e)}); PBT "
