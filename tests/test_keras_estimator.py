@@ -272,6 +272,50 @@ def test_l2_param_adds_keras_regularization_losses():
     assert initial_loss(1.0) > initial_loss(0.0) + 1.0
 
 
+UNSEEDED_KERAS = "tests.test_keras_estimator:unseeded_keras_model_fn"
+
+
+def unseeded_keras_model_fn(features, labels, mode, params):
+    """Keras layers as most code builds them: no initializer seeds."""
+    x = tf_keras.layers.Flatten()(features["image"])
+    x = tf_keras.layers.Dense(16, activation="relu")(x)
+    logits = tf_keras.layers.Dropout(0.1)(tf_keras.layers.Dense(10)(x),
+                                          training=mode == TRAIN)
+    loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=labels, logits=logits)) if labels is not None else None
+    return ModelSpec(loss=loss, predictions={"logits": logits})
+
+
+def test_seed_makes_keras_initial_weights_the_same_and_leaves_random_alone():
+    """Keras draws an unseeded initializer's seed from Python's ``random``:
+    the run's ``seed`` seeds Keras' own generator instead, so two builds with
+    one seed start alike (here in one process, where ``random`` has moved on
+    between them) and another seed differs; the user's ``random`` state is
+    left as it was."""
+    import random
+
+    def initial_weights(seed):
+        graph = tf.Graph()
+        with graph.as_default():
+            features, labels = input_spec().placeholders()
+            call_model_fn(make_config(UNSEEDED_KERAS, seed=seed), features, labels, TRAIN)
+            with tf.compat.v1.Session() as sess:
+                sess.run(tf.compat.v1.global_variables_initializer())
+                return {v.op.name: sess.run(v)
+                        for v in tf.compat.v1.trainable_variables()}
+
+    state = random.getstate()
+    first = initial_weights(0)
+    assert random.getstate() == state
+    random.random()
+    again, other = initial_weights(0), initial_weights(1)
+    assert set(first) == set(again) and len(first) >= 4
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+    assert any(not np.array_equal(first[n], other[n]) for n in first
+               if first[n].std() > 0)
+
+
 def test_missing_tf_keras_is_a_config_error_naming_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "tf_keras", None)  # import raises ImportError
     with tf.Graph().as_default():

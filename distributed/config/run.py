@@ -117,7 +117,9 @@ class TrainConfig(NamedInput):
             steps and their results are the same. Worth it for small, fast
             steps (a few ms); 1 runs one step per ``Session.run``. A run never
             crosses a checkpoint step or a ``log_every`` boundary.
-        seed: Graph-level random seed.
+        seed: Graph-level random seed; also seeds Keras 2's initializers and
+            dropout made without a seed, so a run starts from the same weights
+            every time.
         eval: Evaluation of serving checkpoints, see :class:`EvalConfig`
             (``null``: none; the only metric is then the training ``loss``).
         parameter_servers: ``ParameterServer`` actors that hold the embedding

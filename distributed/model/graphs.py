@@ -10,8 +10,11 @@ the user's function.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import random
 import re
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 import tensorflow as tf
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec:
     """Calls the user's ``model_fn`` and checks what it returns."""
     model_fn = load_function(config.model, "model", 4)
-    with user_code("model", config.model):
+    with user_code("model", config.model), keras_seeded(config.seed):
         try:
             spec = model_fn(features, labels, mode, dict(config.model_params))
         except ValueError as e:  # a vocabulary column counting a missing file
@@ -48,6 +51,37 @@ def call_model_fn(config: TrainConfig, features, labels, mode: str) -> ModelSpec
         raise ConfigError(f"model: {config.model} returned no predictions in "
                           "predict mode")
     return spec
+
+
+@contextlib.contextmanager
+def keras_seeded(seed: int):
+    """Seeds Keras 2's own seed generator from the run's ``seed`` while the
+    ``model_fn`` builds.
+
+    ``tf.compat.v1.set_random_seed`` fixes the seeds of TF's own unseeded ops,
+    but a Keras initializer or dropout made without a seed draws its seed from
+    Python's ``random`` (``tf_keras.backend._SEED_GENERATOR`` unless set), so
+    two runs with the same ``seed`` would start from different weights. The
+    generator is thread-local and is put back after, so the user's global
+    ``random`` (and NumPy's) state is left as it was; a ``model_fn`` that
+    seeds Keras itself (``tf.keras.utils.set_random_seed``) still wins.
+    """
+    backend = sys.modules.get("tf_keras.src.backend")
+    holder = getattr(backend, "_SEED_GENERATOR", None)
+    if holder is None:  # Keras 2 not loaded: nothing draws from it
+        yield
+        return
+    missing = object()
+    saved = getattr(holder, "generator", missing)
+    holder.generator = random.Random(seed)
+    try:
+        yield
+    finally:
+        if saved is missing:
+            with contextlib.suppress(AttributeError):
+                del holder.generator
+        else:
+            holder.generator = saved
 
 
 @dataclasses.dataclass
