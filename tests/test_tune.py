@@ -356,15 +356,35 @@ def test_trial_with_parameter_servers_trains_and_an_exploit_restores_its_tables(
     assert placement.bundles(config("ps", 20, 0.5))[4:] == [{"CPU": 0.5}] * 2
     assert wait_for_free_cpus(NUM_CPUS) == NUM_CPUS  # the servers are gone too
 
+    from distributed.checkpoint.lease import leases_dir
+    held = leases_dir(RunLayout(storage, donor_run))
+    seen = tmp_path / "leases_when_loaded.json"
+
+    class LeaseWatching(coordinator_from(donor_run, 20)):
+        """Records the donor's reader leases when every worker has loaded."""
+
+        def loaded(self):
+            seen.write_text(json.dumps(json_files(held)))
+            super().loaded()
+
     lines: list[str] = []
-    train(config("exploit", 30, 1e-9), echo=lines.append,
-          coordinator_cls=coordinator_from(donor_run, 20))
+    train(config("exploit", 30, 1e-9), echo=lines.append, coordinator_cls=LeaseWatching)
+    # The donor's files stay leased until rank 0 has restored the servers'
+    # tables from them (its retention could delete them before), then not.
+    (lease,) = json.loads(seen.read_text())
+    assert lease.startswith("full.") and "20" in lease, lease
+    assert json_files(held) == []
     donor = checkpoint_values(storage, donor_run, "full", 20)[TABLE]
     exploit = checkpoint_values(storage, "exploit", "full", 30)[TABLE]
     # The donor's steps moved its table (so its initial values differ too).
     earlier = checkpoint_values(storage, donor_run, "full", 10)[TABLE]
     assert np.abs(donor - earlier).max() > 1e-2
     np.testing.assert_allclose(exploit, donor, atol=1e-5, err_msg="\n".join(lines))
+
+
+def json_files(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if n.endswith(".json")) \
+        if os.path.isdir(directory) else []
 
 
 def input_failing_once(worker_index, num_workers, batch_size, params):

@@ -219,6 +219,8 @@ class GroupRun:
         self._get([w.load.remote(values, step, built.serving_names, coordinator,
                                  positions, **(extra if rank == 0 else {}))
                    for rank, w in enumerate(self._workers)], self._worker_names)
+        if self._servers:  # rank 0 has read the servers' tables
+            self._get(coordinator.loaded.remote(), "the coordinator")
         if not restarting:
             self.first_step_at = time.perf_counter() - self.t0
             self.echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "

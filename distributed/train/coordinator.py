@@ -12,6 +12,7 @@ store); TensorBoard scalars are :mod:`~distributed.train.metrics`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -62,6 +63,9 @@ class Coordinator:
         self.evaluator = self.pipeline = None
         # The eval thread commits too: commits, retention and events in turn.
         self._commit_lock = threading.RLock()
+        # Reader leases on checkpoint files that rank 0 still reads on the
+        # parameter servers after open_run (a warm start's origin): see loaded.
+        self._load_leases = contextlib.ExitStack()
 
     def build(self, input_spec=None, eval_dataset=None) -> BuildPlan:
         """Builds the chief graph, the selection and the writers; writes nothing.
@@ -167,6 +171,12 @@ class Coordinator:
         for tier, writer in self.writers.items():
             writer.attach_servers(
                 lambda directory, tier=tier: self.server_saver.write(tier, directory))
+
+    def loaded(self) -> None:
+        """Every worker has loaded, rank 0 restored the servers' variables
+        (:meth:`server_checkpoint`): gives back the reader leases held on
+        another run's files for that read."""
+        self._load_leases.close()
 
     def server_checkpoint(self) -> str | None:
         """The prefix of the full checkpoint training resumes from, whose

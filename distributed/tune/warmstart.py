@@ -7,11 +7,14 @@ hyperparameters. It does so in a new run of its own (the old one keeps its
 checkpoints as they were), whose coordinator restores the other run's
 checkpoint where a fresh run would initialize. The checkpoint is read in
 place, under a reader's lease, so the other trial's retention cannot delete
-it mid-read, and every tensor is checked against its manifest first.
+it mid-read (with parameter servers the lease lasts until rank 0 has restored
+their tables from it too), and every tensor is checked against its manifest
+first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from distributed.checkpoint import layout
@@ -42,7 +45,8 @@ class _WarmStartCoordinator(Coordinator):
         run, step = self.origin_run, self.origin_step
         what = f"the full checkpoint at step {step} of run {run!r}"
         origin = open_reader(self.config.storage, run, self.config.storage_options)
-        with origin.reading("full", step):
+        with contextlib.ExitStack() as lease:
+            lease.enter_context(origin.reading("full", step))
             if (step, "full") not in origin.catalog.committed_keys():
                 raise CheckpointNotFoundError(
                     f"{what} is gone (that run's retention deleted it) before this "
@@ -60,5 +64,9 @@ class _WarmStartCoordinator(Coordinator):
                     "can change only what keeps every variable's name and shape "
                     "(optimizer settings, batch_size), not model_params that "
                     "resize the model") from None
+            if self.server_tasks:
+                # Rank 0 reads the servers' tables from these files after this
+                # returns: the lease lasts until every worker has loaded.
+                self._load_leases.enter_context(lease.pop_all())
         self.sess.run(init.local_init_op)
         return int(self.sess.run(self.tg.global_step))
