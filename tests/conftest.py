@@ -116,6 +116,7 @@ def start_local_ray(num_cpus: int, **init_kwargs):
     RAY_AUTH_MODE is left for ray.init to set: setting it after ``import ray``
     cached the config leaves the driver without the token."""
     import ray
+    stop_shared_ray()  # a Ray of the caller's own replaces the shared one
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
@@ -134,12 +135,68 @@ def start_local_ray(num_cpus: int, **init_kwargs):
 
 
 LOCAL_RAY_CPUS = 4
+_shared_ray: list[contextlib.ExitStack] = []  # the running shared Ray, if any
+
+
+def stop_shared_ray() -> None:
+    """Shuts the shared Ray (:func:`local_ray`) down, if one runs: a module
+    with a Ray of its own (another size, a multi-node cluster) needs this
+    process without one."""
+    while _shared_ray:
+        _shared_ray.pop().close()
+
+
+def _shared_ray_is_clean() -> bool:
+    """Whether the shared Ray is as a fresh one: every CPU free (a test that
+    leaked an actor would change the next module's resources); waits a few
+    seconds for actors still exiting."""
+    import time
+
+    import ray
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if (ray.is_initialized()
+                and ray.available_resources().get("CPU", 0.0) >= LOCAL_RAY_CPUS):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray of ``LOCAL_RAY_CPUS`` CPUs for the module (never a
-    cluster named by RAY_ADDRESS): starting Ray costs seconds, a test's
-    actors only a fraction of that."""
-    with start_local_ray(LOCAL_RAY_CPUS, log_to_driver=False):
-        yield
+    """A local Ray of ``LOCAL_RAY_CPUS`` CPUs (never a cluster named by
+    RAY_ADDRESS), shared by the modules that use this fixture one after
+    another: starting and stopping Ray costs seconds, a test's actors only a
+    fraction of that. It is started anew when a module left actors behind,
+    and stopped by a module that starts a Ray of its own and at the end."""
+    if _shared_ray and not _shared_ray_is_clean():
+        stop_shared_ray()
+    if not _shared_ray:
+        stack = contextlib.ExitStack()
+        stack.enter_context(start_local_ray(LOCAL_RAY_CPUS, log_to_driver=False))
+        _shared_ray.append(stack)
+    yield
+
+
+_modules_using_local_ray: set[str] = set()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    _modules_using_local_ray.update(
+        item.module.__name__ for item in items
+        if "local_ray" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_shared_ray_where_unused(request):
+    """A module none of whose tests uses :func:`local_ray` runs without the
+    shared Ray (its in-process runs start their own, as a user's would)."""
+    if request.module.__name__ not in _modules_using_local_ray:
+        stop_shared_ray()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray_at_the_end():
+    yield
+    stop_shared_ray()

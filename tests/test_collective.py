@@ -11,7 +11,6 @@ from distributed.errors import ConfigError
 from distributed.train import collective
 from distributed.train.buckets import Bucket, plan_buckets
 from distributed.train.collective import GroupSpec
-from tests.conftest import start_local_ray
 from tests.helpers.graphs import ancestors
 
 TWO = ("127.0.0.1:1", "127.0.0.1:2")
@@ -167,12 +166,6 @@ class _Worker:
     def threads(self):
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(2):
-        yield
 
 
 def _pair(timeout_seconds):

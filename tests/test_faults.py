@@ -29,7 +29,7 @@ from distributed.checkpoint.store import PHASES
 from distributed.checkpoint.verify import verify_checkpoint
 from distributed.errors import TrainingFailedError
 from distributed.train import trainer
-from tests.conftest import REPO_ROOT, skip_or_fail_in_ci, start_local_ray
+from tests.conftest import REPO_ROOT, skip_or_fail_in_ci
 from tests.helpers.fault_actors import (CrashingCoordinator, FailingSaveCoordinator,
                                         Killer, PidRecordingWorker,
                                         SlowSavingCoordinator)
@@ -39,12 +39,6 @@ from tests.helpers.training import make_config as train_config
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NUM_CPUS = 4
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(NUM_CPUS, log_to_driver=False):
-        yield
 
 
 def make_config(storage: str, run: str, **overrides) -> config_lib.TrainConfig:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import ray
 
-from tests.conftest import REPO_ROOT, start_local_ray
+from tests.conftest import REPO_ROOT
 from tests.helpers.gpus import gpus_visible
 
 pytestmark = pytest.mark.ray
@@ -88,12 +88,6 @@ def _check_mean(results: list[dict]) -> None:
     for result in results:
         for got, expected in zip(result["out"], want):
             np.testing.assert_array_equal(got, expected)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(4, log_to_driver=False):
-        yield
 
 
 def test_cpu_workers_ran_the_collective_on_their_cpus_over_the_ring(local_ray):

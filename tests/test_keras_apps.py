@@ -154,10 +154,10 @@ def predict_logits(config, values, images):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_keras_application_trains_on_two_workers_restores_and_serves(storage, tmp_path):
+def test_keras_application_trains_on_two_workers_restores_and_serves(local_ray, storage,
+                                                                     tmp_path):
     from distributed.serving import job
     from distributed.train import trainer
-    from tests.conftest import start_local_ray
 
     steps = 10
     config = make_config(storage=storage, run="app-ray", steps=steps, workers=2,
@@ -166,8 +166,7 @@ def test_keras_application_trains_on_two_workers_restores_and_serves(storage, tm
                          checkpoint={"serving_every": steps, "full_every": steps},
                          collective_timeout=120.0)
     lines: list[str] = []
-    with start_local_ray(4, log_to_driver=False):
-        summary = trainer.train(config, echo=lines.append)
+    summary = trainer.train(config, echo=lines.append)
     assert summary["steps"] == steps
     assert not [line for line in lines if line.startswith("WARNING")], lines
     prefix = os.path.join(RunLayout(storage, "app-ray").checkpoint_dir("serving", steps),

@@ -417,10 +417,9 @@ def test_adapted_estimator_model_trains_with_the_framework_optimizer():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_keras_model_trains_on_local_ray_and_serves(storage, tmp_path):
+def test_keras_model_trains_on_local_ray_and_serves(local_ray, storage, tmp_path):
     from distributed.serving import job
     from distributed.train import trainer
-    from tests.conftest import start_local_ray
 
     config = make_config(storage=storage, run="keras-ray", steps=30, workers=2,
                          batch_size=32, cpus_per_worker=0.5, log_every=10,
@@ -428,8 +427,7 @@ def test_keras_model_trains_on_local_ray_and_serves(storage, tmp_path):
                          checkpoint={"serving_every": 30, "full_every": 30},
                          collective_timeout=60.0)
     lines: list[str] = []
-    with start_local_ray(4, log_to_driver=False):
-        summary = trainer.train(config, echo=lines.append)
+    summary = trainer.train(config, echo=lines.append)
     assert summary["steps"] == 30
     losses = [float(m.group(1)) for m in
               (re.match(r"step \d+/\d+\s+mean loss (\S+)", line) for line in lines) if m]

@@ -23,7 +23,6 @@ from distributed.errors import ConfigError
 from distributed.inputs.spec import InputSpec
 from distributed.train import state
 from distributed.train.graph import build_train_graph
-from tests.conftest import start_local_ray
 from tests.helpers import state_models
 from tests.helpers.drivers import actor_group
 
@@ -106,12 +105,6 @@ def test_an_aggregation_the_dtype_cannot_take_is_one_line_naming_the_fix(bad, ma
 
 
 # ------------------------------------------------------------------- Ray -----
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(3, log_to_driver=False):
-        yield
-
 
 def id_counts(rank: int, steps: int) -> np.ndarray:
     """How often worker ``rank`` saw each id in ``steps`` steps."""

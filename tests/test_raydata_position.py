@@ -20,18 +20,11 @@ from distributed import config as config_lib
 from distributed.checkpoint import RunLayout
 from distributed.errors import ConfigError
 from distributed.train import trainer
-from tests.conftest import start_local_ray
 
 pytestmark = [pytest.mark.ray]
 
 HELPERS = "tests.helpers.raydata_inputs"
 ROWS = 6000
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(4, log_to_driver=False):
-        yield
 
 
 def make_config(storage: str, run: str, steps: int, **overrides) -> config_lib.TrainConfig:

@@ -17,7 +17,6 @@ from distributed.storage import uris
 from distributed.errors import ConfigError
 from distributed.serving.job import restore_once
 from distributed.train import trainer
-from tests.conftest import start_local_ray
 from tests.helpers import s3_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,12 +28,6 @@ MLP = "distributed.examples.digits:mlp_model_fn"
 def s3():
     with s3_server.running() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(4, log_to_driver=False):
-        yield
 
 
 def make_config(s3, bucket, staging, steps):

@@ -13,7 +13,6 @@ from distributed.inputs.spec import InputSpec
 from distributed.train import collective, sparse
 from distributed.train.collective import GroupSpec
 from distributed.train.graph import build_train_graph
-from tests.conftest import start_local_ray
 from tests.helpers.graphs import ancestors
 
 TWO = ("127.0.0.1:1", "127.0.0.1:2")
@@ -224,12 +223,6 @@ class _SparseWorker:
             feed[values], feed[indices] = arrays
         out = self.sess.run(self.fetch, feed, options=collective.run_options(self.spec))
         return dict(out, types=self.types)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(2):
-        yield
 
 
 def _densify(indices, values, shape):

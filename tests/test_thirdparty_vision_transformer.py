@@ -28,7 +28,7 @@ from distributed import config as config_lib  # also enters the one TF world
 from distributed.checkpoint import Catalog, RunLayout
 from distributed.errors import ConfigError
 from distributed.examples import digits
-from tests.conftest import REPO_ROOT, start_local_ray
+from tests.conftest import REPO_ROOT
 from tests.thirdparty import bert_classifier, bert_shim, resnet_digits
 
 # The vendored code's own deprecation notices (tf.layers, keep_prob) are not news.
@@ -136,12 +136,6 @@ def test_generated_task_is_deterministic_balanced_and_held_out():
 
 
 # ------------------------------------------------------------ end to end ---
-
-@pytest.fixture(scope="module")
-def local_ray():
-    with start_local_ray(4, log_to_driver=False):
-        yield
-
 
 def _config(name: str, storage: str, **overrides) -> config_lib.TrainConfig:
     """``tests/thirdparty/<name>.yaml`` cut short, in ``storage``."""

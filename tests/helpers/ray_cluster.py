@@ -27,6 +27,8 @@ def simulated_cluster(head_cpus: float, node_cpus: float, nodes: int,
     from ray._raylet import Config
     from ray.cluster_utils import Cluster
 
+    from tests.conftest import stop_shared_ray
+    stop_shared_ray()  # the local Ray modules share (tests/conftest.py)
     assert not ray.is_initialized(), "a Ray is already running in this process"
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     assert os.environ.get("RAY_AUTH_TOKEN"), "tests/conftest.py sets the token"
