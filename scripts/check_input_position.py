@@ -14,11 +14,12 @@ are ``jobs/configs/position_{tfdata,generator,resumable}.yaml``; for another
 
 Cases (each compared with a run trained straight through):
 
-  tf.data      a run stopped at steps/2 and resumed (same --run) to the end;
-               a run one of whose worker processes (``ray::Worker``, a
-               descendant of the job's driver) gets SIGKILL the moment the job
-               prints its first committed full checkpoint; the group restarts
-               from a full checkpoint and redoes the steps after it
+  tfdata       tf.data: a run stopped at steps/2 and resumed (same --run) to
+               the end
+  sigkill      tf.data: a run one of whose worker processes (``ray::Worker``,
+               a descendant of the job's driver) gets SIGKILL the moment the
+               job prints its first committed full checkpoint; the group
+               restarts from a full checkpoint and redoes the steps after it
   generator    a plain Python generator: stopped at steps/2 and resumed (the
                workers replay the consumed batches: the "replayed N batches in
                S s" line of their --verbose log is shown)
@@ -67,6 +68,9 @@ def log(msg: str) -> None:
     print(f"[check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+CASES = ("tfdata", "sigkill", "generator", "resumable", "control")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2000, help="steps of a run (default 2000)")
     p.add_argument("--every", type=int, default=500,
                    help="steps between full checkpoints (default 500)")
-    p.add_argument("--cases", default="tfdata,generator,resumable,control",
-                   help="which cases (default all: tfdata,generator,resumable,control)")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"which cases (default all: {','.join(CASES)})")
     p.add_argument("--seed", type=int, default=0, help="picks the worker killed")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds one job may take (default 600)")
@@ -84,9 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--verbose", action="store_true", help="print every job's output")
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    known = {"tfdata", "generator", "resumable", "control"}
-    if not args.cases or not set(args.cases) <= known:
-        p.error(f"--cases: expected some of {','.join(sorted(known))}")
+    if not args.cases or not set(args.cases) <= set(CASES):
+        p.error(f"--cases: expected some of {','.join(CASES)}")
     if args.steps < 2 or args.steps % 2:
         p.error("--steps: expected an even number >= 2")
     if args.every < 1 or (args.steps // 2) % args.every:
@@ -275,7 +278,7 @@ def main(argv=None) -> int:
 
     try:
         states = {}
-        if "tfdata" in args.cases or "control" in args.cases:
+        if {"tfdata", "sigkill", "control"} & set(args.cases):
             cfg = derived_config(args, scratch, "tfdata")
             job = run_job(args, scratch, cfg, "tfdata-straight")
             states["tfdata"] = final_state(scratch, "tfdata-straight", steps)
@@ -287,6 +290,7 @@ def main(argv=None) -> int:
                     states["tfdata"], final_state(scratch, "tfdata-resumed", steps))
             except Failure as e:
                 failures.append(f"tf.data resume: {e}")
+        if "sigkill" in args.cases:
             record: dict = {}
             try:
                 job = run_job(args, scratch, cfg, "tfdata-killed",

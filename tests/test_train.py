@@ -168,11 +168,25 @@ def test_include_exclude_regexes_end_to_end(local_ray, storage):
 
 # -------------------------------------------------------------- resume -----
 
+def exponential_lr(step: int) -> float:
+    """LR_RESUME's learning rate at global step ``step`` (closed form)."""
+    return 0.01 * 0.5 ** (step / 10)
+
+
+LR_RESUME = {"name": "adam", "learning_rate": {
+    "schedule": "exponential", "initial": 0.01, "decay_steps": 10, "decay_rate": 0.5}}
+
+
 @pytest.mark.slow
-def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
-    first = make_config(storage, "resume", steps=40,
-                        checkpoint={"serving_every": 20, "full_every": 40})
-    run_train(first)
+def test_full_checkpoint_resumes_with_step_slots_and_the_learning_rate_schedule(
+        local_ray, storage):
+    """A resumed run starts from the full checkpoint's values, the optimizer's
+    slots and clock (Adam's beta powers) and the global step included, so its
+    learning-rate schedule (which runs on the global step) goes on where it
+    was; ``train/learning_rate`` records it."""
+    common = dict(model=MLP, optimizer=LR_RESUME, log_every=10,
+                  checkpoint={"serving_every": 20, "full_every": 40})
+    run_train(make_config(storage, "resume", steps=40, **common))
     full40 = tf.train.load_checkpoint(ckpt_prefix(storage, "resume", "full", 40))
     assert full40.get_tensor("global_step") == 40
     # Adam's beta1_power is 0.9 ** (steps + 1): a clock of the optimizer state.
@@ -180,8 +194,7 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
 
     # What a resumed run starts from equals the full checkpoint, slots included
     # (the coordinator in this process, built exactly as the trainer builds it).
-    second = make_config(storage, "resume", steps=70,
-                         checkpoint={"serving_every": 20, "full_every": 40})
+    second = make_config(storage, "resume", steps=70, **common)
     coordinator = Coordinator(second.to_dict())
     try:
         plan = prepare(coordinator)
@@ -199,7 +212,7 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
     assert any("resuming run 'resume' from its full checkpoint at step 40" in line
                for line in lines), lines
     progress = [line for line in lines if re.match(r"step \d+/", line)]
-    assert [p.split()[1] for p in progress] == ["60/70", "70/70"]
+    assert [p.split()[1] for p in progress] == ["50/70", "60/70", "70/70"]
     assert summary["steps"] == 70
     full70 = tf.train.load_checkpoint(ckpt_prefix(storage, "resume", "full", 70))
     assert full70.get_tensor("global_step") == 70
@@ -207,94 +220,16 @@ def test_full_checkpoint_resumes_with_step_and_adam_state(local_ray, storage):
     catalog = Catalog(RunLayout(storage, "resume"))
     assert [e.step for e in catalog.entries("serving")] == [20, 40, 60, 70]
     assert [e.step for e in catalog.entries("full")] == [40, 70]
-
-
-def exponential_lr(step: int) -> float:
-    """LR_RESUME's learning rate at global step ``step`` (closed form)."""
-    return 0.05 * 0.5 ** (step / 10)
-
-
-LR_RESUME = {"name": "adagrad", "learning_rate": {
-    "schedule": "exponential", "initial": 0.05, "decay_steps": 10, "decay_rate": 0.5}}
-
-
-@pytest.mark.slow
-def test_resumed_run_continues_the_learning_rate_schedule_and_slots(local_ray, storage):
-    """The schedule runs on the global step, which (with Adagrad's accumulators)
-    comes back from the full checkpoint; train/learning_rate records it."""
-    common = dict(model=MLP, optimizer=LR_RESUME, log_every=10,
-                  checkpoint={"serving_every": 0, "full_every": 20})
-    run_train(make_config(storage, "lr-resume", steps=20, **common))
-    full20 = tf.train.load_checkpoint(ckpt_prefix(storage, "lr-resume", "full", 20))
-    second = make_config(storage, "lr-resume", steps=40, **common)
-    coordinator = Coordinator(second.to_dict())
-    try:
-        assert prepare(coordinator).opened.resumed_from == 20
-        values = coordinator.initial_values()
-    finally:
-        coordinator.sess.close()
-    slots = [n for n in values if n.endswith("/Adagrad")]
-    assert slots and int(values["global_step"]) == 20
-    for name in slots:
-        np.testing.assert_array_equal(values[name], full20.get_tensor(name), err_msg=name)
-
-    summary, _ = run_train(second)
     # Each round reports the rate its last step used: global step (round end - 1).
     rates = {r.step: r.learning_rate for r in summary["rounds"]}
-    assert sorted(rates) == [30, 40]
-    assert [rates[s] for s in (30, 40)] == pytest.approx(
-        [exponential_lr(29), exponential_lr(39)], rel=1e-5)
-    logged = dict(tensorboard_scalars(os.path.join(storage, "lr-resume", "tensorboard"))
+    assert sorted(rates) == [50, 60, 70]
+    assert [rates[s] for s in (50, 60, 70)] == pytest.approx(
+        [exponential_lr(s - 1) for s in (50, 60, 70)], rel=1e-5)
+    logged = dict(tensorboard_scalars(os.path.join(storage, "resume", "tensorboard"))
                   ["train/learning_rate"])
-    assert sorted(logged) == [10, 20, 30, 40]
+    assert sorted(logged) == [10, 20, 30, 40, 50, 60, 70]
     assert [logged[s] for s in sorted(logged)] == pytest.approx(
-        [exponential_lr(s - 1) for s in (10, 20, 30, 40)], rel=1e-5)
-
-
-def recording_input_fn(worker_index, num_workers, batch_size, params):
-    """The digits generator; logs each call and the first batches it yields."""
-    log = params["log"]
-    with open(log, "a") as f:
-        f.write(f"call {worker_index}\n")
-    for i, batch in enumerate(digits.digits_input_fn(
-            worker_index, num_workers, batch_size, {"seed": 0})):
-        if i < 3:
-            with open(log, "a") as f:
-                f.write(f"yield {worker_index} {i} {int(batch[1][0])}\n")
-        yield batch
-
-
-@pytest.mark.slow
-def test_resumed_run_reads_its_input_from_the_beginning(local_ray, storage, tmp_path):
-    """README: a resumed run calls every worker's input_fn again and reads it
-    from its start; the step and the model continue from the full checkpoint."""
-    log = tmp_path / "input.log"
-    common = dict(model=MLP, input=f"{__name__}:recording_input_fn",
-                  input_params={"log": str(log)},
-                  checkpoint={"serving_every": 0, "full_every": 20})
-    run_train(make_config(storage, "input-resume", steps=20, **common))
-    first = log.read_text().splitlines()
-    log.write_text("")
-    summary, lines = run_train(make_config(storage, "input-resume", steps=40, **common))
-    second = log.read_text().splitlines()
-    assert summary["steps"] == 40
-    assert any("resuming run 'input-resume' from its full checkpoint at step 20" in line
-               for line in lines), lines
-    # Each worker's input was called again (worker 0's also by the coordinator,
-    # which reads its spec) and yielded its batches from the first one: the
-    # same labels, in the same order, as the first run.
-    for text in (first, second):
-        calls = sorted(line for line in text if line.startswith("call"))
-        assert calls == ["call 0", "call 0", "call 1"], text
-    # The coordinator's probe of worker 0's input yields its first batch too,
-    # interleaved anywhere with worker 0's lines: compare each batch once.
-    def yields(text, rank):
-        return list(dict.fromkeys(line for line in text
-                                  if line.startswith(f"yield {rank} ")))
-    for rank in (0, 1):
-        starts = yields(first, rank)
-        assert starts[:3] == yields(second, rank)[:3], (first, second)
-        assert starts[0].split()[2] == "0"
+        [exponential_lr(s - 1) for s in sorted(logged)], rel=1e-5)
 
 
 # ------------------------------------------------------------ replicas -----

@@ -26,7 +26,7 @@ from distributed.checkpoint.store import CheckpointStore
 from distributed.cli.guard import main_guard
 from distributed.errors import CheckpointNotFoundError, ConfigError
 from distributed.tune import CheckpointPointer, read_pointer, space
-from tests.conftest import REPO_ROOT, start_local_ray
+from tests.conftest import REPO_ROOT
 from tests.helpers.drivers import prepare, wait_for_free_cpus
 from tests.helpers.training import saved_variables
 
@@ -132,13 +132,6 @@ def test_restore_job_refuses_a_bad_tune_checkpoint_in_one_line(tmp_path, capsys,
 
 # ----------------------------------------- a run from another's checkpoint -----
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module, never a cluster named by RAY_ADDRESS."""
-    with start_local_ray(NUM_CPUS, log_to_driver=False):
-        yield
-
-
 def full_tensors(storage: str, run: str, step: int) -> dict[str, np.ndarray]:
     import tensorflow as tf
     prefix = os.path.join(RunLayout(storage, run).checkpoint_dir("full", step), "model.ckpt")
@@ -159,8 +152,9 @@ def learning_rates(storage: str, run: str) -> set[float]:
 @pytest.mark.ray
 def test_run_starts_from_another_runs_full_checkpoint_with_its_own_settings(
         local_ray, storage, tmp_path):
-    """PBT's exploit without Tune: the variables, the Adam slots and the step
-    continue from the other run's full checkpoint; the new learning rate applies."""
+    """PBT's exploit without Tune: the new run's coordinator starts from the
+    other run's full checkpoint: every variable, the Adam slots, the step and
+    the input position."""
     from distributed.train.trainer import train
     from distributed.tune.warmstart import coordinator_from
 
@@ -189,29 +183,18 @@ def test_run_starts_from_another_runs_full_checkpoint_with_its_own_settings(
     for name, value in donor.items():
         np.testing.assert_array_equal(values[name], value, err_msg=name)
 
-    lines: list[str] = []
-    train(exploit, echo=lines.append, coordinator_cls=warm)
-    assert [line.split()[1] for line in lines if re.match(r"step \d+/", line)] == [
-        "30/40", "40/40"]
-    catalog = Catalog(RunLayout(storage, "exploit"))
-    assert sorted(catalog.committed_keys()) == [
-        (30, "full"), (30, "serving"), (40, "full"), (40, "serving")]
-    full40 = full_tensors(storage, "exploit", 40)
-    assert full40["global_step"] == 40
-    # Adam's beta1_power is 0.9 ** (updates + 1): 41 here, 21 had Adam restarted.
-    np.testing.assert_allclose(full40["beta1_power"], 0.9 ** 41, rtol=1e-5)
-    assert learning_rates(storage, "exploit") == {0.003}
-    assert learning_rates(storage, "donor") == {0.01}
+    # Training on from there, the steps, Adam's clock and the new learning
+    # rate: test_pbt_exploit_continues_from_another_trials_full_checkpoint.
 
     # What a trial reports as its Tune checkpoint, exported by jobs.restore.
     pointer_dir = str(tmp_path / "checkpoint_000001")
-    CheckpointPointer(storage, "exploit", 40, "t_00001", "exploit", 40).write(pointer_dir)
+    CheckpointPointer(storage, "donor", 20, "t_00001", "donor", 20).write(pointer_dir)
     proc = subprocess.run([sys.executable, "-m", "jobs.restore", "--tune-checkpoint",
                            pointer_dir, "--export", str(tmp_path / "export")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "exported serving checkpoint at step 40 of run 'exploit'" in proc.stdout
-    assert os.path.isfile(tmp_path / "export" / "40" / "saved_model.pb")
+    assert "exported serving checkpoint at step 20 of run 'donor'" in proc.stdout
+    assert os.path.isfile(tmp_path / "export" / "20" / "saved_model.pb")
 
     gone = coordinator_from("donor", 15)(  # no full checkpoint at step 15
         config_lib.from_dict(mlp_config(storage, "exploit-2")).to_dict())
