@@ -163,20 +163,37 @@ def test_parameter_server_run_ends_with_the_replicated_runs_variables(local_ray,
     a step by rank 0, read remotely) end where the replicated run's tables
     end, and so does every other variable, within 1e-4. The servers' run
     stops at step 120 and resumes (its tables restored on the servers from
-    the full checkpoint), so the resume is checked on the way."""
+    the full checkpoint), so the resume is checked on the way, and so is the
+    serving checkpoint at step 120 made again (as when a failure lost it)."""
+    import shutil
+
+    from distributed.checkpoint import Catalog, RunLayout
     from tests.helpers.ps import checkpoint_values, max_difference, wide_deep_config
     storage = str(tmp_path)
     common = {"steps": 200, "log_every": 40,
-              "checkpoint": {"serving_every": 200, "full_every": 40}}
+              "checkpoint": {"serving_every": 40, "full_every": 40}}
     from distributed.train.trainer import train as trainer_run
     trainer_run(wide_deep_config(storage, "replicated", **common), echo=lambda _: None)
     lines: list[str] = []
     trainer_run(wide_deep_config(storage, "servers", parameter_servers=2,
                                  **{**common, "steps": 120}), echo=lines.append)
+    # Rank 0 died after the full checkpoint at 120 committed, before the serving one.
+    layout = RunLayout(storage, "servers")
+    Catalog(layout).remove(120, "serving")
+    shutil.rmtree(layout.checkpoint_dir("serving", 120))
     trainer_run(wide_deep_config(storage, "servers", parameter_servers=2, **common),
                 echo=lines.append)
     assert any("resuming run 'servers' from its full checkpoint at step 120" in line
                for line in lines), lines
+    assert any(line.startswith("re-created the serving checkpoint at step 120")
+               for line in lines), lines
+    # Made by rank 0 from the values the servers restored: the table, no slots.
+    remade = checkpoint_values(storage, "servers", "serving", 120)
+    full = checkpoint_values(storage, "servers", "full", 120)
+    assert "wide_deep/deep/id_embedding" in remade
+    assert not [n for n in remade if n.endswith("/Adagrad")], sorted(remade)
+    for name, value in remade.items():
+        np.testing.assert_array_equal(value, full[name], err_msg=name)
     for step in (120, 200):
         replicated = checkpoint_values(storage, "replicated", "full", step)
         served = checkpoint_values(storage, "servers", "full", step)

@@ -20,8 +20,8 @@ from distributed.progress import StatusLine
 from distributed.train.cluster import COORDINATOR_CPUS
 from distributed.train.failures import GroupFailure, classify, unwrap, user_error_among
 from distributed.train.hooks import RunHooks
-from distributed.train.protocol import (EARLY_STOP, BuildPlan, CheckpointEvent, OpenedRun,
-                                        RoundReport)
+from distributed.train.protocol import (COMMITTED, EARLY_STOP, BuildPlan, CheckpointEvent,
+                                        OpenedRun, RoundReport)
 from distributed.train.report import format_summary
 
 
@@ -44,6 +44,7 @@ class GroupRun:
         self.coordinator_cls = coordinator_cls
         self.t0 = t0
         self.step = 0
+        self._remake_serving: int | None = None  # see _load
         self.events: list[CheckpointEvent] = []
         self.rounds: list[RoundReport] = []  # rank 0's report of every round
         self.restarts = 0
@@ -184,6 +185,7 @@ class GroupRun:
             echo(f"resuming run {self.config.run!r} from its full checkpoint at step "
                  f"{opened.resumed_from} (optimizer state and step included)")
         self.step = opened.start_step
+        self._remake_serving = opened.remake_serving
         return opened.start_step
 
     def _note_restart(self, opened: OpenedRun) -> None:
@@ -213,14 +215,20 @@ class GroupRun:
                 "the Ray Data input")
             if note:
                 self.echo(note)
-        # Parameter servers: rank 0 initializes or restores their variables.
-        extra = {"server_checkpoint": coordinator.server_checkpoint.remote()} \
-            if self._servers else {}
-        self._get([w.load.remote(values, step, built.serving_names, coordinator,
-                                 positions, **(extra if rank == 0 else {}))
-                   for rank, w in enumerate(self._workers)], self._worker_names)
+        # Parameter servers: rank 0 initializes or restores their variables
+        # (and re-makes a serving checkpoint a failure lost).
+        extra = {"server_checkpoint": coordinator.server_checkpoint.remote(),
+                 "remake_serving": self._remake_serving} if self._servers else {}
+        remade = self._get([w.load.remote(values, step, built.serving_names, coordinator,
+                                          positions, **(extra if rank == 0 else {}))
+                            for rank, w in enumerate(self._workers)],
+                           self._worker_names)[0]
         if self._servers:  # rank 0 has read the servers' tables
             self._get(coordinator.loaded.remote(), "the coordinator")
+        self._report(remade)
+        if any(e.kind == COMMITTED for e in remade):
+            self.echo(f"re-created the serving checkpoint at step {self._remake_serving} "
+                      "from the full checkpoint (its save was lost with the failure)")
         if not restarting:
             self.first_step_at = time.perf_counter() - self.t0
             self.echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "

@@ -213,10 +213,15 @@ class Coordinator:
         self.removed = self.store.open()
         self._resumed_prefix = None
         start_step, resumed = self._init_or_resume()
-        # With parameter servers their tables are restored only after this (by
-        # rank 0, on the servers), so a lost serving checkpoint is not re-made.
-        recreated = (self._recreate_serving(start_step)
-                     if resumed is not None and not self.server_tasks else None)
+        lost = self._lost_serving(start_step) if resumed is not None else None
+        recreated = remake = None
+        if lost is not None and self.server_tasks:
+            # The tables are restored after this, on the servers, by rank 0,
+            # which then re-makes it (Worker.load).
+            remake = lost
+        elif lost is not None:  # the chief Session holds the restored values
+            self._commit(lost, "serving")
+            recreated = lost
         self._write_run_config()
         if self.evaluator is not None:
             from distributed.train.evaluation import EarlyStop, EvalPipeline
@@ -228,17 +233,16 @@ class Coordinator:
                         self.early_stop.observe(entry.step, entry.metrics)
             self.pipeline = EvalPipeline(self.evaluator.evaluate, self._commit_evaluated)
         return OpenedRun(start_step=start_step, resumed_from=resumed,
-                         recreated_serving=recreated, warnings=list(self.warnings),
-                         removed=list(self.removed))
+                         recreated_serving=recreated, remake_serving=remake,
+                         warnings=list(self.warnings), removed=list(self.removed))
 
-    def _recreate_serving(self, step: int) -> int | None:
-        """Writes the serving checkpoint due at the resume step if it is missing.
+    def _lost_serving(self, step: int) -> int | None:
+        """``step`` if the serving checkpoint due at the resume step is missing.
 
         Rank 0 hands both tiers of a step to the coordinator; if it dies in
         between, the full checkpoint may commit and the serving one be lost,
-        and training resumes after that step. The chief Session holds exactly
-        the restored values, so the serving checkpoint is written from them.
-        Returns the step, or ``None`` when nothing was missing.
+        and training resumes after that step, so it is written again from the
+        restored values (see :meth:`open_run`).
         """
         from distributed.train.schedule import CheckpointSchedule
         cfg = self.config
@@ -247,7 +251,6 @@ class Coordinator:
         if step == 0 or "serving" not in due or \
                 (step, "serving") in self.store.catalog.committed_keys():
             return None
-        self._commit(step, "serving")
         return step
 
     def _commit(self, step: int, tier: str, metrics: Mapping[str, float] | None = None,

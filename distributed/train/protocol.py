@@ -51,6 +51,8 @@ class OpenedRun:
     start_step: int
     resumed_from: int | None  # the full checkpoint's step, or None: initial values
     recreated_serving: int | None  # a serving checkpoint a failure lost, re-made
+    # ... or to be re-made by rank 0 once it has restored the parameter servers
+    remake_serving: int | None
     warnings: list
     removed: list  # leftovers of interrupted saves, removed
 

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -112,11 +112,11 @@ class _AsyncCheckpointer:
                 self.events.append(CheckpointEvent(FAILED, error=_short(e)))
 
     def maybe_save(self, step: int, metrics: Mapping[str, float],
-                   position: bytes | None = None) -> None:
-        """Saves the tiers due at ``step``; ``position``: this worker's input
-        position at ``step``, for a full checkpoint (the other workers hand
-        theirs to the coordinator, which keeps them for the save)."""
-        tiers = self._schedule.due(step)
+                   position: bytes | None = None, tiers: Sequence[str] = ()) -> None:
+        """Saves the tiers due at ``step`` (or ``tiers``); ``position``: this
+        worker's input position at ``step``, for a full checkpoint (the other
+        workers hand theirs to the coordinator, which keeps them for the save)."""
+        tiers = list(tiers) or self._schedule.due(step)
         if not tiers:
             return
         start = time.perf_counter()
@@ -269,7 +269,8 @@ class Worker:
     def load(self, values: Mapping[str, np.ndarray], step: int,
              serving_names: list[str] | None = None, coordinator=None,
              positions: list | None = None,
-             server_checkpoint: str | None = None) -> None:
+             server_checkpoint: str | None = None,
+             remake_serving: int | None = None) -> list[CheckpointEvent]:
         """Loads every variable's value (identical on all replicas) and, from
         a resumed full checkpoint, this worker's input position (``positions``:
         one per rank, or ``None`` to read the input from its beginning).
@@ -278,7 +279,10 @@ class Worker:
         checkpoints; every worker hands its input positions to the coordinator.
         With parameter servers rank 0 also initializes their variables, or
         restores them from ``server_checkpoint`` (a full checkpoint's prefix),
-        in place on the servers, which read the files themselves.
+        in place on the servers, which read the files themselves, and then
+        writes the serving checkpoint at step ``remake_serving`` that a failure
+        lost (the coordinator re-makes it where it holds every value); returns
+        that save's checkpoint events.
         """
         self.loader.load(self.sess, values)
         if self._server_restorer is not None:
@@ -297,6 +301,13 @@ class Worker:
                 coordinator, self.sess, self.tg.variables, serving_names or [],
                 self.config, self.run_options,
                 on_servers=[v.op.name for v in self.tg.server_variables])
+            if remake_serving is not None:
+                # A serving checkpoint lost with a failure, of the values just
+                # restored (with parameter servers only they hold the tables).
+                self._checkpointer.maybe_save(remake_serving, {}, tiers=("serving",))
+                self._checkpointer.flush()
+                return self._checkpointer.drain_events()
+        return []
 
     def _warm_start_servers(self) -> None:
         """Rank 0, on a fresh start with parameter servers: the scaffold's
