@@ -134,6 +134,16 @@ def start_local_ray(num_cpus: int, **init_kwargs):
                 os.environ[key] = value
 
 
+@pytest.fixture
+def own_workers(monkeypatch):
+    """The trainer starts :class:`~tests.helpers.fault_actors.PidRecordingWorker`
+    actors instead of plain workers (it looks ``Worker`` up when it starts
+    each group), so a test can signal its own run's worker processes."""
+    from distributed.train import worker as worker_module
+    from tests.helpers.fault_actors import PidRecordingWorker
+    monkeypatch.setattr(worker_module, "Worker", PidRecordingWorker)
+
+
 LOCAL_RAY_CPUS = 4
 _shared_ray: list[contextlib.ExitStack] = []  # the running shared Ray, if any
 

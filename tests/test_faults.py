@@ -31,8 +31,7 @@ from distributed.errors import TrainingFailedError
 from distributed.train import trainer
 from tests.conftest import REPO_ROOT, skip_or_fail_in_ci
 from tests.helpers.fault_actors import (CrashingCoordinator, FailingSaveCoordinator,
-                                        Killer, PidRecordingWorker,
-                                        SlowSavingCoordinator)
+                                        Killer, SlowSavingCoordinator)
 from tests.helpers.training import MLP, tensorboard_scalars
 from tests.helpers.training import make_config as train_config
 
@@ -66,14 +65,6 @@ def leftovers(storage: str, run: str) -> list[str]:
     root = RunLayout(storage, run).root
     return [os.path.join(d, n) for d, dirs, files in os.walk(root)
             for n in dirs + files if TMP_MARKER in n]
-
-
-@pytest.fixture
-def own_workers(monkeypatch):
-    """The trainer starts :class:`PidRecordingWorker` actors instead of plain
-    workers (it looks ``Worker`` up when it starts each group)."""
-    from distributed.train import worker as worker_module
-    monkeypatch.setattr(worker_module, "Worker", PidRecordingWorker)
 
 
 def test_worker_killed_mid_step_group_restarts_from_full_checkpoint(local_ray, tmp_path,

@@ -47,28 +47,42 @@ def final_state(storage: str, run: str, step: int) -> dict[str, np.ndarray]:
     return {name: reader.get_tensor(name) for name in ("state/seen", "w")}
 
 
-@pytest.mark.parametrize("steps_per_run", [5])  # 1: the worker-killed test below
-def test_stopped_and_resumed_trains_on_the_same_batches(local_ray, tmp_path,
-                                                        steps_per_run):
-    # Stopped at step 150, each worker is 352 rows into its third chunk of
-    # 1,024 rows; worker 1's chunk spans the end of epoch 0, so the resume
-    # reads epoch 0 again for the rest of both chunks, then goes on in epoch 1.
-    storage, steps = str(tmp_path), 250
-    trainer.train(make_config(storage, "straight", steps, steps_per_run=steps_per_run),
+STEPS = 250
+
+
+@pytest.fixture(scope="module")
+def straight(local_ray, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The final state of a run trained straight through, five steps per
+    ``Session.run`` (a loop of steps takes the same batches as single steps,
+    so the tests below compare both with it)."""
+    storage = str(tmp_path_factory.mktemp("straight"))
+    trainer.train(make_config(storage, "straight", STEPS, steps_per_run=5),
                   echo=lambda _: None)
-    trainer.train(make_config(storage, "resumed", 150, steps_per_run=steps_per_run),
+    state = final_state(storage, "straight", STEPS)
+    assert state["state/seen"].sum() == STEPS * 2 * 16
+    return state
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    np.testing.assert_array_equal(a["state/seen"], b["state/seen"])
+    np.testing.assert_allclose(a["w"], b["w"], atol=1e-4)
+
+
+def test_stopped_and_resumed_trains_on_the_same_batches(straight, tmp_path):
+    # Five steps per run (one: the worker-killed test below). Stopped at step
+    # 150, each worker is 352 rows into its third chunk of 1,024 rows; worker
+    # 1's chunk spans the end of epoch 0, so the resume reads epoch 0 again
+    # for the rest of both chunks, then goes on in epoch 1.
+    storage = str(tmp_path)
+    trainer.train(make_config(storage, "resumed", 150, steps_per_run=5),
                   echo=lambda _: None)
     lines: list[str] = []
-    trainer.train(make_config(storage, "resumed", steps, steps_per_run=steps_per_run),
+    trainer.train(make_config(storage, "resumed", STEPS, steps_per_run=5),
                   echo=lines.append)
     assert any("the Ray Data input resumes at epoch 1 from row 144; first the "
                "untrained rest of 2 chunk(s) (1344 rows), dealt over 2 worker(s)" in line
                for line in lines), [l for l in lines if "Ray Data" in l]
-    straight = final_state(storage, "straight", steps)
-    resumed = final_state(storage, "resumed", steps)
-    assert straight["state/seen"].sum() == steps * 2 * 16
-    np.testing.assert_array_equal(straight["state/seen"], resumed["state/seen"])
-    np.testing.assert_allclose(straight["w"], resumed["w"], atol=1e-4)
+    assert_same_training(straight, final_state(storage, "resumed", STEPS))
 
 
 def test_resumed_on_one_worker_trains_on_the_rest_of_the_epoch_once(local_ray, tmp_path):
@@ -98,29 +112,22 @@ def test_unseeded_shuffle_is_refused_under_exact(local_ray, tmp_path):
 
 @pytest.mark.slow
 def test_worker_killed_after_a_full_checkpoint_trains_on_the_same_batches(
-        local_ray, tmp_path, monkeypatch):
+        straight, tmp_path, own_workers):
     """SIGKILL to a worker after the first full checkpoint: the new group's
     feeder deals from that checkpoint's plan, and the run ends as one that
     never failed."""
     import random
 
-    from distributed.train import worker as worker_module
-    from tests.helpers.fault_actors import Killer, PidRecordingWorker
-    storage, steps = str(tmp_path), 200
-    monkeypatch.setattr(worker_module, "Worker", PidRecordingWorker)
+    from tests.helpers.fault_actors import Killer
+    storage = str(tmp_path)
     killers: list[Killer] = []
 
     def echo(line):
         if not killers and "committed full checkpoint at step 50" in line:
             killers.append(Killer(storage, random.Random(5)))
 
-    summary = trainer.train(make_config(storage, "killed", steps, max_failures=2),
+    summary = trainer.train(make_config(storage, "killed", STEPS, max_failures=2),
                             echo=echo)
     killers[0].check()
     assert len(summary["failures"]) == 1, summary["failures"]
-    monkeypatch.undo()
-    trainer.train(make_config(storage, "straight", steps), echo=lambda _: None)
-    straight = final_state(storage, "straight", steps)
-    killed = final_state(storage, "killed", steps)
-    np.testing.assert_array_equal(straight["state/seen"], killed["state/seen"])
-    np.testing.assert_allclose(straight["w"], killed["w"], atol=1e-4)
+    assert_same_training(straight, final_state(storage, "killed", STEPS))
