@@ -44,7 +44,6 @@ class GroupRun:
         self.coordinator_cls = coordinator_cls
         self.t0 = t0
         self.step = 0
-        self._remake_serving: int | None = None  # see _load
         self.events: list[CheckpointEvent] = []
         self.rounds: list[RoundReport] = []  # rank 0's report of every round
         self.restarts = 0
@@ -74,9 +73,9 @@ class GroupRun:
     def _train_with_group(self, restarting: bool) -> dict[str, Any]:
         """The phases of an attempt, in order, with the group just started."""
         built = self._handshake()
-        step = self._open(restarting)
-        self._load(built, step, restarting)
-        step = self._train_rounds(step)
+        opened = self._open(restarting)
+        self._load(built, opened, restarting)
+        step = self._train_rounds(opened.start_step)
         entries = self._shut_down()
         self.echo(format_summary(self.config, entries))
         return {"run": self.config.run, "steps": step, "entries": entries,
@@ -166,9 +165,9 @@ class GroupRun:
                     "must have the same feature names, dtypes and shapes")
         return built
 
-    def _open(self, restarting: bool) -> int:
-        """The coordinator opens the run's storage; returns the step training
-        starts from, after saying where that is."""
+    def _open(self, restarting: bool) -> OpenedRun:
+        """The coordinator opens the run's storage; returns where training
+        starts, after saying where that is."""
         echo = self.echo
         opened = self._get(self._coordinator.open_run.remote(), "the coordinator")
         if not restarting:
@@ -177,16 +176,14 @@ class GroupRun:
         if opened.removed:
             echo(f"removed {len(opened.removed)} leftover(s) of an interrupted save")
         if opened.recreated_serving is not None:
-            echo(f"re-created the serving checkpoint at step {opened.recreated_serving} "
-                 "from the full checkpoint (its save was lost with the failure)")
+            self._say_recreated(opened.recreated_serving)
         if restarting:
             self._note_restart(opened)
         elif opened.resumed_from is not None:
             echo(f"resuming run {self.config.run!r} from its full checkpoint at step "
                  f"{opened.resumed_from} (optimizer state and step included)")
         self.step = opened.start_step
-        self._remake_serving = opened.remake_serving
-        return opened.start_step
+        return opened
 
     def _note_restart(self, opened: OpenedRun) -> None:
         """Says, and records for TensorBoard, what the failure cost."""
@@ -203,9 +200,13 @@ class GroupRun:
         self._coordinator.record.remote(step, {"train/group_restarts": self.restarts,
                                                "train/steps_redone": redone})
 
-    def _load(self, built: BuildPlan, step: int, restarting: bool) -> None:
+    def _say_recreated(self, step: int) -> None:
+        self.echo(f"re-created the serving checkpoint at step {step} from the full "
+                  "checkpoint (its save was lost with the failure)")
+
+    def _load(self, built: BuildPlan, opened: OpenedRun, restarting: bool) -> None:
         """Every worker loads the coordinator's values: all replicas start equal."""
-        coordinator, config = self._coordinator, self.config
+        coordinator, config, step = self._coordinator, self.config, opened.start_step
         values = coordinator.initial_values.remote()
         positions = coordinator.input_positions.remote()
         if self._feeder is not None:  # deals from the plan of rank 0's position
@@ -218,7 +219,7 @@ class GroupRun:
         # Parameter servers: rank 0 initializes or restores their variables
         # (and re-makes a serving checkpoint a failure lost).
         extra = {"server_checkpoint": coordinator.server_checkpoint.remote(),
-                 "remake_serving": self._remake_serving} if self._servers else {}
+                 "remake_serving": opened.remake_serving} if self._servers else {}
         remade = self._get([w.load.remote(values, step, built.serving_names, coordinator,
                                           positions, **(extra if rank == 0 else {}))
                             for rank, w in enumerate(self._workers)],
@@ -227,8 +228,7 @@ class GroupRun:
             self._get(coordinator.loaded.remote(), "the coordinator")
         self._report(remade)
         if any(e.kind == COMMITTED for e in remade):
-            self.echo(f"re-created the serving checkpoint at step {self._remake_serving} "
-                      "from the full checkpoint (its save was lost with the failure)")
+            self._say_recreated(opened.remake_serving)
         if not restarting:
             self.first_step_at = time.perf_counter() - self.t0
             self.echo(f"run {config.run!r}: {config.workers} workers; checkpoints hold "
