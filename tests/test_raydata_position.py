@@ -20,6 +20,7 @@ from distributed import config as config_lib
 from distributed.checkpoint import RunLayout
 from distributed.errors import ConfigError
 from distributed.train import trainer
+from tests.helpers.position_models import assert_same_training
 
 pytestmark = [pytest.mark.ray]
 
@@ -61,11 +62,6 @@ def straight(local_ray, tmp_path_factory) -> dict[str, np.ndarray]:
     state = final_state(storage, "straight", STEPS)
     assert state["state/seen"].sum() == STEPS * 2 * 16
     return state
-
-
-def assert_same_training(a: dict, b: dict) -> None:
-    np.testing.assert_array_equal(a["state/seen"], b["state/seen"])
-    np.testing.assert_allclose(a["w"], b["w"], atol=1e-4)
 
 
 def test_stopped_and_resumed_trains_on_the_same_batches(straight, tmp_path):

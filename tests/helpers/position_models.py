@@ -88,3 +88,10 @@ def seen_model_fn(features, labels, mode, params):
             tf.compat.v1.GraphKeys.UPDATE_OPS,
             tf.compat.v1.scatter_add(seen, ids, tf.ones_like(ids, tf.float32)))
     return ModelSpec(loss=loss, predictions={"logits": logits})
+
+
+def assert_same_training(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
+    """Two runs' final ``state/seen`` and ``w`` (each a dict of the two):
+    the same per-id counts exactly, the same weights within 1e-4."""
+    np.testing.assert_array_equal(a["state/seen"], b["state/seen"])
+    np.testing.assert_allclose(a["w"], b["w"], atol=1e-4)
