@@ -112,6 +112,22 @@ def test_actors_without_a_gpu_get_a_cpu_only_session_and_keep_this_process_alone
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
 
 
+def test_an_actor_on_a_share_of_a_core_sleeps_its_idle_threads():
+    """Below one CPU an actor shares its core, so TF's idle threads do not
+    spin; from one CPU up TF's default stays. The worker's and the server's
+    Session and TF server are built from this config, with the collective
+    and device settings copied on top."""
+    shared = devices.thread_config(1, 2, 0.5)
+    assert shared.experimental.disable_thread_spinning
+    assert (shared.intra_op_parallelism_threads, shared.inter_op_parallelism_threads) \
+        == (1, 2)
+    assert devices.cpu_only(shared).experimental.disable_thread_spinning
+    assert collective.session_config(gpu_spec(0), shared).experimental \
+        .disable_thread_spinning
+    assert not devices.thread_config(4, 2, 4).experimental.disable_thread_spinning
+    assert not devices.thread_config(1, 2, 1).experimental.disable_thread_spinning
+
+
 # ----------------------------------- a declared GPU TensorFlow cannot see
 
 

@@ -64,6 +64,25 @@ def cpu_only(base: Any = None):
     return config
 
 
+def thread_config(intra: int, inter: int, cpus: float):
+    """A Session and server ConfigProto with these thread pools for an actor
+    that asked Ray for ``cpus``.
+
+    Below one CPU the actor shares its core with others (dev mode's
+    ``cpus_per_worker: 0.5`` puts two workers, a coordinator and any servers
+    on two cores), so its idle TF threads sleep at once instead of spinning
+    first: spinning burns the time the process it waits for needs. Measured
+    on 2 cores with 2 workers: 9% more steps/s replicated, 7% with 2
+    parameter servers. A whole core or more keeps TF's default (spinning
+    saves a wake-up per op where the core would sit idle anyway).
+    """
+    import tensorflow as tf
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra,
+                                      inter_op_parallelism_threads=inter)
+    config.experimental.disable_thread_spinning = cpus < 1
+    return config
+
+
 def gpu_report() -> dict[str, Any]:
     """What this process's TensorFlow sees, and where it runs."""
     import tensorflow as tf

@@ -82,12 +82,11 @@ class ParameterServer:
 
         import tensorflow as tf
 
-        from distributed.train.devices import cpu_only
+        from distributed.train.devices import cpu_only, thread_config
         cluster = tf.train.ClusterSpec({"worker": list(workers),
                                         JOB_NAME: list(servers)})
         threads = max(2, int(self.config.ps_cpus + 0.999))
-        config = cpu_only(tf.compat.v1.ConfigProto(
-            intra_op_parallelism_threads=threads, inter_op_parallelism_threads=threads))
+        config = cpu_only(thread_config(threads, threads, self.config.ps_cpus))
         self.server = tf.distribute.Server(cluster, job_name=JOB_NAME,
                                            task_index=self.task, protocol="grpc",
                                            config=config, start=True)

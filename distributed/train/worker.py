@@ -226,9 +226,8 @@ class Worker:
         from distributed.train.ps import Placement
         placement = Placement.of(cfg, rank=self.rank, spec=self.spec) \
             if servers else None
-        base = tf.compat.v1.ConfigProto(
-            intra_op_parallelism_threads=max(1, int(cfg.cpus_per_worker + 0.999)),
-            inter_op_parallelism_threads=2)
+        base = devices.thread_config(max(1, int(cfg.cpus_per_worker + 0.999)), 2,
+                                     cfg.cpus_per_worker)
         if not gpu:
             base = devices.cpu_only(base)
         self.server = collective.start_server(self.spec, base)
