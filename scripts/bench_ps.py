@@ -13,8 +13,11 @@ Parts (``--parts``, comma-separated, default all):
 
 * ``steps``: for each of ``--rows`` (the first is the memory baseline), the
   replicated run (``parameter_servers: 0``) and the PS run
-  (``parameter_servers: 2``), alternating; steady steps/s (every progress
-  chunk but the first) and peak RSS per actor kind. Targets: PS >= 0.5x the
+  (``parameter_servers: 2``), alternating; steady steps/s (the progress
+  chunks but the first, start-up, and the last, which holds the final
+  checkpoint), peak RSS per actor kind, and CPU milliseconds per
+  step per actor kind over the same steps (on a machine whose cores the
+  run saturates, their sums bound the ratio). Targets: PS >= 0.5x the
   replicated steps/s at every size; with the table on the servers, no Worker
   and not the Coordinator grows by more than a quarter of the table's bytes
   over the baseline size.
@@ -42,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,28 +80,56 @@ def job_config(args, scratch: str, name: str, rows: int, servers: int, steps: in
     }
 
 
+def _actors(pid: int) -> list:
+    """``(kind, process)`` of the job's actors (by process title)."""
+    import psutil
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            title = p.cmdline()[0] if p.cmdline() else ""
+        except psutil.Error:
+            continue
+        kind = next((k for k in KINDS if title.startswith(f"ray::{k}")), None)
+        if kind:
+            found.append((kind, p))
+    return found
+
+
+def _cpu_by_kind(pid: int) -> dict:
+    """CPU seconds (user + system) so far of each actor kind, all processes."""
+    import psutil
+    total: dict = {}
+    for kind, p in _actors(pid):
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total[kind] = total.get(kind, 0.0) + t.user + t.system
+    return total
+
+
 def _sample(pid: int, peaks: dict, stop: threading.Event, every: float) -> None:
     import psutil
     while not stop.is_set():
         try:
-            procs = psutil.Process(pid).children(recursive=True)
+            actors = _actors(pid)
         except psutil.Error:
             return
-        for p in procs:
+        for kind, p in actors:
             try:
-                title = p.cmdline()[0] if p.cmdline() else ""
-                kind = next((k for k in KINDS if title.startswith(f"ray::{k}")), None)
-                if kind:
-                    rss = p.memory_info().rss
-                    peaks[kind] = max(peaks.get(kind, 0), rss)
+                peaks[kind] = max(peaks.get(kind, 0), p.memory_info().rss)
             except psutil.Error:
                 continue
         stop.wait(every)
 
 
+PROGRESS = re.compile(r"step (\d+)/\d+\s+mean loss \S+\s+([\d.]+) steps/s")
+
+
 def run_job(args, scratch: str, config: dict) -> dict:
-    """``python -m jobs.train`` on ``config``: steady steps/s, peak RSS by
-    actor kind, the full checkpoints' save seconds."""
+    """``python -m jobs.train`` on ``config``: steady steps/s, peak RSS and
+    steady CPU milliseconds per step by actor kind, the full checkpoints'
+    save seconds."""
     import yaml
     path = os.path.join(scratch, f"{config['run']}.yaml")
     with open(path, "w") as f:
@@ -114,28 +144,51 @@ def run_job(args, scratch: str, config: dict) -> dict:
     sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, stop, args.sample),
                                daemon=True)
     sampler.start()
+    killer = threading.Timer(args.timeout, proc.kill)
+    killer.start()
+    lines, cpu_at = [], []  # (step, CPU by kind) at each progress line
     try:
-        out, _ = proc.communicate(timeout=args.timeout)
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            m = PROGRESS.match(line)
+            if m:
+                cpu_at.append((int(m.group(1)), _cpu_by_kind(proc.pid)))
+        proc.wait()
     finally:
+        killer.cancel()
         stop.set()
         sampler.join(5)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    lines = out.splitlines()
     if proc.returncode != 0:
         raise RuntimeError(f"{config['run']} exited {proc.returncode}:\n"
                            + "\n".join(lines[-25:]))
     chunks, prev = [], 0
     for line in lines:
-        m = re.match(r"step (\d+)/\d+\s+mean loss \S+\s+([\d.]+) steps/s", line)
+        m = PROGRESS.match(line)
         if m:
             chunks.append((int(m.group(1)) - prev, float(m.group(2))))
             prev = int(m.group(1))
-    steady = chunks[1:] or chunks
+    # Steady: not the first chunk (start-up) nor the last, which holds the
+    # final full checkpoint's snapshot and save (seconds for a big table).
+    steady = chunks[1:-1] if len(chunks) >= 3 else chunks[1:] or chunks
     sps = sum(n for n, _ in steady) / sum(n / s for n, s in steady)
+    # CPU per step over the same chunks (from the first progress line to the
+    # one before the last).
+    cpu_ms = {}
+    if len(cpu_at) >= 3:
+        (s0, c0), (s1, c1) = cpu_at[0], cpu_at[-2]
+        cpu_ms = {k: 1e3 * (c1[k] - c0.get(k, 0.0)) / (s1 - s0) for k in c1}
     saves = [float(m.group(1)) for m in (re.search(
         r"committed full checkpoint at step \d+ \([\d.]+ MiB, \d+ shard\(s\), ([\d.]+)s",
         line) for line in lines) if m]
-    return {"sps": sps, "peaks": peaks, "saves": saves, "lines": lines}
+    return {"sps": sps, "peaks": peaks, "cpu_ms": cpu_ms, "saves": saves, "lines": lines}
+
+
+def cpu_line(r: dict) -> str:
+    """CPU milliseconds per step by actor kind, and their sum."""
+    ms = r["cpu_ms"]
+    return (", ".join(f"{k} {v:.1f}" for k, v in sorted(ms.items()))
+            + f"; all {sum(ms.values()):.1f}") if ms else "n/a"
 
 
 def gib(n: float) -> str:
@@ -154,7 +207,8 @@ def part_steps(args, scratch: str, table: Table) -> None:
                                                   args.steps, 0))
             results[rows, servers] = r
             log(f"  {r['sps']:.1f} steps/s; peak RSS "
-                + ", ".join(f"{k} {gib(v)}" for k, v in sorted(r["peaks"].items())))
+                + ", ".join(f"{k} {gib(v)}" for k, v in sorted(r["peaks"].items()))
+                + f"; CPU ms per step: {cpu_line(r)}")
     base = rows_list[0]
     for rows in ps_only:  # the replicated run would not fit this machine
         ps, rep = results[rows, 2], results[rows_list[-1], 0]
@@ -176,6 +230,15 @@ def part_steps(args, scratch: str, table: Table) -> None:
         ratio = ps["sps"] / rep["sps"]
         table.add(f"steps/s PS vs replicated, {rows} rows", f"{ps['sps']:.1f}",
                   f"{rep['sps']:.1f}", f"{ratio:.2f}x", f">= {T_STEPS}x", ratio >= T_STEPS)
+        if ps["cpu_ms"] and rep["cpu_ms"]:
+            ps_cpu, rep_cpu = sum(ps["cpu_ms"].values()), sum(rep["cpu_ms"].values())
+            table.add(f"CPU ms per step, all actors, PS vs replicated, {rows} rows",
+                      f"{ps_cpu:.1f}", f"{rep_cpu:.1f}", f"{ps_cpu / rep_cpu:.2f}x", "",
+                      None)
+            worker = ps["cpu_ms"].get("Worker", 0) / rep["cpu_ms"].get("Worker", 1)
+            table.add(f"CPU ms per step, Workers, PS vs replicated, {rows} rows",
+                      f"{ps['cpu_ms'].get('Worker', 0):.1f}",
+                      f"{rep['cpu_ms'].get('Worker', 0):.1f}", f"{worker:.2f}x", "", None)
         for kind in KINDS:
             for servers in (0, 2):
                 peak = results[rows, servers]["peaks"].get(kind)
@@ -238,8 +301,10 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--table-parts", type=int, default=4, help="the table's partitions")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--chunks", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--chunks", type=int, default=5,
+                   help="progress chunks a run; the steady figures leave out the "
+                        "first (start-up) and the last (the final checkpoint)")
     p.add_argument("--save-rows", type=int, default=1_000_000)
     p.add_argument("--save-steps", type=int, default=20)
     p.add_argument("--save-servers", default="0,1,2,4",

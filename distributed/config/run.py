@@ -77,7 +77,9 @@ class TrainConfig(NamedInput):
             (one worker per GPU; a worker uses its first), 0 for CPU workers
             (local dev mode); a fraction below 1 with one worker only (NCCL
             refuses two ranks on one GPU).
-        cpus_per_worker: CPUs each worker asks Ray for (fractions allowed).
+        cpus_per_worker: CPUs each worker asks Ray for (fractions allowed;
+            below 1 the worker shares a core and its idle TensorFlow threads
+            sleep instead of spinning).
         storage: Directory shared by every node (local path in dev mode), or an
             object store URI such as ``s3://bucket/prefix`` (see README).
         storage_options: For object stores: ``pyarrow.fs`` options such as
