@@ -29,9 +29,17 @@ Parts (``--parts``, comma-separated, default all):
   hand-off, which the servers do not have. Target: 4 servers <= 0.5x the time
   of 1 where the cores exist (this machine's 2 cannot show it).
 
+With ``--servers-apart`` each job runs on core 0 and its parameter servers'
+threads are moved to the other cores, as servers on nodes of their own run
+(``ps_resources``): the replicated run has core 0 alone, the PS run core 0
+for the same workers plus the servers' cores. Without it every process of
+both runs shares every core, and a PS step's extra CPU (TF's gRPC runtime
+in the workers and servers) slows its workers too.
+
     python scripts/bench_ps.py                              # ~10 minutes on 2 cores
     python scripts/bench_ps.py --rows 2000,1000000,4000000 --save-rows 4194304 --dim 64
-    python scripts/bench_ps.py --rows 2000,1000000 --ps-only-rows 4000000   # 24 GiB machine
+    python scripts/bench_ps.py --parts steps --table-parts 2 --rows 2000,1000000 \
+        --ps-only-rows 4000000 --servers-apart          # 24 GiB, 2 cores
 """
 
 from __future__ import annotations
@@ -108,7 +116,23 @@ def _cpu_by_kind(pid: int) -> dict:
     return total
 
 
-def _sample(pid: int, peaks: dict, stop: threading.Event, every: float) -> None:
+def _pin(pid: int, cores: set) -> None:
+    """Every thread of process ``pid`` onto ``cores`` (a process's affinity
+    is per thread: the ones it has started so far)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            if os.sched_getaffinity(tid) != cores:
+                os.sched_setaffinity(tid, cores)
+        except OSError:  # the thread ended
+            continue
+
+
+def _sample(pid: int, peaks: dict, stop: threading.Event, every: float,
+            server_cores: set | None = None) -> None:
     import psutil
     while not stop.is_set():
         try:
@@ -120,6 +144,8 @@ def _sample(pid: int, peaks: dict, stop: threading.Event, every: float) -> None:
                 peaks[kind] = max(peaks.get(kind, 0), p.memory_info().rss)
             except psutil.Error:
                 continue
+            if server_cores and kind == "ParameterServer":
+                _pin(p.pid, server_cores)
         stop.wait(every)
 
 
@@ -139,10 +165,15 @@ def run_job(args, scratch: str, config: dict) -> dict:
     env.pop("RAY_ADDRESS", None)
     peaks: dict = {}
     stop = threading.Event()
-    proc = subprocess.Popen([PY, "-m", "jobs.train", "--config", path], cwd=ROOT, env=env,
+    command = [PY, "-m", "jobs.train", "--config", path]
+    server_cores = None
+    if args.servers_apart:  # the job on core 0; its servers' threads moved off it
+        command = ["taskset", "-c", "0"] + command
+        server_cores = set(range(1, os.cpu_count() or 2))
+    proc = subprocess.Popen(command, cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, stop, args.sample),
-                               daemon=True)
+    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, stop, args.sample,
+                                                     server_cores), daemon=True)
     sampler.start()
     killer = threading.Timer(args.timeout, proc.kill)
     killer.start()
@@ -310,6 +341,10 @@ def main() -> int:
     p.add_argument("--save-servers", default="0,1,2,4",
                    help="servers per save run; 0 is the coordinator path (replicated)")
     p.add_argument("--sample", type=float, default=0.5)
+    p.add_argument("--servers-apart", action="store_true",
+                   help="run each job on core 0 and its parameter servers on the "
+                        "other cores, as servers on nodes of their own would run: "
+                        "the replicated run gets core 0 alone")
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args()
     which = set(args.parts.split(","))
