@@ -113,13 +113,16 @@ class TestOnLocalRay:
             yield
 
     @pytest.mark.parametrize("materialize,model,steps", [(False, MLP, 60),
-                                                         (True, CNN, 60)],
+                                                         (True, CNN, 80)],
                              ids=["read_parquet-mlp", "materialized-cnn"])
     def test_parquet_trains_commits_and_exports(self, local_ray, storage, tmp_path,
                                                 digits_parquet, test_split_parquet,
                                                 materialize, model, steps):
         run = "rd"
         # The materialized case is evaluated on the held-out split, also Ray Data.
+        # Its batches reach the workers in the order their splits ask for Ray
+        # Data's blocks, which varies from run to run: its held-out accuracy at
+        # step 60 ranged 0.80-0.94 (one CI run 0.798), at step 80 0.92-0.93.
         evaluation = {"eval": {"input": {"ray_dataset": PARQUET, "label": "label"},
                                "input_params": {"path": test_split_parquet,
                                                 "materialize": True}}}
