@@ -129,7 +129,9 @@ class TrainConfig(NamedInput):
             names) with their optimizer slots, as job ``ps`` of the workers'
             TF cluster; 0 (the default) keeps every variable on every worker.
             See README: Tables bigger than a worker.
-        ps_cpus: CPUs each parameter server asks Ray for.
+        ps_cpus: CPUs each parameter server asks Ray for (below 1, as with
+            ``cpus_per_worker``, its idle TensorFlow threads sleep instead of
+            spinning).
         ps_memory: Memory each parameter server asks Ray for, in bytes or as
             ``"8GiB"`` / ``"500MB"``; ``null``: none reserved.
         ps_resources: Ray custom resources each parameter server asks for,
