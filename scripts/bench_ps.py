@@ -177,13 +177,14 @@ def run_job(args, scratch: str, config: dict) -> dict:
     sampler.start()
     killer = threading.Timer(args.timeout, proc.kill)
     killer.start()
-    lines, cpu_at = [], []  # (step, CPU by kind) at each progress line
+    lines, progress = [], []  # (step, steps/s, CPU by kind) at each progress line
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
             m = PROGRESS.match(line)
             if m:
-                cpu_at.append((int(m.group(1)), _cpu_by_kind(proc.pid)))
+                progress.append((int(m.group(1)), float(m.group(2)),
+                                 _cpu_by_kind(proc.pid)))
         proc.wait()
     finally:
         killer.cancel()
@@ -193,12 +194,8 @@ def run_job(args, scratch: str, config: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{config['run']} exited {proc.returncode}:\n"
                            + "\n".join(lines[-25:]))
-    chunks, prev = [], 0
-    for line in lines:
-        m = PROGRESS.match(line)
-        if m:
-            chunks.append((int(m.group(1)) - prev, float(m.group(2))))
-            prev = int(m.group(1))
+    chunks = [(step - prev, rate) for (step, rate, _), prev in
+              zip(progress, [0] + [step for step, _, _ in progress])]
     # Steady: not the first chunk (start-up) nor the last, which holds the
     # final full checkpoint's snapshot and save (seconds for a big table).
     steady = chunks[1:-1] if len(chunks) >= 3 else chunks[1:] or chunks
@@ -206,8 +203,8 @@ def run_job(args, scratch: str, config: dict) -> dict:
     # CPU per step over the same chunks (from the first progress line to the
     # one before the last).
     cpu_ms = {}
-    if len(cpu_at) >= 3:
-        (s0, c0), (s1, c1) = cpu_at[0], cpu_at[-2]
+    if len(progress) >= 3:
+        (s0, _, c0), (s1, _, c1) = progress[0], progress[-2]
         cpu_ms = {k: 1e3 * (c1[k] - c0.get(k, 0.0)) / (s1 - s0) for k in c1}
     saves = [float(m.group(1)) for m in (re.search(
         r"committed full checkpoint at step \d+ \([\d.]+ MiB, \d+ shard\(s\), ([\d.]+)s",
